@@ -1,0 +1,1 @@
+"""Data layer: shard writer, synthetic dataset, streaming reader and transforms."""

@@ -1,0 +1,203 @@
+"""Datasets the shard writer converts: ILSVRC-2012 / ImageFolder trees and Hugging Face-style Parquet.
+
+A source lists, per split, *blocks* of items (an item is one image; a block is what is cheap to read
+together: one file, or one Parquet row group) and reads the bytes of a list of items.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow.parquet as pq
+
+from orchestrator.data import storage
+from orchestrator.data.manifest import ClassInfo, check_schema
+from orchestrator.errors import DataError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VAL_LABEL_FILES = ("LOC_val_solution.csv", "val_labels.txt", "ILSVRC2012_val_labels.txt")
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # how the source finds the bytes: a file path, "file#rowgroup#row" or a synthetic seed
+    label: int
+    path: str  # stored in the shard's image.path column
+    size: int  # approximate encoded size in bytes, for packing shards
+
+
+class Source(Protocol):
+    classes: list[ClassInfo]
+
+    def splits(self) -> dict[str, list[list[Item]]]: ...
+
+    def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
+        """Encoded bytes, label and stored path of each item."""
+        ...
+
+
+def natural_key(text: str) -> list[Any]:
+    """timm's ordering of class folders (so class indices match timm's ImageFolder)."""
+    from timm.data.readers.reader_image_folder import natural_key as timm_key
+
+    return timm_key(text)
+
+
+def class_infos(wnids: list[str]) -> list[ClassInfo]:
+    """Class index -> wnid and human name; names come from timm's ImageNet metadata when known."""
+    names: dict[str, str] = {}
+    try:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        known = set(info.label_names())
+        names = {w: info.label_name_to_description(w) for w in wnids if w in known}
+    except (ImportError, AssertionError, KeyError, FileNotFoundError):
+        pass
+    return [ClassInfo(index=i, wnid=w, name=names.get(w, w)) for i, w in enumerate(wnids)]
+
+
+class FolderSource:
+    """ILSVRC-2012 layout (``train/<wnid>/*``, ``val/`` in class folders or flat + labels file) or any ImageFolder."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None, val_labels: str | None = None) -> None:
+        self.url, self.options = url.rstrip("/"), options or {}
+        self.fs, self.root = storage.filesystem(self.url, self.options)
+        if not self.fs.isdir(self.root):
+            raise DataError(f"{url}: source folder does not exist")
+        self.layout = "ilsvrc" if self.fs.isdir(storage.join(self.root, "train")) else "imagefolder"
+        train_root = storage.join(self.root, "train") if self.layout == "ilsvrc" else self.root
+        wnids = sorted((p.rsplit("/", 1)[-1] for p in self.fs.ls(train_root, detail=False) if self.fs.isdir(p)), key=natural_key)
+        if not wnids:
+            raise DataError(f"{train_root}: no class folders found (expected <root>/<class>/<image> files)")
+        self.classes = class_infos(wnids)
+        self.val_labels = val_labels
+
+    def splits(self) -> dict[str, list[list[Item]]]:
+        if self.layout == "imagefolder":
+            return {"train": self._class_folders(self.root)}
+        out = {"train": self._class_folders(storage.join(self.root, "train"))}
+        for name in ("val", "validation"):
+            val = storage.join(self.root, name)
+            if self.fs.isdir(val):
+                subdirs = [p for p in self.fs.ls(val, detail=False) if self.fs.isdir(p)]
+                out["val"] = self._class_folders(val) if subdirs else self._flat_val(val)
+                break
+        return out
+
+    def _images(self, folder: str) -> dict[str, int]:
+        found = self.fs.find(folder, detail=True)
+        return {p: info.get("size", 0) for p, info in found.items() if p.lower().endswith(IMAGE_EXTENSIONS)}
+
+    def _class_folders(self, folder: str) -> list[list[Item]]:
+        index = {c.wnid: c.index for c in self.classes}
+        blocks = []
+        for path, size in sorted(self._images(folder).items()):
+            wnid = path[len(folder) :].strip("/").split("/")[0]
+            if wnid not in index:
+                raise DataError(f"{path}: class folder {wnid!r} is not among the training classes")
+            blocks.append([Item(key=path, label=index[wnid], path=path[len(self.root) :].strip("/"), size=size)])
+        return blocks
+
+    def _flat_val(self, folder: str) -> list[list[Item]]:
+        labels = self._read_val_labels(folder)
+        index = {c.wnid: c.index for c in self.classes}
+        blocks = []
+        for path, size in sorted(self._images(folder).items()):
+            stem = os.path.splitext(path.rsplit("/", 1)[-1])[0]
+            if stem not in labels:
+                raise DataError(f"{path}: no ground-truth label for {stem!r} in the validation labels file")
+            if labels[stem] not in index:
+                raise DataError(f"{path}: label {labels[stem]!r} is not among the training classes")
+            blocks.append([Item(key=path, label=index[labels[stem]], path=path[len(self.root) :].strip("/"), size=size)])
+        return blocks
+
+    def _read_val_labels(self, folder: str) -> dict[str, str]:
+        """``LOC_val_solution.csv`` (ImageId, PredictionString) or lines of ``<file> <wnid>``."""
+        candidates = [self.val_labels] if self.val_labels else [
+            storage.join(d, n) for d in (self.root, folder) for n in VAL_LABEL_FILES
+        ]
+        for cand in candidates:
+            fs, path = storage.filesystem(cand, self.options) if "://" in cand else (self.fs, cand)
+            if not fs.exists(path):
+                continue
+            text = fs.cat_file(path).decode()
+            if path.endswith(".csv"):
+                rows = list(csv.reader(text.splitlines()))[1:]
+                return {r[0]: r[1].split()[0] for r in rows if len(r) >= 2 and r[1].strip()}
+            pairs = (line.replace(",", " ").split() for line in text.splitlines() if line.strip())
+            return {os.path.splitext(p[0])[0]: p[1] for p in pairs if len(p) >= 2}
+        raise DataError(
+            f"{folder}: flat validation folder needs a labels file ({', '.join(VAL_LABEL_FILES)} beside it, or --val-labels)"
+        )
+
+    def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
+        data = self.fs.cat([it.key for it in items], on_error="return")
+        out = []
+        for it in items:
+            value = data[it.key]
+            if isinstance(value, BaseException):
+                raise DataError(f"{it.key}: cannot read ({value})")
+            out.append((value, it.label, it.path))
+        return out
+
+
+class ParquetSource:
+    """Hugging Face ``imagenet-1k``-style Parquet (``image`` struct{bytes, path}, ``label``), split by file prefix."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None, num_classes: int | None = None) -> None:
+        self.url, self.options = url.rstrip("/"), options or {}
+        self.fs, root = storage.filesystem(self.url, self.options)
+        pattern = root if any(c in root for c in "*?[") else storage.join(root, "**/*.parquet")
+        self.files = sorted(self.fs.glob(pattern))
+        if not self.files:
+            raise DataError(f"{url}: no .parquet files found")
+        labels: set[int] = set()
+        for f in self.files:
+            pf = pq.ParquetFile(self.fs.open(f, "rb"))
+            check_schema(pf.schema_arrow, storage.unstrip(self.fs, f))
+            stats = [pf.metadata.row_group(i).column(pf.schema_arrow.names.index("label")).statistics for i in range(pf.metadata.num_row_groups)]
+            labels.update(int(s.max) for s in stats if s is not None and s.has_min_max)
+        n = num_classes or (max(labels) + 1 if labels else 0)
+        self.classes = class_infos([f"class_{i}" for i in range(n)])
+
+    def splits(self) -> dict[str, list[list[Item]]]:
+        out: dict[str, list[list[Item]]] = defaultdict(list)
+        for f in self.files:
+            prefix = f.rsplit("/", 1)[-1].split("-")[0].split("_")[0].split(".")[0]
+            split = {"validation": "val", "valid": "val"}.get(prefix, prefix)
+            meta = pq.ParquetFile(self.fs.open(f, "rb")).metadata
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                size = rg.total_byte_size // max(rg.num_rows, 1)
+                # Labels are filled in by read(); the block keeps a row group together.
+                out[split].append([Item(key=f"{f}#{g}#{r}", label=-1, path="", size=size) for r in range(rg.num_rows)])
+        return dict(out)
+
+    def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
+        """Reads each needed row group once (labels and paths come from the file, not the item)."""
+        groups: dict[tuple[str, int], Any] = {}
+        out = []
+        for it in items:
+            f, g, r = it.key.rsplit("#", 2)
+            if (f, int(g)) not in groups:
+                table = pq.ParquetFile(self.fs.open(f, "rb")).read_row_group(int(g), columns=["image", "label"])
+                groups[(f, int(g))] = (table.column("image").to_pylist(), table.column("label").to_pylist())
+            images, labels = groups[(f, int(g))]
+            image = images[int(r)]
+            out.append((image["bytes"], int(labels[int(r)]), image.get("path") or ""))
+        return out
+
+
+def open_source(url: str, options: dict[str, Any] | None = None, val_labels: str | None = None) -> FolderSource | ParquetSource:
+    """A folder of image folders, or a folder/glob of Parquet files."""
+    fs, path = storage.filesystem(url, options)
+    if any(c in path for c in "*?[") or (fs.isdir(path) and fs.glob(storage.join(path, "**/*.parquet"))):
+        return ParquetSource(url, options)
+    return FolderSource(url, options, val_labels)

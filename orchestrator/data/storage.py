@@ -1,0 +1,137 @@
+"""fsspec access for every URL the project touches: retries with backoff and secret redaction.
+
+Storage options come from the environment first (fsspec's ``FSSPEC_S3_ENDPOINT_URL``, botocore's
+``AWS_ENDPOINT_URL`` / ``AWS_ACCESS_KEY_ID`` ...), then from explicit ``key=value`` options.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+
+from orchestrator.errors import StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SECRET_WORDS = ("secret", "token", "password", "credential", "key")
+
+
+def is_secret(name: str) -> bool:
+    """Option names whose values must never be printed (``key``, ``secret``, ``aws_secret_access_key``...)."""
+    lowered = name.lower()
+    return lowered != "endpoint_url" and any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact(text: str, options: Mapping[str, Any] | None = None) -> str:
+    """Replace the values of secret options in ``text`` with ``***``."""
+    for name, value in _flatten(options or {}):
+        if is_secret(name) and isinstance(value, str) and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def redacted_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``options`` that is safe to log or write into a manifest or config.json."""
+    return {
+        k: (redacted_options(v) if isinstance(v, Mapping) else "***" if is_secret(k) else v)
+        for k, v in options.items()
+    }
+
+
+def _flatten(options: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
+    for k, v in options.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v)
+        else:
+            yield k, v
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """Parse one ``--storage-option key=value``; ``true``/``false``/numbers become typed values."""
+    if "=" not in text:
+        raise ValueError(f"storage option {text!r} is not of the form key=value")
+    key, value = text.split("=", 1)
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    try:
+        return key, int(value)
+    except ValueError:
+        return key, value
+
+
+def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the protocol-less path for ``url``."""
+    fs, path = fsspec.core.url_to_fs(url, **dict(options or {}))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL parts with ``/`` (works for local paths and object-store URLs alike)."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A full URL for a protocol-less ``path`` returned by ``fs`` (local paths stay plain paths)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient storage errors: ``base_delay * 2**n``, capped, with jitter."""
+
+    attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+
+    def delays(self) -> Iterable[float]:
+        for n in range(self.attempts - 1):
+            yield min(self.max_delay, self.base_delay * 2**n) * (0.5 + random.random() / 2)
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors worth retrying: I/O and connection failures of any fsspec backend."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
+    try:
+        import botocore.exceptions
+
+        errors.append(botocore.exceptions.BotoCoreError)
+        errors.append(botocore.exceptions.ClientError)
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, options: Mapping[str, Any] | None = None) -> T:
+    """Call ``fn``; on a transient error wait and retry, then raise StorageError naming ``what``."""
+    errors = transient_errors()
+    delays = iter(policy.delays())
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except errors as exc:  # a missing object mid-run is retried too: start-up already checked it exists
+            delay = next(delays, None)
+            message = redact(f"{type(exc).__name__}: {exc}", options)
+            if delay is None:
+                raise StorageError(f"{what}: still failing after {attempt} attempts: {message}") from exc
+            log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, attempt, message, delay)
+            time.sleep(delay)
+            attempt += 1

@@ -1,0 +1,1 @@
+"""Launchers: thin adapters that build a TrainContext and call the training loop."""

@@ -1,0 +1,328 @@
+"""The recipe schema (one dataclass per YAML section), its loader and its validation.
+
+A recipe file may ``extends:`` another (path relative to it); the child's keys override the base's.
+``--set section.key=value`` overrides come last. Every error names the file (or ``--set``) and the
+dotted key, and is raised before any process group, cluster or dataset read starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.data.storage import redacted_options
+from orchestrator.errors import RecipeError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "inception_next_tiny"  # timm name: inception_next_atto / _tiny / _small / _base
+    drop_path_rate: float = 0.0
+    head_dropout: float = 0.0
+    ls_init_value: float | None = 1e-6
+    num_classes: int = 1000
+    init: str | None = None  # checkpoint URL/file or run name to start from (fine-tuning)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    val: str | None = None
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"  # eval resize
+    train_interpolation: str = "random"  # RandomResizedCrop (timm's default: random bilinear/bicubic)
+    num_workers: int = 8
+    shuffle_buffer: int = 2048
+    max_corrupt_fraction: float = 0.001
+    retries: int = 6
+    retry_base_delay: float = 0.5
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    repeated_aug: bool = False
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    re_prob: float = 0.25
+    color_jitter: float | None = None  # timm disables it when RandAugment is on
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 4e-3
+    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 300
+    warmup_epochs: float = 20
+    sched: str = "cosine"  # cosine | constant
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int = 4096
+    per_device_max: int = 128
+
+
+@dataclass
+class EmaConfig:
+    decay: float | None = None  # null = no EMA
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    storage: str = "runs"  # a run lives at <storage>/<name>/
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every_steps: int | None = None  # also at every epoch end
+    keep_checkpoints: int = 3
+    seed: int = 0
+    max_steps: int | None = None
+    eval_every_epochs: int = 1
+    log_every_steps: int = 50
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: bool | None = None  # null = on for CUDA
+    compile: bool = False
+    dist_bn: str = "reduce"  # average BatchNorm statistics across ranks before eval: reduce | broadcast | none
+    max_nonfinite_steps: int = 20
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    gpus_per_worker: int = 1
+    cpus_per_worker: int = 8
+    max_failures: int = 3
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if redact:
+            for section in ("data", "run"):
+                data[section]["storage_options"] = redacted_options(data[section]["storage_options"])
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the recipe's global batch is made on ``world_size`` devices."""
+
+    world_size: int
+    per_device: int  # samples per device per optimizer step
+    micro_batch: int  # samples per forward/backward
+    accum_steps: int
+
+
+def plan_batch(recipe: Recipe, world_size: int, source: str = "recipe") -> BatchPlan:
+    """Per-device batch and gradient accumulation that keep the global batch exactly the recipe's."""
+    gbs, cap = recipe.batch.global_batch_size, recipe.batch.per_device_max
+    if gbs % world_size:
+        raise RecipeError(f"{source}: batch.global_batch_size={gbs} is not divisible by world size {world_size}")
+    per_device = gbs // world_size
+    accum = -(-per_device // cap)
+    while per_device % accum:
+        accum += 1
+    plan = BatchPlan(world_size, per_device, per_device // accum, accum)
+    if uses_mixup(recipe) and plan.micro_batch % 2:
+        raise RecipeError(f"{source}: batch.global_batch_size={gbs} on {world_size} device(s) gives an odd micro-batch of "
+                          f"{plan.micro_batch}; timm's Mixup/CutMix pairs samples and needs it even")
+    return plan
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load ``path`` (following ``extends:``), apply ``key.sub=value`` overrides, validate."""
+    origin: dict[str, str] = {}
+    raw = _read_with_extends(Path(path), origin, seen=())
+    for text in overrides or []:
+        if "=" not in text:
+            raise RecipeError(f"--set {text!r}: expected section.key=value")
+        dotted, value = text.split("=", 1)
+        keys = dotted.split(".")
+        if len(keys) != 2:
+            raise RecipeError(f"--set {dotted}: expected section.key (e.g. optimizer.lr)")
+        raw.setdefault(keys[0], {})
+        if not isinstance(raw[keys[0]], dict):
+            raise RecipeError(f"--set {dotted}: {keys[0]} is not a section")
+        raw[keys[0]][keys[1]] = yaml.safe_load(value)
+        origin[dotted] = "--set"
+    recipe = _build(raw, origin, str(path))
+    validate(recipe, origin, str(path))
+    return recipe
+
+
+def _read_with_extends(path: Path, origin: dict[str, str], seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.exists():
+        raise RecipeError(f"{path}: recipe file not found")
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, seen))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    base: dict[str, Any] = {}
+    if "extends" in data:
+        base = _read_with_extends(path.parent / str(data.pop("extends")), origin, (*seen, path.resolve()))
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise RecipeError(f"{path}: {section}: expected a mapping of keys, got {values!r}")
+        merged = base.setdefault(section, {})
+        if not isinstance(merged, dict):
+            raise RecipeError(f"{path}: {section}: expected a mapping")
+        for key, value in values.items():
+            merged[key] = value
+            origin[f"{section}.{key}"] = str(path)
+    return base
+
+
+def _build(raw: dict[str, Any], origin: dict[str, str], path: str) -> Recipe:
+    sections = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    hints = typing.get_type_hints(Recipe)
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise RecipeError(f"{origin.get(f'{section}.' + next(iter(values), ''), path)}: unknown section {section!r} "
+                              f"(known: {', '.join(sections)})")
+        cls = hints[section]
+        fields = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            where = f"{origin.get(f'{section}.{key}', path)}: {section}.{key}"
+            if key not in fields:
+                raise RecipeError(f"{where}: unknown key (known: {', '.join(fields)})")
+            kwargs[key] = _coerce(value, fields[key], where)
+        built[section] = cls(**kwargs)
+    return Recipe(**built)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{where}: expected {_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and isinstance(value, tp):
+        return value
+    raise RecipeError(f"{where}: expected {_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "recipe") -> None:
+    """Range checks that do not need the cluster or the data."""
+    origin = origin or {}
+
+    def fail(dotted: str, message: str) -> None:
+        raise RecipeError(f"{origin.get(dotted, path)}: {dotted}: {message}")
+
+    r = recipe
+    if not r.model.name.startswith("inception_next_"):
+        fail("model.name", f"{r.model.name!r} is not an InceptionNeXt model (inception_next_atto/_tiny/_small/_base)")
+    for dotted, value in [("model.drop_path_rate", r.model.drop_path_rate), ("model.head_dropout", r.model.head_dropout),
+                          ("augment.label_smoothing", r.augment.label_smoothing)]:
+        if not 0.0 <= value < 1.0:
+            fail(dotted, f"{value} is outside [0, 1)")
+    for dotted, value in [("augment.re_prob", r.augment.re_prob), ("augment.mixup_prob", r.augment.mixup_prob),
+                          ("augment.mixup_switch_prob", r.augment.mixup_switch_prob)]:
+        if not 0.0 <= value <= 1.0:
+            fail(dotted, f"{value} is not a probability in [0, 1]")
+    positive = [("optimizer.lr", r.optimizer.lr), ("optimizer.eps", r.optimizer.eps), ("schedule.epochs", r.schedule.epochs),
+                ("batch.global_batch_size", r.batch.global_batch_size), ("batch.per_device_max", r.batch.per_device_max),
+                ("data.input_size", r.data.input_size), ("data.crop_pct", r.data.crop_pct), ("model.num_classes", r.model.num_classes),
+                ("scaling.num_workers", r.scaling.num_workers), ("run.keep_checkpoints", r.run.keep_checkpoints)]
+    for dotted, value in positive:
+        if value <= 0:
+            fail(dotted, f"must be positive, got {value}")
+    for dotted, value in [("optimizer.weight_decay", r.optimizer.weight_decay), ("schedule.warmup_epochs", r.schedule.warmup_epochs),
+                          ("augment.mixup", r.augment.mixup), ("augment.cutmix", r.augment.cutmix),
+                          ("data.num_workers", r.data.num_workers), ("scaling.gpus_per_worker", r.scaling.gpus_per_worker),
+                          ("schedule.min_lr", r.schedule.min_lr), ("schedule.warmup_lr", r.schedule.warmup_lr)]:
+        if value < 0:
+            fail(dotted, f"must not be negative, got {value}")
+    if len(r.optimizer.betas) != 2 or not all(0 <= b < 1 for b in r.optimizer.betas):
+        fail("optimizer.betas", f"expected two values in [0, 1), got {r.optimizer.betas}")
+    if r.optimizer.name not in ("adamw", "adam", "sgd", "lamb", "lion"):
+        fail("optimizer.name", f"{r.optimizer.name!r} is not one of adamw, adam, sgd, lamb, lion")
+    if r.schedule.sched not in ("cosine", "constant"):
+        fail("schedule.sched", f"{r.schedule.sched!r} is not cosine or constant")
+    if r.ema.decay is not None and not 0 < r.ema.decay < 1:
+        fail("ema.decay", f"{r.ema.decay} is outside (0, 1)")
+    if r.augment.repeated_aug:
+        fail("augment.repeated_aug", "repeated augmentation is not supported by the streaming reader (the paper uses off)")
+    if r.run.precision not in ("auto", "fp32", "bf16"):
+        fail("run.precision", f"{r.run.precision!r} is not auto, fp32 or bf16")
+    if r.run.dist_bn not in ("reduce", "broadcast", "none"):
+        fail("run.dist_bn", f"{r.run.dist_bn!r} is not reduce, broadcast or none")
+    if r.run.max_steps is not None and r.run.max_steps <= 0:
+        fail("run.max_steps", f"must be positive or null, got {r.run.max_steps}")
+    if not r.data.train:
+        fail("data.train", "no training dataset given")
+    if not r.run.name or "/" in r.run.name:
+        fail("run.name", f"{r.run.name!r} must be a non-empty name without '/'")
+    plan_batch(recipe, r.scaling.num_workers, origin.get("batch.global_batch_size", path))
+
+
+def uses_mixup(recipe: Recipe) -> bool:
+    return recipe.augment.mixup > 0 or recipe.augment.cutmix > 0

@@ -1,0 +1,126 @@
+"""Build what the loop composes from the recipe: model, optimizer, schedule, mixup, loss, EMA, data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+
+from model import create_model, load_weights, resolve_init
+from orchestrator.data import manifest as mf
+from orchestrator.data import storage
+from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
+from orchestrator.data.transforms import eval_transform, train_transform
+from orchestrator.recipe import BatchPlan, Recipe, uses_mixup
+from orchestrator.train.context import TrainContext
+
+log = logging.getLogger(__name__)
+
+
+def reader_options(recipe: Recipe) -> ReaderOptions:
+    d = recipe.data
+    retry = storage.RetryPolicy(attempts=d.retries, base_delay=d.retry_base_delay)
+    return ReaderOptions(d.shuffle_buffer, d.max_corrupt_fraction, retry, d.storage_options)
+
+
+def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan) -> tuple[ShardLoader, ShardLoader | None]:
+    d, opts = recipe.data, reader_options(recipe)
+    train_ds = ShardDataset(
+        mf.load(d.train, d.storage_options),
+        train_transform(d.input_size, recipe.augment.auto_augment, recipe.augment.re_prob, d.train_interpolation,
+                        recipe.augment.color_jitter),
+        train=True, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts,
+    )
+    pin = ctx.device.type == "cuda"
+    train = ShardLoader(train_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
+    val = None
+    if d.val:
+        val_ds = ShardDataset(mf.load(d.val, d.storage_options), eval_transform(d.input_size, d.crop_pct, d.interpolation),
+                              train=False, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts)
+        val = ShardLoader(val_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
+    return train, val
+
+
+def build_model(recipe: Recipe, ctx: TrainContext, init: bool) -> torch.nn.Module:
+    """The recipe's model on ``ctx.device``; ``init`` loads ``model.init`` (only when not resuming)."""
+    model = create_model(recipe.model)
+    if init and recipe.model.init:
+        url = resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
+        load_weights(model, url, recipe.run.storage_options)
+    model.to(ctx.device)
+    if channels_last(recipe, ctx):
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def channels_last(recipe: Recipe, ctx: TrainContext) -> bool:
+    return recipe.run.channels_last if recipe.run.channels_last is not None else ctx.device.type == "cuda"
+
+
+def autocast_dtype(recipe: Recipe, ctx: TrainContext) -> torch.dtype | None:
+    """bf16 on CUDA by default, float32 on CPU unless the recipe asks for bf16."""
+    if recipe.run.precision == "bf16" or (recipe.run.precision == "auto" and ctx.device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer factory: no weight decay on 1-d parameters (norms, biases, layer-scale gammas)."""
+    o = recipe.optimizer
+    kwargs: dict[str, Any] = {"eps": o.eps, "betas": tuple(o.betas)} if o.name != "sgd" else {"momentum": 0.9}
+    return create_optimizer_v2(model, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, filter_bias_and_bn=True, **kwargs)
+
+
+def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
+    """Per-step schedule: linear warmup, then cosine to ``min_lr`` (or constant)."""
+    s = recipe.schedule
+    total, warmup = s.epochs * steps_per_epoch, round(s.warmup_epochs * steps_per_epoch)
+    common = dict(warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=False)
+    if s.sched == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=total, lr_min=s.min_lr, **common)
+    return StepLRScheduler(optimizer, decay_t=max(total, 1) * 10, decay_rate=1.0, **common)
+
+
+def build_mixup(recipe: Recipe) -> Mixup | None:
+    a = recipe.augment
+    if not uses_mixup(recipe):
+        return None
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                 label_smoothing=a.label_smoothing, num_classes=recipe.model.num_classes)
+
+
+def build_loss(recipe: Recipe) -> torch.nn.Module:
+    if uses_mixup(recipe):
+        return SoftTargetCrossEntropy()  # mixup already smooths the targets
+    if recipe.augment.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(recipe.augment.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def build_ema(recipe: Recipe, model: torch.nn.Module) -> ModelEmaV3 | None:
+    return ModelEmaV3(model, decay=recipe.ema.decay) if recipe.ema.decay is not None else None
+
+
+@dataclass
+class Components:
+    model: torch.nn.Module  # the raw model (DDP/compile wrappers live in ``step_model``)
+    step_model: torch.nn.Module
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    mixup: Mixup | None
+    loss_fn: torch.nn.Module
+    train_loader: ShardLoader
+    val_loader: ShardLoader | None
+    plan: BatchPlan
+    steps_per_epoch: int
+    autocast: torch.dtype | None
+    channels_last: bool

@@ -1,0 +1,271 @@
+"""The training loop: one function per phase, no knowledge of Ray, Slurm or Tune.
+
+``train(recipe, ctx)`` resumes from ``ctx.latest_checkpoint()`` when there is one, trains until the
+recipe's epochs (or ``run.max_steps``) are done, evaluates model and EMA, checkpoints through ``ctx``
+and writes the run outputs. Resume is exact: every RNG is reseeded from (seed, step, micro-batch, rank)
+and the reader resumes at the batch it stopped at, so N + N steps equal 2N steps bitwise on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save as save_safetensors
+from timm.utils import distribute_bn
+from tqdm import tqdm
+
+from orchestrator.data import storage
+from orchestrator.errors import CheckpointError, TrainingError
+from orchestrator.recipe import Recipe, plan_batch
+from orchestrator.train import checkpoint, components
+from orchestrator.train.components import Components
+from orchestrator.train.context import TrainContext
+from orchestrator.train.metrics import MetricsWriter, interactive, write_text
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(*key: int) -> None:
+    """Reseed every global RNG from ``key``; called per micro-batch so resume needs no RNG state."""
+    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(recipe: Recipe, ctx: TrainContext, resuming: bool) -> Components:
+    plan = plan_batch(recipe, ctx.world_size)
+    seed_everything(recipe.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = components.build_model(recipe, ctx, init=not resuming)
+    step_model = torch.compile(model) if recipe.run.compile else model
+    if ctx.world_size > 1:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
+    train_loader, val_loader = components.build_loaders(recipe, ctx, plan)
+    steps_per_epoch = len(train_loader) // plan.accum_steps
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{recipe.data.train}: one epoch holds fewer samples per rank than one optimizer step "
+                            f"({plan.per_device} samples on each of {ctx.world_size} ranks)")
+    optimizer = components.build_optimizer(recipe, model)
+    return Components(
+        model=model, step_model=step_model, ema=components.build_ema(recipe, model), optimizer=optimizer,
+        scheduler=components.build_scheduler(recipe, optimizer, steps_per_epoch), mixup=components.build_mixup(recipe),
+        loss_fn=components.build_loss(recipe), train_loader=train_loader, val_loader=val_loader, plan=plan,
+        steps_per_epoch=steps_per_epoch, autocast=components.autocast_dtype(recipe, ctx),
+        channels_last=components.channels_last(recipe, ctx),
+    )
+
+
+def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
+    """Train (or resume) the run described by ``recipe``; returns the last metrics."""
+    latest = ctx.latest_checkpoint()
+    c = build(recipe, ctx, resuming=latest is not None)
+    state = {"step": 0, "epoch": 0, "nonfinite": 0}
+    if latest:
+        state = restore(c, latest, recipe, ctx)
+    total_steps = recipe.schedule.epochs * c.steps_per_epoch
+    stop_at = min(total_steps, recipe.run.max_steps or total_steps)
+    writer = MetricsWriter(ctx.run_dir, recipe.run.storage_options, enabled=ctx.is_main)
+    writer.truncate_after(state["step"])
+    if ctx.is_main:
+        write_text(ctx.run_dir, "config.json", recipe.to_json(), recipe.run.storage_options)
+        log.info("%s: %s, %d epochs x %d steps (global batch %d = %d ranks x %d micro x %d accum), from step %d",
+                 ctx.run_dir, recipe.model.name, recipe.schedule.epochs, c.steps_per_epoch, recipe.batch.global_batch_size,
+                 ctx.world_size, c.plan.micro_batch, c.plan.accum_steps, state["step"])
+    last: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
+    started, first_step = time.monotonic(), state["step"]
+    while state["step"] < stop_at:
+        epoch = state["step"] // c.steps_per_epoch
+        c.train_loader.set_epoch(epoch)
+        train_metrics = train_one_epoch(c, recipe, ctx, state, stop_at, writer, epoch)
+        epoch_done = state["step"] % c.steps_per_epoch == 0
+        last = {"epoch": epoch, "step": state["step"], **train_metrics}
+        if epoch_done and ((epoch + 1) % recipe.run.eval_every_epochs == 0 or state["step"] >= total_steps):
+            last |= evaluate_all(c, recipe, ctx)
+        if epoch_done or state["step"] >= stop_at:
+            per_step = (time.monotonic() - started) / max(state["step"] - first_step, 1)
+            eta = per_step * (stop_at - state["step"])
+            log.info("epoch %d step %d/%d: %s, ETA %.0fs", epoch, state["step"], stop_at, _fmt(last), eta)
+            writer.log({**last, "kind": "epoch" if epoch_done else "stop"})
+            save(c, recipe, ctx, state, last)
+            writer.flush(plots=True)
+            ctx.report(last)
+    if ctx.is_main:
+        write_final_weights(c, ctx, recipe)
+    writer.close()
+    return last
+
+
+def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], stop_at: int,
+                    writer: MetricsWriter, epoch: int) -> dict[str, Any]:
+    """Optimizer steps until the epoch ends, ``stop_at`` is reached, or a mid-epoch checkpoint is due."""
+    c.step_model.train()
+    epoch_end = (epoch + 1) * c.steps_per_epoch
+    every = recipe.run.checkpoint_every_steps
+    losses: list[float] = []
+    window_start, window_images = time.monotonic(), 0
+    batches = iter(c.train_loader)
+    bar = tqdm(total=epoch_end - state["step"], desc=f"epoch {epoch}", disable=not (ctx.is_main and interactive()))
+    metrics: dict[str, Any] = {}
+    while state["step"] < min(epoch_end, stop_at):
+        loss = train_step(c, recipe, ctx, state, batches)
+        state["step"] += 1
+        losses.append(loss)
+        window_images += c.plan.per_device * ctx.world_size
+        bar.update(1)
+        if state["step"] % recipe.run.log_every_steps == 0 or state["step"] in (epoch_end, stop_at):
+            elapsed = time.monotonic() - window_start
+            metrics = {"epoch": epoch, "step": state["step"], "lr": c.optimizer.param_groups[0]["lr"],
+                       "train_loss": _mean_across_ranks(losses, ctx), "images_per_sec": window_images / max(elapsed, 1e-9)}
+            writer.log({**metrics, "kind": "train"})
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+            losses, window_start, window_images = [], time.monotonic(), 0
+        if every and state["step"] % every == 0 and state["step"] not in (epoch_end, stop_at):
+            save(c, recipe, ctx, state, {"epoch": epoch, "step": state["step"]})
+    bar.close()
+    return {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
+
+
+def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], batches: Any) -> float:
+    """One optimizer step over ``accum_steps`` micro-batches (gradients synchronised only on the last)."""
+    c.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=ctx.device)
+    for micro in range(c.plan.accum_steps):
+        images, targets, _ids, _corrupt = next(batches)
+        seed_everything(recipe.run.seed, state["step"], micro, ctx.rank)
+        images = images.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        if c.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if c.mixup is not None:
+            images, targets = c.mixup(images, targets)
+        last = micro == c.plan.accum_steps - 1
+        # DDP all-reduces on every backward; skip it until the last micro-batch of the step.
+        sync = contextlib.nullcontext() if last or ctx.world_size == 1 else c.step_model.no_sync()
+        with sync, _autocast(c, ctx):
+            loss = c.loss_fn(c.step_model(images), targets) / c.plan.accum_steps
+            loss.backward()
+        total += loss.detach()
+    if not _all_finite(total, ctx):
+        state["nonfinite"] += 1
+        log.warning("step %d: non-finite loss, update skipped (%d so far)", state["step"], state["nonfinite"])
+        if state["nonfinite"] > recipe.run.max_nonfinite_steps:
+            raise TrainingError(f"{state['nonfinite']} steps with non-finite loss, more than run.max_nonfinite_steps="
+                                f"{recipe.run.max_nonfinite_steps}; lower optimizer.lr or check the data")
+        c.optimizer.zero_grad(set_to_none=True)
+    else:
+        if recipe.optimizer.clip_grad:
+            torch.nn.utils.clip_grad_norm_(c.model.parameters(), recipe.optimizer.clip_grad)
+        c.optimizer.step()
+        if c.ema is not None:
+            c.ema.update(c.model, step=state["step"])
+    c.scheduler.step_update(state["step"] + 1)
+    return float(total)
+
+
+def _autocast(c: Components, ctx: TrainContext) -> contextlib.AbstractContextManager[Any]:
+    if c.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=c.autocast)
+
+
+def _all_finite(loss: torch.Tensor, ctx: TrainContext) -> bool:
+    """Every rank must agree to skip a step, or DDP replicas would diverge."""
+    flag = torch.isfinite(loss).to(torch.float32)
+    if ctx.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _mean_across_ranks(values: list[float], ctx: TrainContext) -> float:
+    t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, c: Components, ctx: TrainContext) -> dict[str, float]:
+    """Top-1/top-5 over the whole validation split; each image counted once across ranks (corrupt excluded)."""
+    assert c.val_loader is not None
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    for images, targets, _ids, corrupt in c.val_loader:
+        images, targets = images.to(ctx.device), targets.to(ctx.device)
+        if c.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(c, ctx):
+            logits = model(images)
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        valid = (corrupt == 0).to(ctx.device)
+        hits = top5.eq(targets[:, None])
+        counts += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(1) & valid).sum(), valid.sum()]).double()
+    if ctx.world_size > 1:
+        dist.all_reduce(counts)
+    return {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2]), "val_images": int(counts[2])}
+
+
+def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
+    if c.val_loader is None:
+        return {}
+    if ctx.world_size > 1 and recipe.run.dist_bn != "none":
+        distribute_bn(c.model, ctx.world_size, reduce=recipe.run.dist_bn == "reduce")
+    out: dict[str, Any] = evaluate(c.model, c, ctx)
+    if c.ema is not None:
+        out |= {f"ema_{k}": v for k, v in evaluate(c.ema.module, c, ctx).items() if k != "val_images"}
+    c.step_model.train()
+    return out
+
+
+def save(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], metrics: dict[str, Any]) -> None:
+    def write(url: str) -> None:
+        checkpoint.save(url, {
+            "model": c.model.state_dict(), "ema": c.ema.module.state_dict() if c.ema else None,
+            "optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(), "state": dict(state),
+            "loader": c.train_loader.state_dict(), "model_name": recipe.model.name,
+        }, {"step": state["step"], "epoch": metrics.get("epoch"), "metrics": metrics}, recipe.run.storage_options)
+
+    ctx.save_checkpoint(state["step"], write, metrics)
+
+
+def restore(c: Components, url: str, recipe: Recipe, ctx: TrainContext) -> dict[str, int]:
+    saved = checkpoint.load(url, recipe.run.storage_options)
+    if saved.get("model_name") != recipe.model.name:
+        raise CheckpointError(f"{url}: run {ctx.run_dir} was trained as {saved.get('model_name')}, the recipe says "
+                              f"{recipe.model.name}; use another run.name or the original model")
+    c.model.load_state_dict(saved["model"])
+    if c.ema is not None:
+        c.ema.module.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
+    c.optimizer.load_state_dict(saved["optimizer"])
+    c.scheduler.load_state_dict(saved["scheduler"])
+    c.train_loader.load_state_dict(saved["loader"])
+    c.scheduler.step_update(saved["state"]["step"])
+    log.info("resumed %s at step %d (epoch %d, %d batches into it)", url, saved["state"]["step"],
+             saved["loader"]["epoch"], saved["loader"]["batches"])
+    return dict(saved["state"])
+
+
+def write_final_weights(c: Components, ctx: TrainContext, recipe: Recipe) -> None:
+    """``model.safetensors`` (and ``model_ema.safetensors``) that timm loads with ``pretrained_cfg_overlay``."""
+    fs, path = storage.filesystem(ctx.run_dir, recipe.run.storage_options)
+    weights = {"model.safetensors": c.model}
+    if c.ema is not None:
+        weights["model_ema.safetensors"] = c.ema.module
+    for name, module in weights.items():
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        with fs.open(storage.join(path, name), "wb") as f:
+            f.write(save_safetensors(tensors, metadata={"model": recipe.model.name}))
+    log.info("final weights written to %s (%s)", ctx.run_dir, ", ".join(weights))
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
+                     for k, v in metrics.items() if k not in ("epoch", "step"))

@@ -1,0 +1,119 @@
+"""Run outputs on rank 0: metrics.jsonl, TensorBoard events and PNG plots, in any storage.
+
+Object stores cannot append, so files are kept locally (``~/.cache/inceptionnext/<run>``) and copied
+to the run folder at each flush; on a local run folder they are written in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator.data import storage
+
+log = logging.getLogger(__name__)
+KEYS = ("epoch", "step", "lr", "train_loss", "top1", "top5", "images_per_sec")
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str, options: dict[str, Any] | None = None, enabled: bool = True) -> None:
+        self.run_dir, self.options, self.enabled = run_dir, options or {}, enabled
+        self.fs, self.path = storage.filesystem(run_dir, self.options)
+        self.local = "file" in self.fs.protocol
+        self.dir = Path(self.path if self.local else tempfile.mkdtemp(prefix="inceptionnext-run-"))
+        self.records: list[dict[str, Any]] = []
+        self.tb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        existing = self.dir / "metrics.jsonl" if self.local else None
+        if not self.local and self.fs.exists(storage.join(self.path, "metrics.jsonl")):
+            (self.dir / "metrics.jsonl").write_bytes(self.fs.cat_file(storage.join(self.path, "metrics.jsonl")))
+            existing = self.dir / "metrics.jsonl"
+        if existing and existing.exists():
+            self.records = [json.loads(line) for line in existing.read_text().splitlines() if line.strip()]
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a resumed run re-logs them), so the file has no duplicate steps."""
+        kept = [r for r in self.records if r["step"] <= step]
+        if len(kept) != len(self.records) and self.enabled:
+            self.records = kept
+            (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        full = {k: record.get(k) for k in KEYS} | record
+        full = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in full.items()}
+        self.records.append(full)
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(full) + "\n")
+        for k, v in full.items():
+            if isinstance(v, int | float) and k not in ("epoch", "step"):
+                self.tb.add_scalar(k, v, full["step"])
+
+    def flush(self, plots: bool = False) -> None:
+        """Copy outputs to the run folder (object storage) and optionally redraw the plots."""
+        if not self.enabled:
+            return
+        self.tb.flush()
+        if plots:
+            self.plot()
+        if not self.local:
+            for file in self.dir.rglob("*"):
+                if file.is_file():
+                    self.fs.put_file(str(file), storage.join(self.path, str(file.relative_to(self.dir))))
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, key in zip(axes, ("train_loss", "top1", "lr"), strict=True):
+            points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
+            if key == "top1":
+                ema = [(r["step"], r["ema_top1"]) for r in self.records if r.get("ema_top1") is not None]
+                if ema:
+                    ax.plot(*zip(*ema, strict=True), marker=".", label="EMA top-1")
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="." if key == "top1" else None, label=key)
+            ax.set_xlabel("step")
+            ax.set_title(key)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "curves.png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.flush(plots=True)
+            self.tb.close()
+
+
+def write_text(run_dir: str, name: str, text: str, options: dict[str, Any] | None = None) -> None:
+    fs, path = storage.filesystem(run_dir, options)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(storage.join(path, name), "wb") as f:
+        f.write(text.encode())
+
+
+def read_text(run_dir: str, name: str, options: dict[str, Any] | None = None) -> str | None:
+    fs, path = storage.filesystem(run_dir, options)
+    target = storage.join(path, name)
+    return fs.cat_file(target).decode() if fs.exists(target) else None
+
+
+def interactive() -> bool:
+    """Progress bars only on a terminal; plain log lines in jobs."""
+    return os.isatty(2)
