@@ -10,8 +10,9 @@ Every rank therefore yields the same number of batches, and reads whole row grou
 Validation keeps the natural order and splits all N samples (no drop), so each image is seen once.
 
 Resume: the DataLoader takes one batch from each worker in turn, so the number of batches the
-training loop consumed determines how many samples each worker produced; ``ShardLoader`` records
-that count and a resumed worker skips exactly those samples without reading or decoding them.
+training loop consumed determines how many samples each worker produced and whose turn is next;
+``ShardLoader`` records that count, a resumed worker skips exactly those samples without reading
+or decoding them, and worker roles are rotated so the round continues with the right one.
 Augmentation RNGs are seeded per sample from ``(seed, epoch, sample id)``, so a skipped prefix does
 not change what follows.
 """
@@ -59,8 +60,11 @@ def split_evenly(start: int, stop: int, parts: int, index: int) -> tuple[int, in
     return a, a + base + (1 if index < extra else 0)
 
 
-def round_robin_counts(consumed: int, per_worker: list[int]) -> list[int]:
-    """How many batches each worker produced when the DataLoader has yielded ``consumed`` batches."""
+def round_robin_counts(consumed: int, per_worker: list[int]) -> tuple[list[int], int]:
+    """Batches each worker produced after the DataLoader yielded ``consumed``, and whose turn is next.
+
+    The DataLoader takes one batch from each worker in turn and skips exhausted workers.
+    """
     produced = [0] * len(per_worker)
     w = 0
     for _ in range(consumed):
@@ -68,7 +72,11 @@ def round_robin_counts(consumed: int, per_worker: list[int]) -> list[int]:
             w = (w + 1) % len(per_worker)
         produced[w] += 1
         w = (w + 1) % len(per_worker)
-    return produced
+    for _ in range(len(per_worker)):
+        if produced[w] < per_worker[w]:
+            break
+        w = (w + 1) % len(per_worker)
+    return produced, w
 
 
 def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -156,7 +164,9 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        produced = round_robin_counts(self.skip_batches, self.batches_per_worker(num_workers))
+        produced, next_turn = round_robin_counts(self.skip_batches, self.batches_per_worker(num_workers))
+        # A new DataLoader starts its round at process 0: rotate roles so the round continues where it stopped.
+        worker = (worker + next_turn) % num_workers
         items = self.worker_items(worker, num_workers)
         yield from _WorkerStream(self, items, skip=produced[worker] * self.batch_size)
 

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small generated dataset and recipe helpers. Service fixtures live in tests/services.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import recipe as recipes
+from orchestrator.data.shard_writer import WriteOptions, write_dataset
+from orchestrator.data.synth import SynthSource
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest_plugins = ["tests.services"]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes, 320 train / 80 val images of 32 px, in several shards of 16-row groups."""
+    dest = tmp_path_factory.mktemp("synth")
+    write_dataset(SynthSource(classes=10, train=320, val=80, size=32), str(dest),
+                  WriteOptions(shard_size_mb=0.08, rows_per_group=16, seed=0))
+    return dest
+
+
+def smoke_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
+    """The shipped smoke recipe on the test dataset, tiny and fast, with a run folder under ``tmp_path``."""
+    return recipes.load(ROOT / "recipes" / "smoke.yaml", [
+        f"data.train={data}/train", f"data.val={data}/val", "data.input_size=32", "data.num_workers=0",
+        "data.shuffle_buffer=64", "batch.global_batch_size=32", "batch.per_device_max=32", "schedule.epochs=2",
+        f"run.storage={tmp_path}/runs", "run.log_every_steps=2", *overrides,
+    ])

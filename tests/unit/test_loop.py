@@ -1,0 +1,98 @@
+"""The training loop run by the local launcher: exact resume, atomic checkpoints, outputs, fine-tune init."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchestrator.errors import TrainingError
+from orchestrator.launch import local
+from orchestrator.train import checkpoint
+from tests.conftest import smoke_recipe
+
+# Every source of randomness on: RandAugment, random erasing, mixup/cutmix, drop path, EMA, 2 workers, accumulation.
+RANDOM_EVERYTHING = ("augment.mixup=0.8", "augment.cutmix=1.0", "augment.re_prob=0.25", "model.drop_path_rate=0.1",
+                     "ema.decay=0.99", "data.num_workers=2", "batch.per_device_max=16")
+
+
+def weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(run / name)
+
+
+def test_resume_is_bitwise_exact(synth_dir: Path, tmp_path: Path) -> None:
+    straight = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=straight", "run.max_steps=14")
+    local.run(straight)
+    for steps in (7, 14):  # stop mid-epoch 0, resume across the epoch boundary
+        local.run(smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=resumed", f"run.max_steps={steps}"))
+    runs = tmp_path / "runs"
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        a, b = weights(runs / "straight", name), weights(runs / "resumed", name)
+        assert a.keys() == b.keys()
+        unequal = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not unequal, f"{name}: {len(unequal)} tensors differ after resume, e.g. {unequal[:3]}"
+    steps = [r["step"] for r in map(json.loads, (runs / "resumed" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), "a resumed run must not log a step twice"
+
+
+def test_run_outputs(synth_dir: Path, tmp_path: Path) -> None:
+    result = local.run(smoke_recipe(tmp_path, synth_dir, "run.name=outputs"))
+    run = tmp_path / "runs" / "outputs"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("epoch", "step", "lr", "train_loss", "top1", "top5", "images_per_sec"):
+        assert all(key in r for r in records)
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [10, 20]
+    assert result["step"] == 20 and 0 <= result["top1"] <= 100 and result["val_images"] == 80
+    assert json.loads((run / "config.json").read_text())["run"]["name"] == "outputs"
+    assert (run / "curves.png").stat().st_size > 1000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert [s for s, _ in checkpoint.committed(str(run / "checkpoints"))] == [10, 20]
+
+
+def test_a_torn_checkpoint_is_never_picked(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = smoke_recipe(tmp_path, synth_dir, "run.name=torn", "run.checkpoint_every_steps=3", "run.max_steps=6")
+    real_save = checkpoint.save
+
+    def crash_at_step_6(url: str, state, meta, options=None) -> None:
+        if meta["step"] == 6:
+            Path(url).mkdir(parents=True)
+            (Path(url) / checkpoint.STATE).write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt("node lost while writing")
+        real_save(url, state, meta, options)
+
+    monkeypatch.setattr(checkpoint, "save", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        local.run(recipe)
+    checkpoints = str(tmp_path / "runs" / "torn" / "checkpoints")
+    assert checkpoint.latest(checkpoints).endswith("step-00000003")
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert local.run(recipe)["step"] == 6  # resumes from step 3 and finishes
+    assert checkpoint.latest(checkpoints).endswith("step-00000006")
+
+
+def test_keep_last_k_checkpoints(synth_dir: Path, tmp_path: Path) -> None:
+    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=keep", "run.checkpoint_every_steps=2", "run.keep_checkpoints=2",
+                           "schedule.epochs=1"))
+    assert [s for s, _ in checkpoint.committed(str(tmp_path / "runs" / "keep" / "checkpoints"))] == [8, 10]
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_message(synth_dir: Path, tmp_path: Path) -> None:
+    recipe = smoke_recipe(tmp_path, synth_dir, "run.name=nan", "optimizer.lr=1e30", "schedule.warmup_epochs=0",
+                          "run.max_nonfinite_steps=2")
+    with pytest.raises(TrainingError, match=r"3 steps with non-finite loss, more than run.max_nonfinite_steps=2"):
+        local.run(recipe)
+
+
+def test_finetune_at_larger_size_starts_from_the_pretrain_run(synth_dir: Path, tmp_path: Path) -> None:
+    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=pre", "run.max_steps=4", "ema.decay=0.9"))
+    pre_ema = weights(tmp_path / "runs" / "pre", "model_ema.safetensors")
+    fine = smoke_recipe(tmp_path, synth_dir, "run.name=fine", "model.init=pre", "data.input_size=48", "run.max_steps=1",
+                        "optimizer.lr=1e-12", "schedule.warmup_epochs=0", "schedule.sched=constant")
+    local.run(fine)
+    after = weights(tmp_path / "runs" / "fine")
+    # One step at lr 1e-12 leaves the weights where the pretrain EMA put them.
+    assert torch.allclose(after["stem.0.weight"], pre_ema["stem.0.weight"], atol=1e-6)

@@ -1,0 +1,166 @@
+"""The shard reader: sharding, exactly-once validation, exact mid-epoch resume, faults."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from orchestrator.data import manifest as mf
+from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader, round_robin_counts
+from orchestrator.errors import DataError
+
+
+def to_tensor(img):
+    return torch.zeros(1)  # ids are what these tests compare; skip the image work
+
+
+def loader(data: Path, split: str, rank: int, world: int, workers: int, batch: int = 8, seed: int = 0,
+           options: ReaderOptions = ReaderOptions(shuffle_buffer=32)) -> ShardLoader:
+    ds = ShardDataset(mf.load(str(data / split)), to_tensor, train=split == "train", rank=rank, world_size=world,
+                      seed=seed, options=options)
+    return ShardLoader(ds, batch, workers)
+
+
+def ids(batches) -> list[int]:
+    return [int(i) for b in batches for i in b[2]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_rank_yields_the_same_number_of_batches_and_no_sample_twice(synth_dir: Path, world: int) -> None:
+    seen = [ids(loader(synth_dir, "train", r, world, workers=2)) for r in range(world)]
+    assert len({len(s) for s in seen}) == 1
+    flat = [i for s in seen for i in s]
+    assert len(flat) == len(set(flat))
+    assert len(flat) >= 320 - world * 2 * 8  # at most one partial batch per worker dropped
+    assert len(loader(synth_dir, "train", 0, world, workers=2)) * 8 == len(seen[0])
+
+
+def test_epochs_are_shuffled_differently_and_reproducibly(synth_dir: Path) -> None:
+    a = loader(synth_dir, "train", 0, 1, workers=2)
+    first = ids(a)
+    a.set_epoch(1)
+    second = ids(a)
+    assert first != second and first != sorted(first)
+    assert ids(loader(synth_dir, "train", 0, 1, workers=2)) == first
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_validation_sees_every_image_exactly_once_across_ranks(synth_dir: Path, world: int) -> None:
+    seen = sorted(i for r in range(world) for i in ids(loader(synth_dir, "val", r, world, workers=2, batch=7)))
+    assert seen == list(range(80))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stop_after", [1, 5, 11])
+def test_resume_mid_epoch_sees_each_sample_once(synth_dir: Path, world: int, stop_after: int) -> None:
+    for rank in range(world):
+        full = loader(synth_dir, "train", rank, world, workers=2)
+        full.set_epoch(3)
+        expected = ids(full)
+        first = loader(synth_dir, "train", rank, world, workers=2)
+        first.set_epoch(3)
+        it = iter(first)
+        head = ids(next(it) for _ in range(stop_after))
+        state = json.loads(json.dumps(first.state_dict()))  # as it travels through a checkpoint
+        resumed = loader(synth_dir, "train", rank, world, workers=2)
+        resumed.load_state_dict(state)
+        assert head + ids(resumed) == expected
+
+
+def test_round_robin_model_matches_the_real_dataloader() -> None:
+    class Tagged(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            yield from ((info.id, k) for k in range([5, 3, 4][info.id] * 2))
+
+    order = [int(b[0][0]) for b in DataLoader(Tagged(), batch_size=2, num_workers=3)]
+    for consumed in range(len(order) + 1):
+        expected = [order[:consumed].count(w) for w in range(3)]
+        produced, next_turn = round_robin_counts(consumed, [5, 3, 4])
+        assert produced == expected
+        if consumed < len(order):
+            assert next_turn == order[consumed]
+
+
+def corrupt_copy(src: Path, dest: Path, rows: dict[int, bytes]) -> Path:
+    """A copy of a split whose first shard has ``rows`` replaced by the given bytes."""
+    shutil.copytree(src, dest)
+    shard = dest / "shard-00000.parquet"
+    table = pq.read_table(shard)
+    images = table.column("image").to_pylist()
+    for row, data in rows.items():
+        images[row]["bytes"] = data
+    table = table.set_column(0, "image", pa.array(images, type=mf.IMAGE_TYPE))
+    pq.write_table(table, shard, row_group_size=16)
+    meta = json.loads((dest / "manifest.json").read_text())
+    meta["shards"][0]["bytes"] = shard.stat().st_size
+    (dest / "manifest.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_corrupt_images_are_skipped_and_counted_without_changing_batch_counts(synth_dir: Path, tmp_path: Path) -> None:
+    good = (synth_dir / "val" / "shard-00000.parquet")
+    jpeg = pq.read_table(good).column("image").to_pylist()[0]["bytes"]
+    bad = corrupt_copy(synth_dir / "val", tmp_path / "val", {0: b"not an image", 3: jpeg[: len(jpeg) // 3]})
+    ds = ShardDataset(mf.load(str(bad)), to_tensor, train=False, options=ReaderOptions(max_corrupt_fraction=0.05))
+    batches = list(ShardLoader(ds, 8, 0))
+    corrupt = torch.cat([b[3] for b in batches])
+    assert int(corrupt.sum()) == 2 and len(corrupt) == 80
+
+
+def test_too_many_corrupt_images_stop_with_shard_and_row(synth_dir: Path, tmp_path: Path) -> None:
+    bad = corrupt_copy(synth_dir / "val", tmp_path / "val", {r: b"garbage" for r in range(0, 10)})
+    ds = ShardDataset(mf.load(str(bad)), to_tensor, train=False, options=ReaderOptions(max_corrupt_fraction=0.05))
+    with pytest.raises(DataError, match=r"shard .*shard-00000.parquet row \d+: corrupt image; \d+ of"):
+        list(ShardLoader(ds, 8, 0))
+
+
+def test_missing_manifest_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no manifest.json and no .parquet files"):
+        mf.load(str(tmp_path / "empty"))
+
+
+def test_malformed_manifest_is_reported(synth_dir: Path, tmp_path: Path) -> None:
+    split = shutil.copytree(synth_dir / "val", tmp_path / "val")
+    (split / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest.json: manifest is not valid JSON"):
+        mf.load(str(split))
+
+
+def test_missing_shard_fails_at_startup(synth_dir: Path, tmp_path: Path) -> None:
+    split = shutil.copytree(synth_dir / "train", tmp_path / "train")
+    (split / "shard-00001.parquet").unlink()
+    with pytest.raises(DataError, match=r"shard 1: .*shard-00001.parquet is listed in the manifest but does not exist"):
+        mf.load(str(split))
+
+
+def test_schema_mismatch_fails_at_startup(synth_dir: Path, tmp_path: Path) -> None:
+    split = shutil.copytree(synth_dir / "val", tmp_path / "val")
+    pq.write_table(pa.table({"img": [b"x"], "label": [1]}), split / "shard-00000.parquet")
+    with pytest.raises(DataError, match=r"shard 0: .*schema mismatch: column 'image'"):
+        mf.load(str(split))
+
+
+def test_hf_parquet_is_read_in_place(synth_dir: Path, tmp_path: Path) -> None:
+    hf = tmp_path / "hf" / "data"
+    hf.mkdir(parents=True)
+    for i, shard in enumerate(sorted((synth_dir / "val").glob("shard-*.parquet"))):
+        shutil.copy(shard, hf / f"validation-{i:05d}-of-00001.parquet")
+    manifest = mf.load(str(hf))
+    assert manifest.num_samples == 80 and manifest.split == "validation"
+    ds = ShardDataset(manifest, to_tensor, train=False)
+    assert sorted(ids(ShardLoader(ds, 16, 0))) == list(range(80))
+
+
+def test_shuffle_mixes_classes_within_batches(synth_dir: Path) -> None:
+    batch = next(iter(loader(synth_dir, "train", 0, 1, workers=0, batch=32)))
+    assert len(np.unique(batch[1].numpy())) >= 6
