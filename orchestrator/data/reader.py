@@ -182,7 +182,7 @@ class _WorkerStream:
     def __init__(self, ds: ShardDataset, items: np.ndarray, skip: int) -> None:
         self.ds, self.items, self.skip = ds, items, skip
         self.remaining = np.bincount(items[skip:, 0], minlength=len(ds.groups))
-        self.cache: dict[int, tuple[list[dict[str, Any]], list[int]]] = {}
+        self.cache: dict[int, tuple[list[bytes], list[int]]] = {}
         self.files: dict[int, pq.ParquetFile] = {}
         self.corrupt = 0
 
@@ -209,9 +209,12 @@ class _WorkerStream:
         seed = (self.ds.seed * 1_000_003 + self.ds.epoch * 7919 + sample_id) & 0x7FFFFFFF
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        # CPU generator only: torch.manual_seed also queues a CUDA seeding that records a stack trace (~0.5 ms).
+        torch.default_generator.manual_seed(seed)
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            if img.mode != "RGB":  # convert() copies the pixels even when the mode already matches
                 img = img.convert("RGB")
         except DECODE_ERRORS:
             return None
@@ -234,18 +237,18 @@ class _WorkerStream:
         if group not in self.cache:
             self.cache[group] = self._read_group(group)
         images, labels = self.cache[group]
-        data, label = images[row]["bytes"], labels[row]
+        data, label = images[row], labels[row]
         self.remaining[group] -= 1
         if self.remaining[group] == 0:
             del self.cache[group]
         return data, label
 
-    def _read_group(self, group: int) -> tuple[list[dict[str, Any]], list[int]]:
+    def _read_group(self, group: int) -> tuple[list[bytes], list[int]]:
         shard, g = int(self.ds.groups[group, 0]), int(self.ds.groups[group, 1])
         url = self.ds.manifest.shard_url(shard)
         opts = self.ds.options
 
-        def read() -> tuple[list[dict[str, Any]], list[int]]:
+        def read() -> tuple[list[bytes], list[int]]:
             try:
                 if shard not in self.files:
                     fs, path = storage.filesystem(url, opts.storage_options)
@@ -254,7 +257,7 @@ class _WorkerStream:
             except Exception:
                 self.files.pop(shard, None)  # reopen on retry: the old handle may be stale
                 raise
-            return table.column("image").to_pylist(), table.column("label").to_pylist()
+            return table.column("image").combine_chunks().field("bytes").to_pylist(), table.column("label").to_pylist()
 
         return storage.with_retries(read, f"reading {url} row group {g}", opts.retry, opts.storage_options)
 

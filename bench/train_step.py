@@ -1,0 +1,112 @@
+"""Images/s of one training step (forward + backward + optimizer) of this project's loop versus a
+plain reference loop (timm model, AdamW, cross-entropy, same batch), measured in the same run.
+
+    .venv/bin/python bench/train_step.py [--model inception_next_atto] [--size 64] [--batch 32] [--steps 20]
+    .venv/bin/python bench/train_step.py --model inception_next_tiny --size 224 --batch 128 --device cuda [--compile]
+
+Both sides train on the same in-memory batch, so only the step is timed (no data loading). The loop's
+step includes what a real run pays for: per-micro-batch reseeding, the non-finite guard, the
+per-step schedule and (when the recipe has it) EMA. The last line is ``ratio=<loop / reference>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator import recipe as recipes  # noqa: E402
+from orchestrator.recipe import plan_batch  # noqa: E402
+from orchestrator.train import components  # noqa: E402
+from orchestrator.train.components import Components  # noqa: E402
+from orchestrator.train.context import TrainContext  # noqa: E402
+from orchestrator.train.loop import train_step  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def images_per_sec(step, batch: int, steps: int, device: torch.device) -> float:
+    for _ in range(3):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="inception_next_atto")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--rounds", type=int, default=8)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    recipe = recipes.load(ROOT / "recipes" / "smoke.yaml", [
+        f"model.name={args.model}", "model.num_classes=1000", f"data.input_size={args.size}", "augment.mixup=0",
+        "augment.cutmix=0", "augment.label_smoothing=0", f"batch.global_batch_size={args.batch}",
+        f"batch.per_device_max={args.batch}", f"run.compile={str(args.compile).lower()}",
+        f"scaling.gpus_per_worker={int(device.type == 'cuda')}",
+    ])
+    ctx = TrainContext(run_dir="unused", device=device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
+    targets = torch.randint(0, 1000, (args.batch,), device=device)
+    batch = (images, targets, torch.arange(args.batch), torch.zeros(args.batch))
+
+    model = components.build_model(recipe, ctx, init=False)
+    optimizer = components.build_optimizer(recipe, model)
+    c = Components(model=model, step_model=torch.compile(model) if args.compile else model, ema=None, optimizer=optimizer,
+                   scheduler=components.build_scheduler(recipe, optimizer, 1000), mixup=None,
+                   loss_fn=components.build_loss(recipe), train_loader=None, val_loader=None,  # type: ignore[arg-type]
+                   plan=plan_batch(recipe, 1), steps_per_epoch=1000, autocast=components.autocast_dtype(recipe, ctx),
+                   channels_last=components.channels_last(recipe, ctx))
+    state = {"step": 0, "nonfinite": 0}
+
+    def ours() -> None:
+        train_step(c, recipe, ctx, state, iter([batch]))
+        state["step"] += 1
+
+    ref_model = timm.create_model(args.model, num_classes=1000).to(device, memory_format=fmt)
+    ref_model.train()
+    ref_step_model = torch.compile(ref_model) if args.compile else ref_model
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, weight_decay=0.05)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    dtype = c.autocast
+
+    def reference() -> None:
+        ref_opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(ref_step_model(images), targets)
+        loss.backward()
+        ref_opt.step()
+
+    c.step_model.train()
+    rates: dict[str, list[float]] = {"reference": [], "loop": []}
+    for _ in range(args.rounds):  # alternate so neither side profits from the machine's state
+        rates["reference"].append(images_per_sec(reference, args.batch, args.steps, device))
+        rates["loop"].append(images_per_sec(ours, args.batch, args.steps, device))
+    ref, loop = max(rates["reference"]), max(rates["loop"])
+    print(f"{args.model} {args.size}px batch {args.batch} on {device} ({dtype or torch.float32}, compile={args.compile})")
+    print(f"reference loop (timm + AdamW): {ref:.1f} images/s")
+    print(f"this loop's train_step:        {loop:.1f} images/s")
+    print(f"ratio={loop / ref:.3f}")
+
+
+if __name__ == "__main__":
+    main()
