@@ -166,6 +166,13 @@ def plan_batch(recipe: Recipe, world_size: int, source: str = "recipe") -> Batch
 
 
 # --- loading ------------------------------------------------------------------------------------
+def from_dict(data: dict[str, Any]) -> Recipe:
+    """A recipe from ``Recipe.to_dict(redact=False)`` (how launchers ship it to workers)."""
+    recipe = _build(data, {}, "recipe")
+    validate(recipe)
+    return recipe
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load ``path`` (following ``extends:``), apply ``key.sub=value`` overrides, validate."""
     origin: dict[str, str] = {}

@@ -7,6 +7,7 @@ Storage options come from the environment first (fsspec's ``FSSPEC_S3_ENDPOINT_U
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -79,6 +80,11 @@ def join(url: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def absolute(url: str) -> str:
+    """Local relative paths made absolute (workers of a cluster do not share the driver's cwd)."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:

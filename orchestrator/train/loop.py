@@ -93,7 +93,8 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
         if epoch_done or state["step"] >= stop_at:
             per_step = (time.monotonic() - started) / max(state["step"] - first_step, 1)
             eta = per_step * (stop_at - state["step"])
-            log.info("epoch %d step %d/%d: %s, ETA %.0fs", epoch, state["step"], stop_at, _fmt(last), eta)
+            if ctx.is_main:
+                log.info("epoch %d step %d/%d: %s, ETA %.0fs", epoch, state["step"], stop_at, _fmt(last), eta)
             writer.log({**last, "kind": "epoch" if epoch_done else "stop"})
             save(c, recipe, ctx, state, last)
             writer.flush(plots=True)

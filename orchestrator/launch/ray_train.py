@@ -1,0 +1,112 @@
+"""Ray Train (V2) launcher: the training loop in a TorchTrainer, checkpoints reported to Ray.
+
+Checkpoints keep the loop's own format and land where every launcher looks for them
+(``<storage>/<run>/checkpoints/step-N/``), so a run can move between Ray, Slurm and local.
+Re-running with the same ``run.name`` and ``run.storage`` resumes; ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from orchestrator.data import storage
+from orchestrator.launch import faults
+from orchestrator.recipe import Recipe, from_dict
+from orchestrator.train.context import TrainContext
+from orchestrator.train.loop import train
+
+log = logging.getLogger(__name__)
+
+
+class RayContext(TrainContext):
+    """Rank and device from Ray Train; checkpoints go through ``ray.train.report``."""
+
+    def save_checkpoint(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            if self.is_main:
+                write(tmp)
+            ray.train.report(_plain(metrics), checkpoint=Checkpoint.from_directory(tmp) if self.is_main else None,
+                             checkpoint_dir_name=f"checkpoints/step-{step:08d}")
+        faults.maybe_fail(step, self.rank)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Epoch metrics were reported with the checkpoint already."""
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
+
+
+def worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: rebuild the recipe, make the context, train."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faults.configure(config.get("fault"))
+    recipe = from_dict(config["recipe"])
+    tctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if recipe.scaling.gpus_per_worker > 0 else torch.device("cpu")
+    ctx = RayContext(run_dir=storage.join(recipe.run.storage, recipe.run.name), rank=tctx.get_world_rank(),
+                     world_size=tctx.get_world_size(), local_rank=tctx.get_local_rank(), device=device,
+                     storage_options=recipe.run.storage_options, keep_checkpoints=recipe.run.keep_checkpoints)
+    train(recipe, ctx)
+
+
+def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSystem | None]:
+    """Ray's ``storage_path``/``storage_filesystem`` for a URL (fsspec-backed, so endpoints and credentials apply)."""
+    fs, path = storage.filesystem(url, options)
+    if "file" in fs.protocol:
+        return os.path.abspath(path), None
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def connect() -> None:
+    """Attach to the cluster of this Ray job (or ``RAY_ADDRESS``); otherwise start a local one on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data), run=dataclasses.replace(recipe.run),
+                            model=dataclasses.replace(recipe.model))
+    r.data.train = storage.absolute(r.data.train)
+    r.data.val = storage.absolute(r.data.val) if r.data.val else None
+    r.run.storage = storage.absolute(r.run.storage)
+    if r.model.init and ("/" in r.model.init or "." in r.model.init):
+        r.model.init = storage.absolute(r.model.init)
+    return r
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    connect()
+    recipe = with_absolute_paths(recipe)
+    s = recipe.scaling
+    storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={"recipe": recipe.to_dict(redact=False), "fault": os.environ.get(faults.ENV)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}),
+        run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})
