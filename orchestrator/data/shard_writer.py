@@ -16,7 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -115,7 +115,7 @@ def _write_shard(source: Source, items: list[Item], url: str, opts: WriteOptions
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         meta = pq.ParquetFile(local).metadata
-        if fs.protocol in ("file", "local") or "file" in fs.protocol:
+        if storage.is_local(fs):
             fs.put_file(local, path + ".tmp")
             fs.mv(path + ".tmp", path)  # atomic rename: a crash never leaves a half shard under its name
         else:
@@ -200,7 +200,3 @@ def write_dataset(source: Source, dest: str, opts: WriteOptions, options: dict[s
         manifest = write_split(source, split, blocks, dest, opts, options or {}, report)
         log.info("%s: wrote %s (%d samples, %d shards)", split, storage.join(dest, split), manifest.num_samples, len(manifest.shards))
     return report
-
-
-def record_dict(report: WriteReport) -> dict[str, int]:
-    return asdict(report)

@@ -82,6 +82,12 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Local disk: renames are atomic and files can be appended to, unlike object stores."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
 def absolute(url: str) -> str:
     """Local relative paths made absolute (workers of a cluster do not share the driver's cwd)."""
     return url if "://" in url else os.path.abspath(url)

@@ -65,7 +65,7 @@ def worker(config: dict[str, Any]) -> None:
 def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSystem | None]:
     """Ray's ``storage_path``/``storage_filesystem`` for a URL (fsspec-backed, so endpoints and credentials apply)."""
     fs, path = storage.filesystem(url, options)
-    if "file" in fs.protocol:
+    if storage.is_local(fs):
         return os.path.abspath(path), None
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 

@@ -24,7 +24,7 @@ class MetricsWriter:
     def __init__(self, run_dir: str, options: dict[str, Any] | None = None, enabled: bool = True) -> None:
         self.run_dir, self.options, self.enabled = run_dir, options or {}, enabled
         self.fs, self.path = storage.filesystem(run_dir, self.options)
-        self.local = "file" in self.fs.protocol
+        self.local = storage.is_local(self.fs)
         self.dir = Path(self.path if self.local else tempfile.mkdtemp(prefix="inceptionnext-run-"))
         self.records: list[dict[str, Any]] = []
         self.tb = None
