@@ -20,6 +20,8 @@ def parse(prog: str, description: str, argv: list[str] | None) -> argparse.Names
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
     parser.add_argument("--launcher", choices=("ray", "local"), default="ray",
                         help="ray: Ray Train on the current or a new local cluster (default); local: this process / torchrun")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: move an existing run of this name to <run>.replaced-<time> instead of resuming it")
     return parser.parse_args(argv)
 
 
@@ -52,7 +54,7 @@ def main(prog: str, description: str, argv: list[str] | None = None, require_ini
             print(recipe.to_json())
             return 0
         preflight(recipe, args.recipe, args.launcher, require_init)
-        result = launch(recipe, args.launcher)
+        result = launch(recipe, args.launcher, args.fresh)
     except OrchestratorError as exc:
         options = {**recipe.data.storage_options, **recipe.run.storage_options} if "recipe" in locals() else {}
         print(f"error: {storage.redact(str(exc), options)}", file=sys.stderr)
@@ -61,11 +63,11 @@ def main(prog: str, description: str, argv: list[str] | None = None, require_ini
     return 0
 
 
-def launch(recipe: recipes.Recipe, launcher: str) -> dict[str, Any]:
+def launch(recipe: recipes.Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:
     if launcher == "local":
         from orchestrator.launch import local
 
-        return local.run(recipe)
+        return local.run(recipe, fresh)
     from orchestrator.launch import ray_train
 
-    return ray_train.run(recipe)
+    return ray_train.run(recipe, fresh)

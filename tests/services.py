@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -112,3 +113,78 @@ def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
         yield store
     finally:
         store.stop()
+
+
+@dataclass
+class RayCluster:
+    """``ray start --head --block`` on 127.0.0.1 in its own process group: stopping it kills the whole cluster."""
+
+    temp_dir: Path
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for drivers, the ``ray`` CLI and the cluster: this cluster, no usage stats, no token auth,
+        and this interpreter's ``bin`` first on PATH (a job's ``python`` is then the one with the project installed)."""
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "PATH": path, "RAY_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": "disabled"}
+
+    def start(self) -> None:
+        ray = str(Path(sys.executable).parent / "ray")
+        args = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
+                f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={200 * 2**20}", f"--temp-dir={self.temp_dir}",
+                f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+        # No 30 s node drain on SIGTERM: that is for serving traffic, a test cluster just stops.
+        env = {**{k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        poll(self._ready, 90, f"Ray head on {self.address} with its job server on {self.dashboard} (log: {self.log_path})",
+             interval=0.5)
+
+    def _ready(self) -> bool:
+        from ray.job_submission import JobSubmissionClient
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.log_path}")
+        JobSubmissionClient(self.dashboard).list_jobs()
+        return True
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)  # `ray start --block` drains the node and stops its processes
+        try:
+            self.proc.wait(timeout=40)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # then whatever is left in its session
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    import tempfile
+
+    # Short path: Ray's Unix sockets live under the temp dir and must fit in 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    cluster = RayCluster(temp_dir=root / "t", log_path=root / "ray-start.log")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -22,8 +22,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from orchestrator.data import storage
+from orchestrator.errors import RecipeError
 from orchestrator.launch import faults
 from orchestrator.recipe import Recipe, from_dict
+from orchestrator.train import checkpoint
 from orchestrator.train.context import TrainContext
 from orchestrator.train.loop import train
 
@@ -81,7 +83,21 @@ def connect() -> None:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
 
 
+def _job_working_dir() -> str | None:
+    """The uploaded ``--working-dir`` of the Ray job this driver runs in, if any (a temporary copy)."""
+    return (ray.get_runtime_context().runtime_env or {}).get("working_dir")
+
+
 def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """Workers run elsewhere (another cwd, maybe another node): local paths are made absolute here.
+
+    Inside ``ray job submit --working-dir`` a relative ``run.storage`` would point into the job's
+    temporary copy of the project and vanish with it, so it is refused.
+    """
+    if _job_working_dir() and storage.is_local(storage.filesystem(recipe.run.storage)[0]) \
+            and not os.path.isabs(recipe.run.storage.removeprefix("file://")):
+        raise RecipeError(f"run.storage={recipe.run.storage!r} is relative, which inside a Ray job means the job's temporary "
+                          "copy of --working-dir; give an absolute path on shared disk or an s3:// / gs:// URL")
     r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data), run=dataclasses.replace(recipe.run),
                             model=dataclasses.replace(recipe.model))
     r.data.train = storage.absolute(r.data.train)
@@ -92,9 +108,11 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     return r
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
+def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     connect()
     recipe = with_absolute_paths(recipe)
+    if fresh:
+        checkpoint.set_aside(storage.join(recipe.run.storage, recipe.run.name), recipe.run.storage_options)
     s = recipe.scaling
     storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
     trainer = TorchTrainer(

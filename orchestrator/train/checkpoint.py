@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import torch
@@ -78,3 +79,15 @@ def prune(checkpoints_url: str, keep: int, options: dict[str, Any] | None = None
         if m and newest is not None and int(m.group(1)) < newest and not fs.exists(storage.join(entry, MARKER)):
             log.info("removing uncommitted checkpoint %s", entry)
             fs.rm(entry, recursive=True)
+
+
+def set_aside(run_url: str, options: dict[str, Any] | None = None) -> str | None:
+    """Move an existing run folder to ``<run>.replaced-<UTC time>`` (for ``--fresh``); nothing is deleted."""
+    fs, path = storage.filesystem(run_url, options)
+    if not fs.exists(path):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = f"{run_url.rstrip('/')}.replaced-{stamp}"
+    fs.mv(path, storage.filesystem(target, options)[1], recursive=True)
+    log.info("--fresh: moved the existing run %s to %s", run_url, target)
+    return target

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +52,13 @@ class MetricsWriter:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        full = {k: record.get(k) for k in KEYS} | record
+        full = {k: record.get(k) for k in KEYS} | record | {"time": round(time.time(), 3)}
         full = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in full.items()}
         self.records.append(full)
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(full) + "\n")
         for k, v in full.items():
-            if isinstance(v, int | float) and k not in ("epoch", "step"):
+            if isinstance(v, int | float) and k not in ("epoch", "step", "time"):
                 self.tb.add_scalar(k, v, full["step"])
 
     def flush(self, plots: bool = False) -> None:
@@ -90,7 +91,8 @@ class MetricsWriter:
             ax.set_xlabel("step")
             ax.set_title(key)
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
         fig.tight_layout()
         fig.savefig(self.dir / "curves.png", dpi=100)
         plt.close(fig)

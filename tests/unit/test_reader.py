@@ -23,9 +23,9 @@ def to_tensor(img):
 
 
 def loader(data: Path, split: str, rank: int, world: int, workers: int, batch: int = 8, seed: int = 0,
-           options: ReaderOptions = ReaderOptions(shuffle_buffer=32)) -> ShardLoader:
+           options: ReaderOptions | None = None) -> ShardLoader:
     ds = ShardDataset(mf.load(str(data / split)), to_tensor, train=split == "train", rank=rank, world_size=world,
-                      seed=seed, options=options)
+                      seed=seed, options=options or ReaderOptions(shuffle_buffer=32))
     return ShardLoader(ds, batch, workers)
 
 
