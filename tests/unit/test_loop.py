@@ -96,3 +96,13 @@ def test_finetune_at_larger_size_starts_from_the_pretrain_run(synth_dir: Path, t
     after = weights(tmp_path / "runs" / "fine")
     # One step at lr 1e-12 leaves the weights where the pretrain EMA put them.
     assert torch.allclose(after["stem.0.weight"], pre_ema["stem.0.weight"], atol=1e-6)
+
+
+def test_fresh_moves_the_old_run_aside_and_starts_at_step_zero(synth_dir: Path, tmp_path: Path) -> None:
+    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=again", "run.max_steps=3"))
+    result = local.run(smoke_recipe(tmp_path, synth_dir, "run.name=again", "run.max_steps=2"), fresh=True)
+    runs = tmp_path / "runs"
+    (old,) = runs.glob("again.replaced-*")
+    assert [s for s, _ in checkpoint.committed(str(old / "checkpoints"))] == [3]  # kept, untouched
+    assert result["step"] == 2
+    assert [s for s, _ in checkpoint.committed(str(runs / "again" / "checkpoints"))] == [2]
