@@ -1,0 +1,151 @@
+"""Models for Grad-CAM from ``NAME=SOURCE``: a run of this project, a checkpoint file, or ``ARCH@FILE``.
+
+The architecture decides the target layer (the last stage's output, where the paper's Figure 1 maps
+come from) and, for Swin, the NHWC -> NCHW reshape; the eval transform is the run's (input size,
+crop, interpolation) or the timm model's own data config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torchvision import transforms as T
+
+from model.weights import FINAL_WEIGHTS, state_dict_from
+from orchestrator.data import manifest, storage
+from orchestrator.errors import CheckpointError, OrchestratorError, RecipeError
+from orchestrator.train.checkpoint import latest
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class CamModel:
+    name: str
+    source: str
+    model: torch.nn.Module
+    transform: Callable[[Any], torch.Tensor]  # PIL image -> normalised CHW tensor
+    crop: Callable[[Any], Any]  # PIL image -> the same resized/cropped PIL image, for display
+    target_layer: torch.nn.Module
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None
+    classes: list[str] | None
+
+
+def target_layer(model: torch.nn.Module, dotted: str | None = None) -> tuple[torch.nn.Module, Callable | None]:
+    """The layer Grad-CAM reads, by architecture, unless ``dotted`` (e.g. ``stages.2``) names one."""
+    if dotted:
+        try:
+            return model.get_submodule(dotted), None
+        except AttributeError as exc:
+            raise RecipeError(f"--layer {dotted}: {type(model).__name__} has no such submodule") from exc
+    kind = type(model).__name__
+    if kind in ("MetaNeXt", "ConvNeXt"):  # InceptionNeXt is timm's MetaNeXt
+        return model.stages[-1], None
+    if kind == "ResNet":
+        return model.layer4[-1], None
+    if kind == "SwinTransformer":  # timm's Swin keeps NHWC feature maps
+        return model.layers[-1].blocks[-1].norm1, lambda t: t.permute(0, 3, 1, 2)
+    raise RecipeError(f"no default Grad-CAM layer for {kind} (InceptionNeXt, ConvNeXt, ResNet and Swin have one); "
+                      "name one with --layer, e.g. --layer stages.3")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``NAME=SOURCE`` -> (NAME, SOURCE); a bare SOURCE is named after its last path component."""
+    name, sep, source = spec.partition("=")
+    if not sep:
+        name, source = spec.rstrip("/").rsplit("/", 1)[-1].split("@")[0], spec
+    if not name or not source:
+        raise RecipeError(f"--model {spec!r}: expected NAME=SOURCE")
+    return name, source
+
+
+def load(spec: str, options: dict[str, Any] | None = None, device: torch.device | None = None,
+         layer: str | None = None) -> CamModel:
+    name, source = parse_spec(spec)
+    try:
+        arch, weights, data_cfg, classes = _resolve(source, options or {})
+        sd, _ = state_dict_from(weights, options)
+        sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+        classifier = timm.models.get_pretrained_cfg_value(arch, "classifier") or "head.fc"
+        head = sd.get(f"{classifier}.weight")
+        model = timm.create_model(arch, pretrained=False, num_classes=head.shape[0] if head is not None else 1000)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{weights}: does not fit timm {arch}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    except (OrchestratorError, RuntimeError, OSError, ValueError) as exc:
+        raise RecipeError(f"--model {spec}: {exc}") from exc
+    model.eval().to(device or torch.device("cpu"))
+    cfg = resolve_data_config(data_cfg, model=model)
+    transform = create_transform(**cfg)
+    crop = T.Compose([t for t in transform.transforms if not isinstance(t, T.Normalize) and "ToTensor" not in type(t).__name__])
+    layer_module, reshape = target_layer(model, layer)
+    if classes and len(classes) != model.num_classes:
+        classes = None
+    return CamModel(name, source, model, transform, crop, layer_module, reshape, classes)
+
+
+def _resolve(source: str, options: dict[str, Any]) -> tuple[str, str, dict[str, Any], list[str] | None]:
+    """(timm architecture, weights URL, data config overrides, class names) for a model source."""
+    if "@" in source and not source.split("@", 1)[0].count("/"):
+        arch, weights = source.split("@", 1)
+        if not timm.is_model(arch):
+            raise RecipeError(f"{arch!r} is not a timm architecture")
+        _must_exist(weights, options)
+        return arch, weights, {}, None
+    fs, path = storage.filesystem(source, options)
+    if fs.isdir(path):
+        return _from_run(source, options)
+    _must_exist(source, options)
+    if not source.endswith(WEIGHT_SUFFIXES):
+        raise RecipeError(f"{source}: not a run folder, a weights file ({', '.join(WEIGHT_SUFFIXES)}) or ARCH@FILE")
+    arch = _arch_in(source, options)
+    if arch is None:
+        raise RecipeError(f"{source}: the file does not say its architecture; write it as ARCH@{source}")
+    return arch, source, {}, None
+
+
+def _from_run(run: str, options: dict[str, Any]) -> tuple[str, str, dict[str, Any], list[str] | None]:
+    fs, path = storage.filesystem(run, options)
+    config_path = storage.join(path, "config.json")
+    if not fs.exists(config_path):
+        raise RecipeError(f"{run}: a folder but not a run (no config.json)")
+    config = json.loads(fs.cat_file(config_path))
+    weights = next((storage.join(run, n) for n in FINAL_WEIGHTS if fs.exists(storage.join(path, n))), None)
+    weights = weights or latest(storage.join(run, "checkpoints"), options)
+    if weights is None:
+        raise RecipeError(f"{run}: the run has no final weights and no checkpoint yet")
+    data = config["data"]
+    size = data["input_size"]
+    data_cfg = {"input_size": (3, size, size), "crop_pct": data["crop_pct"], "interpolation": data["interpolation"]}
+    classes = None
+    for url in (data.get("val"), data.get("train")):
+        try:
+            classes = [c.name for c in manifest.load(url, data.get("storage_options") or {}).classes] if url else None
+        except OrchestratorError:
+            continue  # the data may not be reachable from here; predictions then show class indices
+        if classes:
+            break
+    return config["model"]["name"], weights, data_cfg, classes
+
+
+def _arch_in(url: str, options: dict[str, Any]) -> str | None:
+    """The architecture recorded by this project: safetensors metadata or a checkpoint's ``model_name``."""
+    fs, path = storage.filesystem(url, options)
+    if url.endswith(".safetensors"):  # 8-byte header length, then the JSON header with __metadata__
+        size = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
+        return json.loads(fs.cat_file(path, start=8, end=8 + size)).get("__metadata__", {}).get("model")
+    obj = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
+    return obj.get("model_name") if isinstance(obj, dict) else None
+
+
+def _must_exist(url: str, options: dict[str, Any]) -> None:
+    fs, path = storage.filesystem(url, options)
+    if not fs.exists(path):
+        raise RecipeError(f"{url}: no such file")
