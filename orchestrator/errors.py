@@ -23,3 +23,7 @@ class CheckpointError(OrchestratorError):
 
 class TrainingError(OrchestratorError):
     """Training cannot continue (e.g. too many non-finite losses)."""
+
+
+class SweepInterrupted(OrchestratorError):
+    """A sweep stopped before all trials finished; re-running the same command continues it."""

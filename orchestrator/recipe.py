@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class DataConfig:
     max_corrupt_fraction: float = 0.001
     retries: int = 6
     retry_base_delay: float = 0.5
+    # Use only the first fraction of each split's row groups (proxy runs, sweeps); 1.0 = all.
+    train_fraction: float = 1.0
+    val_fraction: float = 1.0
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -173,6 +177,20 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     return recipe
 
 
+def with_values(recipe: Recipe, values: Mapping[str, Any], where: str = "recipe") -> Recipe:
+    """A copy of ``recipe`` with ``{"section.key": value}`` applied and validated (sweeps use this per trial)."""
+    data = recipe.to_dict(redact=False)
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        if section not in data or key not in data[section]:
+            raise RecipeError(f"{where}: {dotted}: no such recipe key (expected section.key, e.g. model.drop_path_rate)")
+        data[section][key] = value
+    origin = dict.fromkeys(values, where)
+    out = _build(data, origin, where)
+    validate(out, origin, where)
+    return out
+
+
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load ``path`` (following ``extends:``), apply ``key.sub=value`` overrides, validate."""
     origin: dict[str, str] = {}
@@ -300,6 +318,9 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
                           ("augment.mixup_switch_prob", r.augment.mixup_switch_prob)]:
         if not 0.0 <= value <= 1.0:
             fail(dotted, f"{value} is not a probability in [0, 1]")
+    for dotted, value in [("data.train_fraction", r.data.train_fraction), ("data.val_fraction", r.data.val_fraction)]:
+        if not 0.0 < value <= 1.0:
+            fail(dotted, f"{value} is not a fraction in (0, 1]")
     positive = [("optimizer.lr", r.optimizer.lr), ("optimizer.eps", r.optimizer.eps), ("schedule.epochs", r.schedule.epochs),
                 ("batch.global_batch_size", r.batch.global_batch_size), ("batch.per_device_max", r.batch.per_device_max),
                 ("data.input_size", r.data.input_size), ("data.crop_pct", r.data.crop_pct), ("model.num_classes", r.model.num_classes),

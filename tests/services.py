@@ -188,3 +188,17 @@ def ray_cluster() -> Iterator[RayCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def driver(ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayCluster]:
+    """This process as a Ray driver attached to the test cluster (as inside ``ray job submit``)."""
+    import ray
+
+    from orchestrator.launch import ray_train
+
+    for key in ("RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE"):
+        monkeypatch.setenv(key, ray_cluster.env[key])
+    ray_train.connect()
+    yield ray_cluster
+    ray.shutdown()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ class ShardDataset(IterableDataset):
     """Yields ``(image, label, sample_id, corrupt)`` for one rank; use it through ``ShardLoader``."""
 
     def __init__(self, manifest: Manifest, transform: Callable[[Image.Image], Any] | None, *, train: bool,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, options: ReaderOptions = ReaderOptions()) -> None:
+                 rank: int = 0, world_size: int = 1, seed: int = 0, options: ReaderOptions = ReaderOptions(),
+                 fraction: float = 1.0) -> None:
         self.manifest, self.transform, self.train = manifest, transform, train
         self.rank, self.world_size, self.seed, self.options = rank, world_size, seed, options
         # The global row-group table: (shard, row group, first sample id, rows).
@@ -111,6 +113,9 @@ class ShardDataset(IterableDataset):
             for g, rows in enumerate(shard.row_groups):
                 groups.append((s, g, offset, rows))
                 offset += rows
+        if fraction < 1.0:  # a fixed subset: the first row groups (the shard writer mixed the classes)
+            groups = groups[:max(1, math.ceil(fraction * len(groups)))]
+            offset = sum(g[3] for g in groups)
         self.groups = np.asarray(groups, dtype=np.int64).reshape(-1, 4)
         self.num_samples = offset
         if train and self.num_samples < world_size:

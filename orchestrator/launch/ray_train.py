@@ -72,15 +72,18 @@ def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSy
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def connect() -> None:
-    """Attach to the cluster of this Ray job (or ``RAY_ADDRESS``); otherwise start a local one on 127.0.0.1."""
+def connect(include_dashboard: bool = False) -> None:
+    """Attach to the cluster of this Ray job (or ``RAY_ADDRESS``); otherwise start a local one on 127.0.0.1.
+
+    Tune sweeps want the dashboard: without it, stopped trials kept their placement groups (Ray 2.60).
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=include_dashboard)
 
 
 def _job_working_dir() -> str | None:
@@ -108,23 +111,29 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     return r
 
 
+def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None) -> TorchTrainer:
+    """A TorchTrainer for ``recipe`` (paths already absolute): workers and resources from ``scaling``."""
+    s = recipe.scaling
+    storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
+    gpus = {"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}
+    return TorchTrainer(
+        worker,
+        train_loop_config={"recipe": recipe.to_dict(redact=False), "fault": os.environ.get(faults.ENV)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
+        run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints),
+                             callbacks=callbacks),
+    )
+
+
 def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     connect()
     recipe = with_absolute_paths(recipe)
     if fresh:
         checkpoint.set_aside(storage.join(recipe.run.storage, recipe.run.name), recipe.run.storage_options)
-    s = recipe.scaling
-    storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
-    trainer = TorchTrainer(
-        worker,
-        train_loop_config={"recipe": recipe.to_dict(redact=False), "fault": os.environ.get(faults.ENV)},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}),
-        run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints)),
-    )
-    result = trainer.fit()
+    result = trainer(recipe).fit()
     if result.error:
         raise result.error
     return dict(result.metrics or {})

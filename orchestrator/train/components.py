@@ -37,14 +37,15 @@ def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan) -> tuple[S
         mf.load(d.train, d.storage_options),
         train_transform(d.input_size, recipe.augment.auto_augment, recipe.augment.re_prob, d.train_interpolation,
                         recipe.augment.color_jitter),
-        train=True, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts,
+        train=True, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts, fraction=d.train_fraction,
     )
     pin = ctx.device.type == "cuda"
     train = ShardLoader(train_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
     val = None
     if d.val:
         val_ds = ShardDataset(mf.load(d.val, d.storage_options), eval_transform(d.input_size, d.crop_pct, d.interpolation),
-                              train=False, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts)
+                              train=False, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts,
+                              fraction=d.val_fraction)
         val = ShardLoader(val_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
     return train, val
 

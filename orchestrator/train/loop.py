@@ -87,7 +87,7 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
         c.train_loader.set_epoch(epoch)
         train_metrics = train_one_epoch(c, recipe, ctx, state, stop_at, writer, epoch)
         epoch_done = state["step"] % c.steps_per_epoch == 0
-        last = {"epoch": epoch, "step": state["step"], **train_metrics}
+        last = {"epoch": epoch, "step": state["step"], "epochs_done": state["step"] // c.steps_per_epoch, **train_metrics}
         if epoch_done and ((epoch + 1) % recipe.run.eval_every_epochs == 0 or state["step"] >= total_steps):
             last |= evaluate_all(c, recipe, ctx)
         if epoch_done or state["step"] >= stop_at:
@@ -269,4 +269,4 @@ def write_final_weights(c: Components, ctx: TrainContext, recipe: Recipe) -> Non
 
 def _fmt(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
-                     for k, v in metrics.items() if k not in ("epoch", "step"))
+                     for k, v in metrics.items() if k not in ("epoch", "step", "epochs_done"))

@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +33,6 @@ def test_cluster_yaml_passes_rays_own_schema() -> None:
     validate_config(config)
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("p")
     assert any("pip install" in c and "-e" in c for c in config["setup_commands"])
-
-
-@pytest.fixture
-def driver(ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayCluster]:
-    """This process as a Ray driver attached to the test cluster (as inside ``ray job submit``)."""
-    import ray
-
-    for key in ("RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE"):
-        monkeypatch.setenv(key, ray_cluster.env[key])
-    ray_train.connect()
-    yield ray_cluster
-    ray.shutdown()
 
 
 def unique(prefix: str) -> str:

@@ -164,3 +164,20 @@ def test_hf_parquet_is_read_in_place(synth_dir: Path, tmp_path: Path) -> None:
 def test_shuffle_mixes_classes_within_batches(synth_dir: Path) -> None:
     batch = next(iter(loader(synth_dir, "train", 0, 1, workers=0, batch=32)))
     assert len(np.unique(batch[1].numpy())) >= 6
+
+
+def test_a_fraction_is_a_fixed_subset_of_row_groups_read_every_epoch(synth_dir: Path) -> None:
+    manifest = mf.load(str(synth_dir / "train"))
+    groups = [rows for shard in manifest.shards for rows in shard.row_groups]
+    kept = sum(groups[:-(-len(groups) // 4)])  # the first quarter of the row groups, rounded up
+    quarter = ShardDataset(manifest, to_tensor, train=True, fraction=0.25)
+    assert quarter.num_samples == kept and 0 < kept < 320
+    epochs = []
+    for epoch in (0, 1):
+        lo = ShardLoader(quarter, 8, 0)
+        lo.set_epoch(epoch)
+        epochs.append(ids(lo))
+    assert len(epochs[0]) == len(epochs[1]) == kept // 8 * 8
+    assert set(epochs[0]) | set(epochs[1]) <= set(range(kept)) and epochs[0] != epochs[1]  # same subset, reshuffled
+    labels = {int(label) for _, label, _, _ in quarter}
+    assert len(labels) >= 5  # the shard writer mixed the classes, so a prefix is not one class

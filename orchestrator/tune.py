@@ -1,0 +1,209 @@
+"""``python -m orchestrator.tune SWEEP [--set key=value ...] [--fresh]``: a Ray Tune sweep of recipe keys.
+
+Each trial is a full Ray Train run of the training loop (its own workers, checkpoints and resume)
+reporting per-epoch metrics to Tune; ASHA stops the weak ones early. The sweep folder
+``<storage>/<name>/`` gets Tune's state, ``trials/<trial>/`` runs, ``results.csv``, ``results.png``
+and ``best_recipe.yaml`` (the full-length recipe with the best parameters, runnable as is).
+Re-running the command continues an interrupted sweep; ``--fresh`` moves the old one aside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from orchestrator import recipe as recipes
+from orchestrator import sweep as sweeps
+from orchestrator.cli import preflight
+from orchestrator.data import storage
+from orchestrator.errors import OrchestratorError, SweepInterrupted
+from orchestrator.launch import ray_train
+from orchestrator.train import checkpoint
+
+log = logging.getLogger("orchestrator.tune")
+
+
+def trial(config: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """Tune function trainable: one Ray Train run of the loop with this trial's parameters."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    recipe = recipes.with_values(recipes.from_dict(recipe),
+                                 {**config["params"], "run.name": tune.get_context().get_trial_id()}, "trial")
+    result = ray_train.trainer(recipe, callbacks=[TuneReportCallback()]).fit()
+    if result.error:
+        raise result.error
+
+
+def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
+    """Run (or continue) the sweep; returns the results table, also written to the sweep folder."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    ray_train.connect(include_dashboard=True)
+    root = storage.absolute(sweep.storage)
+    sweep_url = storage.join(root, sweep.name)
+    base = ray_train.with_absolute_paths(recipes.with_values(sweep.trial_base(), {
+        "run.storage": storage.join(sweep_url, "trials"), "run.storage_options": sweep.storage_options}, sweep.name))
+    if fresh:
+        checkpoint.set_aside(sweep_url, sweep.storage_options)
+    storage_path, filesystem = ray_train.storage_for_ray(root, sweep.storage_options)
+    # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
+    trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=False)), {"cpu": 0, "memory": 1})
+    param_space = {"params": sweeps.space(sweep)}
+    experiment = storage.join(storage_path, sweep.name) if filesystem else storage.join(root, sweep.name)
+    if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        log.info("continuing the sweep in %s", sweep_url)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space, storage_filesystem=filesystem)
+    else:
+        scheduler = None
+        if sweep.scheduler:
+            # Epochs as the loop counts them (a resumed trial does not restart the count). max_t is one past
+            # the last epoch: at max_t ASHA stops the trial itself, which would cut off its final weights.
+            scheduler = ASHAScheduler(time_attr="epochs_done", grace_period=sweep.scheduler.grace_period,
+                                      reduction_factor=sweep.scheduler.reduction_factor, max_t=base.schedule.epochs + 1)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                                        num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem),
+        )
+    grid = tuner.fit()
+    table = summarise(grid, sweep, base.schedule.epochs)
+    # After Ctrl-C the returned grid calls every trial terminated; the saved state (what a re-run continues) does not.
+    saved = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
+    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
+    write_outputs(table, grid, sweep, sweep_url, best=unfinished == 0)
+    if unfinished:
+        raise SweepInterrupted(f"sweep {sweep.name} stopped with {unfinished} unfinished trial(s); run the same "
+                               f"command again to continue it (state in {sweep_url})")
+    return table
+
+
+def summarise(grid: Any, sweep: sweeps.Sweep, epochs: int) -> pd.DataFrame:
+    """One row per trial: parameters, best and last metric, epochs run, stopped early or not, error."""
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        values = df[sweep.metric].dropna() if df is not None and sweep.metric in df else pd.Series(dtype=float)
+        ran = int(df["epochs_done"].max()) if df is not None and "epochs_done" in df else 0
+        best = (values.max() if sweep.mode == "max" else values.min()) if len(values) else None
+        rows.append({
+            "trial": (result.metrics or {}).get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
+            **result.config["params"],
+            f"best_{sweep.metric}": best, f"last_{sweep.metric}": values.iloc[-1] if len(values) else None,
+            "epochs": ran, "stopped_early": result.error is None and ran < epochs,
+            "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
+        })
+    table = pd.DataFrame(rows)
+    return table.sort_values(f"best_{sweep.metric}", ascending=sweep.mode == "min", na_position="last", ignore_index=True)
+
+
+def write_outputs(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep, sweep_url: str, best: bool = True) -> None:
+    """results.csv, results.png and (once every trial has finished) best_recipe.yaml in the sweep folder."""
+    fs, path = storage.filesystem(sweep_url, sweep.storage_options)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(storage.join(path, "results.csv"), "w") as f:
+        table.to_csv(f, index=False)
+    with fs.open(storage.join(path, "results.png"), "wb") as f:
+        f.write(plot(table, grid, sweep))
+    done = table[table["error"] == ""].dropna(subset=[f"best_{sweep.metric}"])
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if not best:
+        return
+    if done.empty:
+        log.warning("no trial reported %s; no best recipe written", sweep.metric)
+        return
+    best = done.iloc[0]
+    params = {k: _plain(best[k]) for k in sweep.search}
+    full = sweep.full_recipe(params, f"{sweep.base.run.name}-{sweep.name}-best")
+    header = (f"# Best trial of sweep {sweep.name}: {best['trial']}, best {sweep.metric}={best[f'best_{sweep.metric}']:.4g} "
+              f"after {best['epochs']} proxy epochs.\n# Parameters: {params}\n# Proxy settings: {sweep.proxy} "
+              f"(lr rule: {sweep.lr_rule}). Below: the full-length recipe with these parameters.\n")
+    with fs.open(storage.join(path, "best_recipe.yaml"), "w") as f:
+        f.write(header + yaml.safe_dump(full.to_dict(redact=True), sort_keys=False))
+    log.info("sweep %s: best %s; results.csv, results.png and best_recipe.yaml in %s", sweep.name, params, sweep_url)
+
+
+def plot(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep) -> bytes:
+    """The metric against each swept parameter (x: stopped early), and every trial's learning curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(sweep.search)
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.5 * (len(keys) + 1), 3.8), squeeze=False)
+    metric = f"best_{sweep.metric}"
+    for ax, key in zip(axes[0], keys, strict=False):
+        for early, marker in ((False, "o"), (True, "x")):
+            part = table[table["stopped_early"] == early]
+            ax.scatter(part[key].astype(str) if part[key].dtype == object else part[key], part[metric], marker=marker,
+                       label="stopped early" if early else "ran to the end")
+        if "loguniform" in sweep.search[key]:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    curves = axes[0][-1]
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is not None and sweep.metric in df and "epochs_done" in df:
+            label = ", ".join(f"{k.split('.')[-1]}={_plain(v):.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                              for k, v in result.config["params"].items())
+            curves.plot(df["epochs_done"], df[sweep.metric], marker=".", label=label)
+    curves.set_xlabel("epoch")
+    curves.set_ylabel(sweep.metric)
+    curves.set_title("learning curves")
+    curves.grid(alpha=0.3)
+    if curves.get_legend_handles_labels()[0]:
+        curves.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python values (for YAML and labels)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="orchestrator.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", help="sweep YAML, e.g. recipes/sweeps/drop_path_t.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe key (section.key=value) or sweep field (sweep.field=value)")
+    p.add_argument("--fresh", action="store_true", help="move an existing sweep of this name aside and start over")
+    p.add_argument("--print-config", action="store_true", help="print the trials' base recipe and the search space")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sweep = sweeps.load(args.sweep, args.set)
+        if args.print_config:
+            print(sweep.trial_base().to_json())
+            print(yaml.safe_dump({"search": sweep.search}, sort_keys=False))
+            return 0
+        preflight(sweep.trial_base(), args.sweep, "ray", require_init=False)
+        run(sweep, args.fresh)
+    except SweepInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
+    except OrchestratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

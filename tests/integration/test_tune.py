@@ -1,0 +1,76 @@
+"""Ray Tune sweeps on the real local Ray cluster: each trial a Ray Train run of the loop, ASHA over epochs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from orchestrator import recipe as recipes
+from orchestrator import sweep as sweeps
+from orchestrator import tune as sweep_runner
+from tests.conftest import ROOT
+from tests.services import RayCluster, poll
+
+pytestmark = pytest.mark.timeout(300)  # a Tune failure tends to be a silent hang
+
+
+def data_sets(data: Path, storage: Path) -> list[str]:
+    return [f"data.train={data}/train", f"data.val={data}/val", "data.input_size=32", "data.num_workers=0",
+            "data.train_fraction=1.0", "batch.global_batch_size=32", "batch.per_device_max=32",
+            "augment.auto_augment=null", f"sweep.storage={storage}"]
+
+
+def test_drop_path_grid_survives_an_interruption_and_gives_table_plot_and_best_recipe(
+        driver: RayCluster, synth_dir: Path, tmp_path: Path) -> None:
+    """The shipped smoke sweep, stopped with Ctrl-C after the first checkpoint, then continued by the same command."""
+    sets = [*data_sets(synth_dir, tmp_path), "sweep.scheduler=null"]  # ASHA could stop either trial; tested below
+    command = [sys.executable, "-m", "orchestrator.tune", "recipes/sweeps/smoke.yaml", *(f"--set={s}" for s in sets)]
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(command, cwd=ROOT, env=driver.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        marker = poll(lambda: next((tmp_path / "smoke" / "trials").glob("*/checkpoints/step-*/COMMITTED"), None), 180,
+                      "the first trial checkpoint")
+        stamp = marker.stat().st_mtime_ns
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        first.kill()
+    interrupted_trials = {p.name for p in (tmp_path / "smoke" / "trials").iterdir()}
+
+    table = sweep_runner.run(sweeps.load(ROOT / "recipes" / "sweeps" / "smoke.yaml", sets))
+
+    assert set(table["trial"]) >= interrupted_trials and len(table) == 2  # the same trials, continued
+    assert marker.stat().st_mtime_ns == stamp  # its run resumed after that checkpoint instead of redoing it
+    assert sorted(table["model.drop_path_rate"]) == [0.0, 0.2]
+    assert (table["epochs"] == 2).all() and not table["stopped_early"].any() and (table["error"] == "").all()
+    out = tmp_path / "smoke"
+    assert pd.read_csv(out / "results.csv")["trial"].tolist() == table["trial"].tolist()
+    assert (out / "results.png").stat().st_size > 5000
+    best = recipes.load(out / "best_recipe.yaml")
+    assert best.model.drop_path_rate == table.iloc[0]["model.drop_path_rate"]
+    assert best.schedule.epochs == 8 and best.data.train_fraction == 1.0  # the full recipe, not the proxy
+    for trial in table["trial"]:  # every trial is a complete run of the loop, final weights included
+        run = out / "trials" / trial
+        steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps) and json.loads((run / "config.json").read_text())["schedule"]["epochs"] == 2
+        assert load_file(run / "model.safetensors")
+
+
+def test_asha_stops_a_hopeless_trial_early(driver: RayCluster, synth_dir: Path, tmp_path: Path) -> None:
+    sweep = sweeps.load(ROOT / "recipes" / "sweeps" / "smoke.yaml", [
+        *data_sets(synth_dir, tmp_path), "schedule.warmup_epochs=0", "sweep.name=asha",
+        "sweep.search={optimizer.lr: {grid: [4.0e-3, 5.0]}}", "sweep.proxy={schedule.epochs: 3}",
+        "sweep.max_concurrent_trials=1", "sweep.scheduler={grace_period: 1, reduction_factor: 2}",
+    ])
+    table = sweep_runner.run(sweep).set_index("optimizer.lr")
+
+    assert not table.loc[4.0e-3, "stopped_early"] and table.loc[4.0e-3, "epochs"] == 3
+    assert table.loc[5.0, "stopped_early"] and table.loc[5.0, "epochs"] == 1
+    assert table.loc[5.0, "best_top1"] < table.loc[4.0e-3, "best_top1"]

@@ -1,0 +1,58 @@
+"""Sweep files are checked in full before anything launches; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import sweep as sweeps
+from orchestrator.errors import RecipeError
+from tests.conftest import ROOT
+
+SWEEPS = ROOT / "recipes" / "sweeps"
+
+
+@pytest.mark.parametrize("name", ["smoke", "drop_path_t", "lr_t"])
+def test_shipped_sweeps_load(name: str) -> None:
+    sweep = sweeps.load(SWEEPS / f"{name}.yaml")
+    assert sweep.search and sweep.trial_base().run.eval_every_epochs == 1
+
+
+def test_proxy_batch_scales_lr_and_the_best_recipe_scales_it_back() -> None:
+    sweep = sweeps.load(SWEEPS / "lr_t.yaml")
+    assert sweep.base.batch.global_batch_size == 4096 and sweep.base.optimizer.lr == pytest.approx(4e-3)
+    trial = sweep.trial_base()
+    assert trial.batch.global_batch_size == 1024 and trial.optimizer.lr == pytest.approx(1e-3)  # linear rule
+    assert trial.schedule.epochs == 30 and trial.data.train_fraction == 0.1
+    full = sweep.full_recipe({"optimizer.lr": 5e-4}, "t-best")
+    assert full.optimizer.lr == pytest.approx(2e-3) and full.schedule.epochs == 300 and full.run.name == "t-best"
+    sqrt = sweeps.load(SWEEPS / "lr_t.yaml", ["sweep.lr_rule=sqrt"])
+    assert sqrt.trial_base().optimizer.lr == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sweep.search={}", "search: the search space is empty"),
+    ("sweep.search={model.drop_rate: {grid: [0.1]}}", "model.drop_rate: no such recipe key"),
+    ("sweep.search={model.drop_path_rate: {grid: [0.1, 1.5]}}", "model.drop_path_rate: 1.5 is outside [0, 1)"),
+    ("sweep.search={model.drop_path_rate: {grid: [0.1, abc]}}", "model.drop_path_rate: expected float"),
+    ("sweep.search={optimizer.lr: {loguniform: [0, 1.0e-3]}}", "loguniform: the low bound must be positive"),
+    ("sweep.search={optimizer.lr: {normal: [1, 2]}}", "search.optimizer.lr: expected one of"),
+    ("sweep.search={optimizer.lr: {uniform: [2, 1]}}", "expected [low, high] with low < high"),
+    ("sweep.proxy={schedule.epoch: 3}", "schedule.epoch: no such recipe key"),
+    ("sweep.metric=ema_top1", "needs EMA, but the recipe has ema.decay null"),
+    ("sweep.metric=accuracy", "metric: 'accuracy' is not one of"),
+    ("sweep.scheduler={grace_period: 2}", "scheduler.grace_period: 2 must be at least 1 and less than"),
+    ("sweep.lr_rule=cubic", "lr_rule: 'cubic' is not linear, sqrt or none"),
+    ("sweep.colour=red", "unknown key(s) ['colour']"),
+])
+def test_bad_sweeps_fail_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        sweeps.load(SWEEPS / "smoke.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_recipe_overrides_reach_the_trials(tmp_path: Path) -> None:
+    sweep = sweeps.load(SWEEPS / "smoke.yaml", [f"data.train={tmp_path}/train", "model.drop_path_rate=0.3"])
+    assert sweep.trial_base().data.train == f"{tmp_path}/train"
+    assert sweeps.space(sweep)["model.drop_path_rate"] == {"grid_search": [0.0, 0.2]}
