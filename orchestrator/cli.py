@@ -31,9 +31,9 @@ def world_size(recipe: recipes.Recipe, launcher: str) -> int:
     return recipe.scaling.num_workers
 
 
-def preflight(recipe: recipes.Recipe, path: str, launcher: str, require_init: bool) -> None:
+def preflight(recipe: recipes.Recipe, path: str, world: int, require_init: bool) -> None:
     """Checks that need the launch plan or storage, done before any process group or cluster starts."""
-    recipes.plan_batch(recipe, world_size(recipe, launcher), f"{path} ({launcher} launcher)")
+    recipes.plan_batch(recipe, world, f"{path} (on {world} device(s))")
     if require_init and not recipe.model.init:
         raise RecipeError(f"{path}: model.init: fine-tuning needs a run name or checkpoint URL to start from")
     for key in ("train", "val"):
@@ -53,7 +53,7 @@ def main(prog: str, description: str, argv: list[str] | None = None, require_ini
         if args.print_config:
             print(recipe.to_json())
             return 0
-        preflight(recipe, args.recipe, args.launcher, require_init)
+        preflight(recipe, args.recipe, world_size(recipe, args.launcher), require_init)
         result = launch(recipe, args.launcher, args.fresh)
     except OrchestratorError as exc:
         options = {**recipe.data.storage_options, **recipe.run.storage_options} if "recipe" in locals() else {}

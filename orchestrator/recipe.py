@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.data.storage import redacted_options
+from orchestrator.data.storage import absolute, redacted_options
 from orchestrator.errors import RecipeError
 
 
@@ -189,6 +189,17 @@ def with_values(recipe: Recipe, values: Mapping[str, Any], where: str = "recipe"
     out = _build(data, origin, where)
     validate(out, origin, where)
     return out
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """Local data, storage and init paths made absolute, for processes with another working directory."""
+    values: dict[str, Any] = {"data.train": absolute(recipe.data.train), "run.storage": absolute(recipe.run.storage)}
+    if recipe.data.val:
+        values["data.val"] = absolute(recipe.data.val)
+    init = recipe.model.init
+    if init and ("/" in init or "." in init):  # a path or URL, not a run name
+        values["model.init"] = absolute(init)
+    return with_values(recipe, values)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             print(sweep.trial_base().to_json())
             print(yaml.safe_dump({"search": sweep.search}, sort_keys=False))
             return 0
-        preflight(sweep.trial_base(), args.sweep, "ray", require_init=False)
+        preflight(sweep.trial_base(), args.sweep, sweep.trial_base().scaling.num_workers, require_init=False)
         run(sweep, args.fresh)
     except SweepInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)

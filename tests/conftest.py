@@ -9,10 +9,11 @@ import pytest
 from orchestrator import recipe as recipes
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.synth import SynthSource
+from orchestrator.train.context import TrainContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytest_plugins = ["tests.services"]
+pytest_plugins = ["tests.services", "tests.slurm"]
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,15 @@ def smoke_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
         "data.shuffle_buffer=64", "batch.global_batch_size=32", "batch.per_device_max=32", "schedule.epochs=2",
         f"run.storage={tmp_path}/runs", "run.log_every_steps=2", *overrides,
     ])
+
+
+class StopAfter(TrainContext):
+    """Asks the loop to stop after ``steps`` steps, as a preempted Slurm job does."""
+
+    def __init__(self, steps: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls, self.steps = 0, steps
+
+    def stop_requested(self) -> bool:
+        self.calls += 1
+        return self.calls == self.steps

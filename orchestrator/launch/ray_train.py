@@ -7,7 +7,6 @@ Re-running with the same ``run.name`` and ``run.storage`` resumes; ``--fresh`` s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -24,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from orchestrator.data import storage
 from orchestrator.errors import RecipeError
 from orchestrator.launch import faults
-from orchestrator.recipe import Recipe, from_dict
+from orchestrator.recipe import Recipe, absolute_paths, from_dict
 from orchestrator.train import checkpoint
 from orchestrator.train.context import TrainContext
 from orchestrator.train.loop import train
@@ -101,14 +100,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
             and not os.path.isabs(recipe.run.storage.removeprefix("file://")):
         raise RecipeError(f"run.storage={recipe.run.storage!r} is relative, which inside a Ray job means the job's temporary "
                           "copy of --working-dir; give an absolute path on shared disk or an s3:// / gs:// URL")
-    r = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data), run=dataclasses.replace(recipe.run),
-                            model=dataclasses.replace(recipe.model))
-    r.data.train = storage.absolute(r.data.train)
-    r.data.val = storage.absolute(r.data.val) if r.data.val else None
-    r.run.storage = storage.absolute(r.run.storage)
-    if r.model.init and ("/" in r.model.init or "." in r.model.init):
-        r.model.init = storage.absolute(r.model.init)
-    return r
+    return absolute_paths(recipe)
 
 
 def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None) -> TorchTrainer:

@@ -18,6 +18,10 @@ from orchestrator.data import storage
 from orchestrator.train import checkpoint
 
 
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """The loop stopped early because ``ctx.stop_requested()`` said so; its checkpoint is saved."""
+
+
 @dataclass
 class TrainContext:
     run_dir: str
@@ -51,6 +55,13 @@ class TrainContext:
             write(url)
             checkpoint.prune(self.checkpoints_url, self.keep_checkpoints, self.storage_options)
         self.barrier()
+
+    def stop_requested(self) -> bool:
+        """Asked after every step, on every rank: True makes the loop checkpoint and raise StopRequested.
+
+        Launchers that get preempted (Slurm) override it; the answer must be the same on all ranks.
+        """
+        return False
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Per-epoch metrics for the launcher (Ray/Tune); files are written by the loop itself."""

@@ -27,7 +27,7 @@ from orchestrator.errors import CheckpointError, TrainingError
 from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.train import checkpoint, components
 from orchestrator.train.components import Components
-from orchestrator.train.context import TrainContext
+from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.metrics import MetricsWriter, interactive, write_text
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     while state["step"] < stop_at:
         epoch = state["step"] // c.steps_per_epoch
         c.train_loader.set_epoch(epoch)
-        train_metrics = train_one_epoch(c, recipe, ctx, state, stop_at, writer, epoch)
+        train_metrics, stop = train_one_epoch(c, recipe, ctx, state, stop_at, writer, epoch)
         epoch_done = state["step"] % c.steps_per_epoch == 0
         last = {"epoch": epoch, "step": state["step"], "epochs_done": state["step"] // c.steps_per_epoch, **train_metrics}
         if epoch_done and ((epoch + 1) % recipe.run.eval_every_epochs == 0 or state["step"] >= total_steps):
@@ -99,6 +99,11 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
             save(c, recipe, ctx, state, last)
             writer.flush(plots=True)
             ctx.report(last)
+        if stop and state["step"] < stop_at:
+            writer.close()
+            log.info("stopping at step %d as the launcher asked (checkpoint saved); the next run resumes here",
+                     state["step"])
+            raise StopRequested(state["step"])
     if ctx.is_main:
         write_final_weights(c, ctx, recipe)
     writer.close()
@@ -106,8 +111,12 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
 
 
 def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], stop_at: int,
-                    writer: MetricsWriter, epoch: int) -> dict[str, Any]:
-    """Optimizer steps until the epoch ends, ``stop_at`` is reached, or a mid-epoch checkpoint is due."""
+                    writer: MetricsWriter, epoch: int) -> tuple[dict[str, Any], bool]:
+    """Optimizer steps until the epoch ends or ``stop_at`` is reached, with mid-epoch checkpoints.
+
+    Returns the last logged metrics and whether the launcher asked to stop (a checkpoint of the
+    current step is then saved, here or by the caller at an epoch end).
+    """
     c.step_model.train()
     epoch_end = (epoch + 1) * c.steps_per_epoch
     every = recipe.run.checkpoint_every_steps
@@ -116,6 +125,7 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     batches = iter(c.train_loader)
     bar = tqdm(total=epoch_end - state["step"], desc=f"epoch {epoch}", disable=not (ctx.is_main and interactive()))
     metrics: dict[str, Any] = {}
+    stop = False
     while state["step"] < min(epoch_end, stop_at):
         loss = train_step(c, recipe, ctx, state, batches)
         state["step"] += 1
@@ -129,10 +139,13 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
             writer.log({**metrics, "kind": "train"})
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
             losses, window_start, window_images = [], time.monotonic(), 0
-        if every and state["step"] % every == 0 and state["step"] not in (epoch_end, stop_at):
+        stop = ctx.stop_requested()
+        if (stop or (every and state["step"] % every == 0)) and state["step"] not in (epoch_end, stop_at):
             save(c, recipe, ctx, state, {"epoch": epoch, "step": state["step"]})
+        if stop:
+            break
     bar.close()
-    return {k: v for k, v in metrics.items() if k not in ("epoch", "step")}
+    return {k: v for k, v in metrics.items() if k not in ("epoch", "step")}, stop
 
 
 def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], batches: Any) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,31 @@ def test_finetune_at_a_larger_size_starts_from_the_pretrain_run(driver: RayClust
     # Two steps at lr 1e-6 move a weight by about 2e-6; a fresh initialisation would differ by ~1e-1.
     torch.testing.assert_close(tuned[conv], pretrained[conv], atol=1e-4, rtol=0)
     assert float((tuned[conv] - pretrained[conv]).abs().max()) > 0  # and it did train
+
+
+def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: RayCluster, synth_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """Stage 1 stopped (as if preempted) under the local launcher; the Ray pipeline finishes it, then runs stage 2."""
+    from orchestrator import pipeline as pipelines
+    from orchestrator.train.context import StopRequested
+    from orchestrator.train.loop import train
+    from tests.conftest import StopAfter
+
+    sets = [f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0", "data.input_size=32",
+            "batch.global_batch_size=32", "batch.per_device_max=32", "run.log_every_steps=2",
+            "pretrain:schedule.epochs=1", "finetune:run.max_steps=2"]
+    smoke = ROOT / "recipes" / "pipelines" / "smoke.yaml"
+    p = pipelines.load(smoke, sets, storage_url=str(tmp_path / "runs"))
+    pretrain = pipelines.stage_recipe(p, p.stages[0])
+    with pytest.raises(StopRequested):
+        train(pretrain, StopAfter(4, run_dir=str(tmp_path / "runs" / "smoke-pretrain")))
+    started = time.time()
+
+    assert pipelines.main([str(smoke), "--launcher=ray", f"--storage={tmp_path}/runs", *(f"--set={s}" for s in sets)]) == 0
+
+    records = [json.loads(line) for line in (tmp_path / "runs" / "smoke-pretrain" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [(r["step"], r["time"] < started) for r in records if r["kind"] == "train"]
+    assert train_steps == [(2, True), (4, True), (6, False), (8, False), (10, False)]  # resumed at 4, not redone
+    for stage in ("smoke-pretrain", "smoke-finetune"):
+        assert (tmp_path / "runs" / stage / "model.safetensors").exists()
+    assert pipelines.status(p)[1]["state"] == "complete" and pipelines.status(p)[1]["launcher"] == "ray"

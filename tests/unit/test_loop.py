@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from orchestrator.errors import TrainingError
 from orchestrator.launch import local
 from orchestrator.train import checkpoint
-from tests.conftest import smoke_recipe
+from orchestrator.train.context import StopRequested
+from orchestrator.train.loop import train
+from tests.conftest import StopAfter, smoke_recipe
 
 # Every source of randomness on: RandAugment, random erasing, mixup/cutmix, drop path, EMA, 2 workers, accumulation.
 RANDOM_EVERYTHING = ("augment.mixup=0.8", "augment.cutmix=1.0", "augment.re_prob=0.25", "model.drop_path_rate=0.1",
@@ -106,3 +108,18 @@ def test_fresh_moves_the_old_run_aside_and_starts_at_step_zero(synth_dir: Path, 
     assert [s for s, _ in checkpoint.committed(str(old / "checkpoints"))] == [3]  # kept, untouched
     assert result["step"] == 2
     assert [s for s, _ in checkpoint.committed(str(runs / "again" / "checkpoints"))] == [2]
+
+
+@pytest.mark.parametrize("stop_after", [7, 10])  # mid-epoch, and exactly at the end of epoch 0
+def test_a_requested_stop_checkpoints_and_resumes_exactly(stop_after: int, synth_dir: Path, tmp_path: Path) -> None:
+    straight = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=straight", "run.max_steps=14")
+    local.run(straight)
+    stopped = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=stopped", "run.max_steps=14")
+    run = tmp_path / "runs" / "stopped"
+    with pytest.raises(StopRequested):
+        train(stopped, StopAfter(stop_after, run_dir=str(run)))
+    assert [s for s, _ in checkpoint.committed(str(run / "checkpoints"))][-1] == stop_after
+    assert not (run / "model.safetensors").exists()
+    local.run(stopped)
+    a, b = weights(tmp_path / "runs" / "straight"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,118 @@
+"""Pipelines through submitit on a real one-node Slurm (tests/slurm.py): sbatch, afterok, requeue, resubmission."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchestrator import pipeline as pipelines
+from orchestrator.launch import local
+from orchestrator.launch.slurm import job_states
+from tests.conftest import ROOT
+from tests.services import poll
+from tests.slurm import SlurmCluster
+
+pytestmark = pytest.mark.timeout(400)
+SMOKE = ROOT / "recipes" / "pipelines" / "smoke.yaml"
+
+
+@pytest.fixture
+def slurm(slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))  # for sbatch/sacct/scancel here and in submitit
+    return slurm_cluster
+
+
+def tiny(data: Path) -> list[str]:
+    return [f"--set=data.train={data}/train", f"--set=data.val={data}/val", "--set=data.num_workers=0",
+            "--set=data.input_size=32", "--set=batch.global_batch_size=32", "--set=batch.per_device_max=32",
+            "--set=augment.auto_augment=null"]
+
+
+def wait_done(job: str, timeout: float = 240) -> str:
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+    return poll(lambda: (s := job_states([job]).get(job)) in final and s, timeout, f"Slurm job {job} to end")
+
+
+def sacct_times(slurm: SlurmCluster, job: str) -> tuple[str, str]:
+    start, end = slurm.run("sacct", "-n", "-X", "-P", "-o", "Start,End", "-j", job).strip().split("|")
+    return start, end
+
+
+def submit(args: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    assert pipelines.main(args) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    return re.findall(r"\d+", out.split("submitted:")[1]) if "submitted:" in out else []
+
+
+def test_smoke_pipeline_runs_stage_after_stage_then_resubmission_skips_it(
+        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(SMOKE), "--launcher=slurm", "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
+            f"--log-dir={tmp_path}/logs", *tiny(synth_dir), "--set=pretrain:schedule.epochs=1",
+            "--set=finetune:data.input_size=48", "--set=finetune:run.max_steps=2", "--set=finetune:optimizer.lr=1e-6"]
+    first, second = submit(args, capsys)
+    assert f"Dependency=afterok:{first}" in slurm.run("scontrol", "show", "job", second)
+
+    assert wait_done(first) == "COMPLETED" and wait_done(second) == "COMPLETED"
+    assert sacct_times(slurm, second)[0] >= sacct_times(slurm, first)[1]  # started only after the first ended
+    runs = tmp_path / "runs"
+    pretrained, tuned = load_file(runs / "smoke-pretrain" / "model.safetensors"), load_file(runs / "smoke-finetune" / "model.safetensors")
+    conv = "stages.2.blocks.0.token_mixer.dwconv_hw.weight"
+    torch.testing.assert_close(tuned[conv], pretrained[conv], atol=1e-4, rtol=0)  # initialised from stage 1
+    assert json.loads((runs / "smoke-finetune" / "config.json").read_text())["data"]["input_size"] == 48
+
+    assert pipelines.main([*args[:1], f"--storage={tmp_path}/runs", "--status"]) == 0
+    status = capsys.readouterr().out
+    assert re.search(rf"pretrain\s+complete\s+slurm\s+{first}\s+0\s+10", status), status
+    assert re.search(rf"finetune\s+complete\s+slurm\s+{second}\s+0\s+2", status), status
+
+    jobs_before = slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour")
+    assert submit(args, capsys) == []  # both stages complete: nothing submitted
+    assert slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour") == jobs_before
+
+
+def test_a_preempted_stage_requeues_and_ends_like_an_uninterrupted_run(
+        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    one_stage = tmp_path / "one.yaml"
+    one_stage.write_text(f"name: one\nstages:\n  - {{name: pretrain, recipe: {ROOT}/recipes/smoke.yaml}}\n")
+    sets = [*tiny(synth_dir), "--set=schedule.epochs=10", "--set=run.checkpoint_every_steps=5"]
+    (job,) = submit([str(one_stage), "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
+                     f"--log-dir={tmp_path}/logs", *sets], capsys)
+    run = tmp_path / "runs" / "one-pretrain"
+    poll(lambda: list((run / "checkpoints").glob("step-*/COMMITTED")), 120, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm.env, check=True)  # what a preemption sends
+
+    assert wait_done(job, timeout=300) == "COMPLETED"
+    assert re.search(r"Restarts=1\b", slurm.run("scontrol", "show", "job", job))
+    log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
+    stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
+    assert f"resumed {run}/checkpoints/step-{stopped:08d} at step {stopped}" in log and 0 < stopped < 100
+
+    reference = pipelines.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
+    local.run(pipelines.stage_recipe(reference, reference.stages[0]))
+    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bitwise the uninterrupted run
+
+
+def test_bad_options_and_a_dead_controller_fail_before_submitting(
+        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    base = [str(SMOKE), f"--storage={tmp_path}/runs", f"--log-dir={tmp_path}/logs", *tiny(synth_dir)]
+    jobs_before = slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour")
+    assert pipelines.main([*base, "--partition=nosuch"]) == 2
+    assert "invalid partition" in capsys.readouterr().err.lower()
+    assert pipelines.main([*base, "--time=1:2:3:4"]) == 2
+    assert "slurm time '1:2:3:4'" in capsys.readouterr().err
+    dead = tmp_path / "dead.conf"
+    dead.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=9", slurm.conf.read_text()))
+    monkeypatch.setenv("SLURM_CONF", str(dead))
+    assert pipelines.main(base) == 2
+    assert "Slurm controller is not reachable" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    assert slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour") == jobs_before
+    assert not (tmp_path / "runs").exists()
