@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator import recipe as recipes
 from orchestrator.cli import preflight
 from orchestrator.data import storage
@@ -71,16 +69,10 @@ def load(path: str | Path, overrides: list[str] | None = None, slurm: dict[str, 
     """Read and check a pipeline file. ``overrides``: ``section.key=value`` (every stage) or
     ``STAGE:section.key=value``; ``slurm``: command-line Slurm options, which win over the file's."""
     path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"{path}: pipeline file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    raw = recipes.read_mapping(path, "pipeline")
     known = {f.name for f in dataclasses.fields(Pipeline)} - {"path", "overrides"}
-    if not isinstance(raw, dict) or set(raw) - known:
-        raise RecipeError(f"{path}: unknown key(s) {sorted(set(raw) - known) if isinstance(raw, dict) else raw!r} "
-                          f"(known: {', '.join(sorted(known))})")
+    if set(raw) - known:
+        raise RecipeError(f"{path}: unknown key(s) {sorted(set(raw) - known)} (known: {', '.join(sorted(known))})")
     slurm_raw = {**(raw.get("slurm") or {}), **{k: v for k, v in (slurm or {}).items() if v is not None}}
     slurm_fields = {f.name for f in dataclasses.fields(SlurmOptions)}
     if set(slurm_raw) - slurm_fields:

@@ -223,17 +223,23 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def _read_with_extends(path: Path, origin: dict[str, str], seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (recipes, sweeps, pipelines), or a RecipeError naming the file."""
     if not path.exists():
-        raise RecipeError(f"{path}: recipe file not found")
-    if path.resolve() in seen:
-        raise RecipeError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, seen))})")
+        raise RecipeError(f"{path}: {what} file not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+        raise RecipeError(f"{path}: a {what} file is a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _read_with_extends(path: Path, origin: dict[str, str], seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, seen))})")
+    data = read_mapping(path, "recipe")
     base: dict[str, Any] = {}
     if "extends" in data:
         base = _read_with_extends(path.parent / str(data.pop("extends")), origin, (*seen, path.resolve()))

@@ -83,14 +83,7 @@ class Sweep:
 def load(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Read and check a sweep file; ``overrides`` are ``section.key=value`` for the recipe or ``sweep.field=value``."""
     path = Path(path)
-    if not path.exists():
-        raise RecipeError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a sweep file is a mapping")
+    raw = recipes.read_mapping(path, "sweep")
     recipe_overrides = []
     for text in overrides or []:
         dotted, sep, value = text.partition("=")

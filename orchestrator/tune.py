@@ -47,6 +47,7 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     from ray.tune.schedulers import ASHAScheduler
 
     ray_train.connect(include_dashboard=True)
+    ray_train.check_storage(sweep.storage, "sweep.storage")
     root = storage.absolute(sweep.storage)
     sweep_url = storage.join(root, sweep.name)
     base = ray_train.with_absolute_paths(recipes.with_values(sweep.trial_base(), {

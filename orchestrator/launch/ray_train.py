@@ -90,16 +90,17 @@ def _job_working_dir() -> str | None:
     return (ray.get_runtime_context().runtime_env or {}).get("working_dir")
 
 
-def with_absolute_paths(recipe: Recipe) -> Recipe:
-    """Workers run elsewhere (another cwd, maybe another node): local paths are made absolute here.
+def check_storage(url: str, key: str = "run.storage") -> None:
+    """Inside ``ray job submit --working-dir`` a relative local path points into the job's temporary
+    copy of the project and vanishes with it: refuse it, naming the key."""
+    if _job_working_dir() and storage.is_local(storage.filesystem(url)[0]) and not os.path.isabs(url.removeprefix("file://")):
+        raise RecipeError(f"{key}={url!r} is relative, which inside a Ray job means the job's temporary copy of "
+                          "--working-dir; give an absolute path on shared disk or an s3:// / gs:// URL")
 
-    Inside ``ray job submit --working-dir`` a relative ``run.storage`` would point into the job's
-    temporary copy of the project and vanish with it, so it is refused.
-    """
-    if _job_working_dir() and storage.is_local(storage.filesystem(recipe.run.storage)[0]) \
-            and not os.path.isabs(recipe.run.storage.removeprefix("file://")):
-        raise RecipeError(f"run.storage={recipe.run.storage!r} is relative, which inside a Ray job means the job's temporary "
-                          "copy of --working-dir; give an absolute path on shared disk or an s3:// / gs:// URL")
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """Workers run elsewhere (another cwd, maybe another node): local paths are made absolute here."""
+    check_storage(recipe.run.storage)
     return absolute_paths(recipe)
 
 
