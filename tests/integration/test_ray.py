@@ -74,6 +74,15 @@ def test_ray_job_submit_trains_into_s3(ray_cluster: RayCluster, s3_store: S3Stor
     assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_a_relative_storage_inside_a_ray_job_is_refused(ray_cluster: RayCluster, synth_dir: Path) -> None:
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
+               "--working-dir", ".", "--", "python", "-m", "orchestrator.pretrain", "recipes/smoke.yaml",
+               f"--set=data.train={synth_dir}/train", f"--set=data.val={synth_dir}/val", "--set=run.storage=runs"]
+    done = subprocess.run(command, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "run.storage='runs' is relative, which inside a Ray job means" in done.stdout + done.stderr
+
+
 def _grads_after_one_step(config: dict[str, Any]) -> None:
     """Ray Train worker: one training step of the loop on fixed data; rank 0 saves the (all-reduced) gradients."""
     import ray.train
