@@ -59,21 +59,26 @@ def state_dict_from(url: str, options: dict[str, Any] | None = None) -> tuple[di
     raise CheckpointError(f"{url}: no state dict under {', '.join(EMA_KEYS + MODEL_KEYS)} and not a plain state dict")
 
 
-def resolve_init(init: str, run_storage: str, options: dict[str, Any] | None = None) -> str:
-    """``model.init`` as a URL: a run name under ``run.storage`` resolves to its final weights or newest checkpoint."""
-    if "/" in init or "." in init.rsplit("/", 1)[-1]:
-        return init
-    run_dir = storage.join(run_storage, init)
+def run_weights(run_dir: str, options: dict[str, Any] | None = None) -> str | None:
+    """The best weights a run of this project has: final weights (EMA first), else its newest checkpoint."""
     fs, path = storage.filesystem(run_dir, options)
     for name in FINAL_WEIGHTS:
         if fs.exists(storage.join(path, name)):
             return storage.join(run_dir, name)
     from orchestrator.train.checkpoint import latest
 
-    newest = latest(storage.join(run_dir, "checkpoints"), options)
-    if newest is None:
+    return latest(storage.join(run_dir, "checkpoints"), options)
+
+
+def resolve_init(init: str, run_storage: str, options: dict[str, Any] | None = None) -> str:
+    """``model.init`` as a URL: a run name under ``run.storage`` resolves to its final weights or newest checkpoint."""
+    if "/" in init or "." in init.rsplit("/", 1)[-1]:
+        return init
+    run_dir = storage.join(run_storage, init)
+    weights = run_weights(run_dir, options)
+    if weights is None:
         raise CheckpointError(f"model.init={init!r}: run {run_dir} has no final weights and no checkpoint")
-    return newest
+    return weights
 
 
 def load_weights(model: torch.nn.Module, url: str, options: dict[str, Any] | None = None) -> str:

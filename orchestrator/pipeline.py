@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -181,7 +180,7 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
 
 def run_in_process(pipeline: Pipeline, launcher: str) -> None:
     """Stages one after another in this process: inside one Ray job (``ray``) or as local runs (``local``)."""
-    from orchestrator.cli import launch
+    from orchestrator.cli import launch, world_size
 
     if launcher == "ray":
         from orchestrator.launch import ray_train
@@ -191,9 +190,8 @@ def run_in_process(pipeline: Pipeline, launcher: str) -> None:
         if complete(pipeline, s):
             log.info("%s: complete (%s has final weights), skipped", s.name, pipeline.run_url(s))
             continue
-        # Ray: each stage's own scaling section, as with orchestrator.pretrain; local: this process (or torchrun).
-        recipe = stage_recipe(pipeline, s, None if launcher == "ray" else int(os.environ.get("WORLD_SIZE", 1)))
-        preflight(recipe, f"{pipeline.path}: stage {s.name}", recipe.scaling.num_workers, require_init=False)
+        recipe = stage_recipe(pipeline, s)  # as orchestrator.pretrain would run it, under the same launcher
+        preflight(recipe, f"{pipeline.path}: stage {s.name}", world_size(recipe, launcher), require_init=False)
         record(pipeline, s, launcher)
         log.info("%s: running %s", s.name, pipeline.run_url(s))
         launch(recipe, launcher)

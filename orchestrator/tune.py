@@ -58,7 +58,7 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
     trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=False)), {"cpu": 0, "memory": 1})
     param_space = {"params": sweeps.space(sweep)}
-    experiment = storage.join(storage_path, sweep.name) if filesystem else storage.join(root, sweep.name)
+    experiment = storage.join(storage_path, sweep.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("continuing the sweep in %s", sweep_url)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,

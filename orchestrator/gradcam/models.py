@@ -18,10 +18,9 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
-from model.weights import FINAL_WEIGHTS, state_dict_from
+from model.weights import run_weights, state_dict_from
 from orchestrator.data import manifest, storage
 from orchestrator.errors import CheckpointError, OrchestratorError, RecipeError
-from orchestrator.train.checkpoint import latest
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -117,8 +116,7 @@ def _from_run(run: str, options: dict[str, Any]) -> tuple[str, str, dict[str, An
     if not fs.exists(config_path):
         raise RecipeError(f"{run}: a folder but not a run (no config.json)")
     config = json.loads(fs.cat_file(config_path))
-    weights = next((storage.join(run, n) for n in FINAL_WEIGHTS if fs.exists(storage.join(path, n))), None)
-    weights = weights or latest(storage.join(run, "checkpoints"), options)
+    weights = run_weights(run, options)
     if weights is None:
         raise RecipeError(f"{run}: the run has no final weights and no checkpoint yet")
     data = config["data"]

@@ -57,6 +57,14 @@ class SlurmOptions:
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
 
+    def cpus_per_task(self, recipe: Recipe) -> int:
+        return self.cpus_per_gpu or recipe.scaling.cpus_per_worker
+
+    def optional(self) -> dict[str, str]:
+        """The sbatch options that are set (partition, mem, account, qos, constraint, exclude)."""
+        keys = ("partition", "mem", "account", "qos", "constraint", "exclude")
+        return {k: getattr(self, k) for k in keys if getattr(self, k)}
+
 
 def minutes(time: str) -> int:
     """Slurm's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes."""
@@ -79,16 +87,13 @@ def minutes(time: str) -> int:
 
 def sbatch_options(options: SlurmOptions, recipe: Recipe) -> dict[str, Any]:
     """submitit executor parameters (``slurm_*``) for one stage."""
-    cpus = options.cpus_per_gpu or recipe.scaling.cpus_per_worker
     params: dict[str, Any] = {
-        "nodes": options.nodes, "tasks_per_node": options.tasks_per_node, "cpus_per_task": cpus,
+        "nodes": options.nodes, "tasks_per_node": options.tasks_per_node, "cpus_per_task": options.cpus_per_task(recipe),
         "timeout_min": minutes(options.time), "slurm_signal_delay_s": 120,
     }
     if options.gpus_per_node:
         params["gpus_per_node"] = options.gpus_per_node
-    for key in ("partition", "mem", "account", "qos", "constraint", "exclude"):
-        if getattr(options, key):
-            params[f"slurm_{key}"] = getattr(options, key)
+    params |= {f"slurm_{k}": v for k, v in options.optional().items()}
     if options.extra:
         params["slurm_additional_parameters"] = dict(options.extra)
     return params
@@ -104,12 +109,10 @@ def check_cluster(options: SlurmOptions, recipe: Recipe) -> None:
         raise RecipeError(f"--launcher slurm: the Slurm controller is not reachable (scontrol ping: "
                           f"{(ping.stdout + ping.stderr).strip() or ping.returncode})")
     args = ["sbatch", "--test-only", f"--nodes={options.nodes}", f"--ntasks-per-node={options.tasks_per_node}",
-            f"--cpus-per-task={options.cpus_per_gpu or recipe.scaling.cpus_per_worker}", f"--time={options.time}"]
+            f"--cpus-per-task={options.cpus_per_task(recipe)}", f"--time={options.time}"]
     if options.gpus_per_node:
         args.append(f"--gpus-per-node={options.gpus_per_node}")
-    for key in ("partition", "mem", "account", "qos", "constraint", "exclude"):
-        if getattr(options, key):
-            args.append(f"--{key}={getattr(options, key)}")
+    args += [f"--{k}={v}" for k, v in options.optional().items()]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in options.extra.items()]
     test = subprocess.run([*args, "--wrap=true"], capture_output=True, text=True, timeout=60)
     if test.returncode:
