@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator import recipe as recipes  # noqa: E402
 from orchestrator.recipe import plan_batch  # noqa: E402
+from orchestrator.rundir import RunDir  # noqa: E402
 from orchestrator.train import components  # noqa: E402
 from orchestrator.train.components import Components  # noqa: E402
 from orchestrator.train.context import TrainContext  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
         f"batch.per_device_max={args.batch}", f"run.compile={str(args.compile).lower()}",
         f"scaling.gpus_per_worker={int(device.type == 'cuda')}",
     ])
-    ctx = TrainContext(run_dir="unused", device=device)
+    ctx = TrainContext(run=RunDir("unused"), device=device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     images = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     targets = torch.randint(0, 1000, (args.batch,), device=device)

@@ -1,6 +1,2 @@
-"""InceptionNeXt model factory and weight loading (timm's implementation)."""
-
-from model.factory import create_model
-from model.weights import load_weights, resolve_init
-
-__all__ = ["create_model", "load_weights", "resolve_init"]
+"""InceptionNeXt models: the factory (``model.factory``), the recipe's model section (``model.config``)
+and weights parsing (``model.weights``). Depends on torch and timm only, never on the orchestrator."""

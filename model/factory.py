@@ -5,7 +5,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from orchestrator.recipe import ModelConfig
+from model.config import ModelConfig
 
 
 def create_model(cfg: ModelConfig) -> torch.nn.Module:

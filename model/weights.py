@@ -1,92 +1,77 @@
-"""Load weights into a model from any source users have.
+"""State dicts from the bytes of any weights file users have, and loading them into a model.
 
-Sources: a checkpoint directory of this project (``state.pt``), a run (its final weights), a
-safetensors file, or a ``.pth``/``.pt`` file (official InceptionNeXt release, plain timm state dict,
-or one nested under ``model``/``state_dict``/``model_ema``). Never unpickles arbitrary objects:
-``torch.load(weights_only=True)`` or safetensors only. EMA weights are preferred when present.
+Formats: safetensors, or a ``.pth``/``.pt`` file (this project's checkpoint ``state.pt``, the
+official InceptionNeXt release, a plain timm state dict, or one nested under ``model`` /
+``state_dict`` / ``model_ema``). Never unpickles arbitrary objects: ``torch.load(weights_only=True)``
+or safetensors only. EMA weights are preferred when a file holds both. Reading the bytes from
+storage is the caller's job, so this package stays free of the orchestrator.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
-from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 
-from orchestrator.data import storage
-from orchestrator.errors import CheckpointError
-
 log = logging.getLogger(__name__)
 EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
 MODEL_KEYS = ("model", "state_dict", "module")
-FINAL_WEIGHTS = ("model_ema.safetensors", "model.safetensors")
 
 
-def read_bytes(url: str, options: dict[str, Any] | None = None) -> bytes:
-    fs, path = storage.filesystem(url, options)
-    if not fs.exists(path):
-        raise CheckpointError(f"{url}: not found")
-    return fs.cat_file(path)
+class WeightsError(ValueError):
+    """The bytes are not weights, or the weights do not fit the model."""
 
 
-def state_dict_from(url: str, options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """The model state dict stored at ``url`` and a description of which weights were taken."""
-    fs, path = storage.filesystem(url, options)
-    if fs.isdir(path):
-        for name in ("state.pt", *FINAL_WEIGHTS):
-            if fs.exists(storage.join(path, name)):
-                return state_dict_from(storage.join(url, name), options)
-        raise CheckpointError(f"{url}: folder holds no state.pt or {' / '.join(FINAL_WEIGHTS)}")
-    data = read_bytes(url, options)
-    if url.endswith(".safetensors"):
-        return load_safetensors(data), f"{url} ({'EMA' if 'ema' in url.rsplit('/', 1)[-1] else 'model'} weights)"
+def state_dict_from_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The model state dict in ``data`` (the file ``name``) and a description of which weights were taken."""
+    if name.endswith(".safetensors"):
+        try:
+            sd = load_safetensors(data)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            raise WeightsError(f"{name}: not a safetensors file ({exc})") from exc
+        return sd, f"{name} ({'EMA' if 'ema' in name.rsplit('/', 1)[-1] else 'model'} weights)"
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, ... for foreign files
-        raise CheckpointError(f"{url}: not a weights-only PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise WeightsError(f"{name}: not a weights-only PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{url}: expected a state dict, found {type(obj).__name__}")
+        raise WeightsError(f"{name}: expected a state dict, found {type(obj).__name__}")
     for key in EMA_KEYS:
         if isinstance(obj.get(key), dict) and obj[key]:
-            return obj[key], f"{url} (EMA weights, key {key!r})"
+            return obj[key], f"{name} (EMA weights, key {key!r})"
     for key in MODEL_KEYS:
         if isinstance(obj.get(key), dict):
-            return obj[key], f"{url} (key {key!r})"
+            return obj[key], f"{name} (key {key!r})"
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, f"{url} (plain state dict)"
-    raise CheckpointError(f"{url}: no state dict under {', '.join(EMA_KEYS + MODEL_KEYS)} and not a plain state dict")
+        return obj, f"{name} (plain state dict)"
+    raise WeightsError(f"{name}: no state dict under {', '.join(EMA_KEYS + MODEL_KEYS)} and not a plain state dict")
 
 
-def run_weights(run_dir: str, options: dict[str, Any] | None = None) -> str | None:
-    """The best weights a run of this project has: final weights (EMA first), else its newest checkpoint."""
-    fs, path = storage.filesystem(run_dir, options)
-    for name in FINAL_WEIGHTS:
-        if fs.exists(storage.join(path, name)):
-            return storage.join(run_dir, name)
-    from orchestrator.train.checkpoint import latest
-
-    return latest(storage.join(run_dir, "checkpoints"), options)
+def architecture_in(data: bytes, name: str) -> str | None:
+    """The timm architecture this project recorded in a file: safetensors metadata or a checkpoint's ``model_name``."""
+    if name.endswith(".safetensors"):  # 8-byte header length, then the JSON header with __metadata__
+        size = int.from_bytes(data[:8], "little")
+        return json.loads(data[8:8 + size]).get("__metadata__", {}).get("model")
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return obj.get("model_name") if isinstance(obj, dict) else None
 
 
-def resolve_init(init: str, run_storage: str, options: dict[str, Any] | None = None) -> str:
-    """``model.init`` as a URL: a run name under ``run.storage`` resolves to its final weights or newest checkpoint."""
-    if "/" in init or "." in init.rsplit("/", 1)[-1]:
-        return init
-    run_dir = storage.join(run_storage, init)
-    weights = run_weights(run_dir, options)
-    if weights is None:
-        raise CheckpointError(f"model.init={init!r}: run {run_dir} has no final weights and no checkpoint")
-    return weights
+def classifier_size(sd: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes of the classifier in ``sd`` (timm's ``head.fc2`` / ``head.fc`` / ``fc``), if any."""
+    for key in ("head.fc2.weight", "head.fc.weight", "fc.weight"):
+        if key in sd:
+            return int(sd[key].shape[0])
+    return None
 
 
-def load_weights(model: torch.nn.Module, url: str, options: dict[str, Any] | None = None) -> str:
-    """Load ``url`` into ``model``: strict except a classifier of another size (dropped, then re-initialised)."""
-    sd, what = state_dict_from(url, options)
+def load_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> str:
+    """Load ``sd`` into ``model``: strict, except a classifier of another size (dropped, then re-initialised)."""
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
     own = model.state_dict()
-    head = [k for k in sd if k.startswith("head.fc2.") or k.startswith("head.fc.")]
+    head = [k for k in sd if k.startswith(("head.fc2.", "head.fc.", "fc."))]
     resized = [k for k in head if k in own and own[k].shape != sd[k].shape]
     for k in resized:
         del sd[k]
@@ -94,14 +79,14 @@ def load_weights(model: torch.nn.Module, url: str, options: dict[str, Any] | Non
     missing = [k for k in own if k not in sd and k not in resized]
     unexpected = [k for k in sd if k not in own]
     if mismatched or missing or unexpected:
-        raise CheckpointError(
-            f"{url}: does not fit {type(model).__name__} ({len(own)} tensors): "
+        raise WeightsError(
+            f"{what}: does not fit {type(model).__name__} ({len(own)} tensors): "
             + "; ".join(filter(None, [
                 f"shape mismatch {mismatched[:3]}" if mismatched else "",
                 f"missing {missing[:5]}" if missing else "",
                 f"unexpected {unexpected[:5]}" if unexpected else "",
             ]))
-            + " - is model.name the architecture the checkpoint was trained with?"
+            + " - is model.name the architecture the weights were trained with?"
         )
     model.load_state_dict(sd, strict=False)
     note = f"; classifier {resized} re-initialised for {own[resized[0]].shape[0]} classes" if resized else ""

@@ -1,73 +1,60 @@
-"""The shared command line of ``orchestrator.pretrain`` and ``orchestrator.finetune``."""
+"""The command-line house every entry point lives in: one ``--set`` option, one logging set-up, one
+error path. Errors print one line, with every known secret replaced by ``***``, and set the exit
+code: 2 for bad input, 130 for Ctrl-C or a stop on request, 1 for anything else (with the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-from typing import Any
+import traceback
+from collections.abc import Callable
 
-from orchestrator import recipe as recipes
-from orchestrator.data import manifest, storage
-from orchestrator.errors import OrchestratorError, RecipeError
-
-
-def parse(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/b.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a recipe key")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
-    parser.add_argument("--launcher", choices=("ray", "local"), default="ray",
-                        help="ray: Ray Train on the current or a new local cluster (default); local: this process / torchrun")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over: move an existing run of this name to <run>.replaced-<time> instead of resuming it")
-    return parser.parse_args(argv)
+from orchestrator import logs, storage
+from orchestrator.errors import OrchestratorError
 
 
-def world_size(recipe: recipes.Recipe, launcher: str) -> int:
-    if launcher == "local":
-        return int(os.environ.get("WORLD_SIZE", 1))
-    return recipe.scaling.num_workers
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, with Ray's and the storage libraries' INFO lines")
+    return p
 
 
-def preflight(recipe: recipes.Recipe, path: str, world: int, require_init: bool) -> None:
-    """Checks that need the launch plan or storage, done before any process group or cluster starts."""
-    recipes.plan_batch(recipe, world, f"{path} (on {world} device(s))")
-    if require_init and not recipe.model.init:
-        raise RecipeError(f"{path}: model.init: fine-tuning needs a run name or checkpoint URL to start from")
-    for key in ("train", "val"):
-        url = getattr(recipe.data, key)
-        if url:
-            try:
-                manifest.load(url, recipe.data.storage_options)
-            except OrchestratorError as exc:
-                raise RecipeError(f"{path}: data.{key}={url}: {exc}") from exc
+def add_set(p: argparse.ArgumentParser, help: str = "recipe override") -> None:
+    """``--set a.b=1 c.d=2`` or ``--set a.b=1 --set c.d=2``: both give every pair."""
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help=f"{help}; values are YAML (--set optimizer.lr=2e-3 'run.storage_options={{endpoint_url: http://...}}')")
 
 
-def main(prog: str, description: str, argv: list[str] | None = None, require_init: bool = False) -> int:
-    args = parse(prog, description, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for object storage (e.g. endpoint_url=http://127.0.0.1:8333)")
+
+
+def storage_options(texts: list[str]) -> dict:
+    options = dict(storage.parse_option(t) for t in texts)
+    storage.remember_secrets(options)
+    return options
+
+
+def run(body: Callable[[argparse.Namespace], int | None], p: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv``, set up logging, run ``body``; errors become one redacted line and an exit code."""
+    args = p.parse_args(argv)
+    logs.setup(args.verbose)
     try:
-        recipe = recipes.load(args.recipe, args.set)
-        if args.print_config:
-            print(recipe.to_json())
-            return 0
-        preflight(recipe, args.recipe, world_size(recipe, args.launcher), require_init)
-        result = launch(recipe, args.launcher, args.fresh)
+        return body(args) or 0
     except OrchestratorError as exc:
-        options = {**recipe.data.storage_options, **recipe.run.storage_options} if "recipe" in locals() else {}
-        print(f"error: {storage.redact(str(exc), options)}", file=sys.stderr)
-        return 2
-    logging.getLogger(prog).info("finished: %s", result)
-    return 0
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); the same command continues from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure: its traceback, still without secrets
+        print(storage.redact(traceback.format_exc()), file=sys.stderr, end="")
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 1
 
 
-def launch(recipe: recipes.Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:
-    if launcher == "local":
-        from orchestrator.launch import local
-
-        return local.run(recipe, fresh)
-    from orchestrator.launch import ray_train
-
-    return ray_train.run(recipe, fresh)
+def one_line(exc: BaseException) -> str:
+    return storage.redact(" ".join(str(exc).split()) or type(exc).__name__)

@@ -1,8 +1,44 @@
-"""``python -m orchestrator.pretrain RECIPE [--set k=v ...] [--launcher ray|local] [--print-config]``."""
+"""``python -m orchestrator.pretrain RECIPE [--set k=v ...] [--launcher ray|local] [--print-config] [--fresh]``."""
 
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
 
-from orchestrator.cli import main
+from orchestrator import cli
+from orchestrator import recipe as recipes
+from orchestrator.launch.launcher import LAUNCHERS, launch, preflight, world_size
+from orchestrator.rundir import RunDir
+
+log = logging.getLogger("orchestrator")
+
+
+def main(argv: list[str] | None = None, prog: str = "orchestrator.pretrain", require_init: bool = False,
+         doc: str = "ImageNet pretraining of InceptionNeXt from a recipe.") -> int:
+    """The command line of every recipe-running entry point (pretrain, finetune)."""
+    p = cli.parser(prog, doc)
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/b.yaml")
+    cli.add_set(p)
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe as JSON and exit")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="ray",
+                   help="ray: Ray Train on the current or a new local cluster (default); local: this process / torchrun")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: move an existing run of this name to <run>.replaced-<time> instead of resuming it")
+
+    def body(args: argparse.Namespace) -> None:
+        recipe = recipes.load(args.recipe, args.set)
+        if args.print_config:
+            print(recipe.to_json())
+            return
+        preflight(recipe, args.recipe, world_size(recipe, args.launcher), require_init)
+        result = launch(recipe, args.launcher, args.fresh)
+        top1 = f", top-1 {result['top1']:.2f}%" if isinstance(result.get("top1"), float) else ""
+        run = RunDir.of(recipe)
+        log.info("done: %s at step %s%s; weights: %s", run.url, result.get("step"), top1, run.final_weights())
+
+    return cli.run(body, p, argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main("orchestrator.pretrain", "ImageNet pretraining of InceptionNeXt from a recipe."))
+    sys.exit(main())

@@ -18,18 +18,11 @@ from typing import Any
 
 import yaml
 
-from orchestrator.data.storage import absolute, redacted_options
+from model.config import ModelConfig
+from orchestrator import overrides as overrides_
 from orchestrator.errors import RecipeError
-
-
-@dataclass
-class ModelConfig:
-    name: str = "inception_next_tiny"  # timm name: inception_next_atto / _tiny / _small / _base
-    drop_path_rate: float = 0.0
-    head_dropout: float = 0.0
-    ls_init_value: float | None = 1e-6
-    num_classes: int = 1000
-    init: str | None = None  # checkpoint URL/file or run name to start from (fine-tuning)
+from orchestrator.overrides import Override
+from orchestrator.storage import absolute, redacted_options, remember_secrets
 
 
 @dataclass
@@ -202,22 +195,18 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     return with_values(recipe, values)
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load ``path`` (following ``extends:``), apply ``key.sub=value`` overrides, validate."""
+def load(path: str | Path, overrides: list[str | Override] | None = None) -> Recipe:
+    """Load ``path`` (following ``extends:``), apply ``section.key=value`` overrides, validate."""
     origin: dict[str, str] = {}
     raw = _read_with_extends(Path(path), origin, seen=())
-    for text in overrides or []:
-        if "=" not in text:
-            raise RecipeError(f"--set {text!r}: expected section.key=value")
-        dotted, value = text.split("=", 1)
-        keys = dotted.split(".")
-        if len(keys) != 2:
-            raise RecipeError(f"--set {dotted}: expected section.key (e.g. optimizer.lr)")
-        raw.setdefault(keys[0], {})
-        if not isinstance(raw[keys[0]], dict):
-            raise RecipeError(f"--set {dotted}: {keys[0]} is not a section")
-        raw[keys[0]][keys[1]] = yaml.safe_load(value)
-        origin[dotted] = "--set"
+    for o in overrides_.parse(overrides or []):
+        if o.scope:
+            raise RecipeError(f"{o.origin} {o.scope}:{o.key}: a STAGE: prefix only applies to pipelines")
+        raw.setdefault(o.section, {})
+        if not isinstance(raw[o.section], dict):
+            raise RecipeError(f"{o.origin} {o.key}: {o.section} is not a section")
+        raw[o.section][o.field] = o.value
+        origin[o.key] = o.origin
     recipe = _build(raw, origin, str(path))
     validate(recipe, origin, str(path))
     return recipe
@@ -272,7 +261,10 @@ def _build(raw: dict[str, Any], origin: dict[str, str], path: str) -> Recipe:
                 raise RecipeError(f"{where}: unknown key (known: {', '.join(fields)})")
             kwargs[key] = _coerce(value, fields[key], where)
         built[section] = cls(**kwargs)
-    return Recipe(**built)
+    recipe = Recipe(**built)
+    remember_secrets(recipe.data.storage_options)  # any later error message hides them
+    remember_secrets(recipe.run.storage_options)
+    return recipe
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from orchestrator import overrides as overrides_
 from orchestrator import recipe as recipes
+from orchestrator import storage
 from orchestrator.errors import RecipeError
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -65,7 +65,7 @@ class Sweep:
         proxy = dict(self.proxy)
         if "optimizer.lr" not in proxy and self.lr_factor() != 1.0:
             proxy["optimizer.lr"] = self.base.optimizer.lr * self.lr_factor()
-        proxy |= {"run.eval_every_epochs": 1, "run.checkpoint_every_steps": 0, "run.max_steps": None}
+        proxy |= {"run.eval_every_epochs": 1, "run.max_steps": None}
         return recipes.with_values(self.base, proxy, f"{self.name}: proxy")
 
     def full_recipe(self, params: dict[str, Any], run_name: str) -> recipes.Recipe:
@@ -85,12 +85,11 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     path = Path(path)
     raw = recipes.read_mapping(path, "sweep")
     recipe_overrides = []
-    for text in overrides or []:
-        dotted, sep, value = text.partition("=")
-        if dotted.startswith("sweep."):
-            raw[dotted.removeprefix("sweep.")] = yaml.safe_load(value)
+    for o in overrides_.parse(overrides or []):
+        if o.section == "sweep":
+            raw[o.field] = o.value
         else:
-            recipe_overrides.append(text)
+            recipe_overrides.append(o)
     known = {f.name for f in dataclasses.fields(Sweep)} - {"base"}
     unknown = set(raw) - known
     if unknown:
@@ -105,6 +104,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             raise RecipeError(f"{path}: scheduler: expected {{grace_period, reduction_factor}} or null, got {scheduler!r}")
         raw["scheduler"] = Asha(**scheduler)
     sweep = Sweep(**raw)
+    storage.remember_secrets(sweep.storage_options)
     sweep.base = recipes.load(path.parent / sweep.recipe, recipe_overrides)
     check(sweep, str(path))
     return sweep

@@ -18,13 +18,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from orchestrator import cli, storage
 from orchestrator import recipe as recipes
 from orchestrator import sweep as sweeps
-from orchestrator.cli import preflight
-from orchestrator.data import storage
-from orchestrator.errors import OrchestratorError, SweepInterrupted
+from orchestrator.errors import Interrupted
 from orchestrator.launch import ray_train
-from orchestrator.train import checkpoint
+from orchestrator.launch.launcher import preflight, world_size
+from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator.tune")
 
@@ -46,14 +46,14 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    ray_train.connect(include_dashboard=True)
+    ray_train.connect()
     ray_train.check_storage(sweep.storage, "sweep.storage")
     root = storage.absolute(sweep.storage)
     sweep_url = storage.join(root, sweep.name)
     base = ray_train.with_absolute_paths(recipes.with_values(sweep.trial_base(), {
         "run.storage": storage.join(sweep_url, "trials"), "run.storage_options": sweep.storage_options}, sweep.name))
     if fresh:
-        checkpoint.set_aside(sweep_url, sweep.storage_options)
+        RunDir(sweep_url, sweep.storage_options).set_aside()
     storage_path, filesystem = ray_train.storage_for_ray(root, sweep.storage_options)
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
     trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=False)), {"cpu": 0, "memory": 1})
@@ -83,7 +83,7 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
     write_outputs(table, grid, sweep, sweep_url, best=unfinished == 0)
     if unfinished:
-        raise SweepInterrupted(f"sweep {sweep.name} stopped with {unfinished} unfinished trial(s); run the same "
+        raise Interrupted(f"sweep {sweep.name} stopped with {unfinished} unfinished trial(s); run the same "
                                f"command again to continue it (state in {sweep_url})")
     return table
 
@@ -180,30 +180,24 @@ def _plain(value: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="orchestrator.tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser("orchestrator.tune", __doc__)
     p.add_argument("sweep", help="sweep YAML, e.g. recipes/sweeps/drop_path_t.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe key (section.key=value) or sweep field (sweep.field=value)")
+    cli.add_set(p, "recipe key (section.key=value) or sweep field (sweep.field=value)")
     p.add_argument("--fresh", action="store_true", help="move an existing sweep of this name aside and start over")
     p.add_argument("--print-config", action="store_true", help="print the trials' base recipe and the search space")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body(args: argparse.Namespace) -> None:
         sweep = sweeps.load(args.sweep, args.set)
         if args.print_config:
             print(sweep.trial_base().to_json())
             print(yaml.safe_dump({"search": sweep.search}, sort_keys=False))
-            return 0
-        preflight(sweep.trial_base(), args.sweep, sweep.trial_base().scaling.num_workers, require_init=False)
+            return
+        base = sweep.trial_base()
+        preflight(base, args.sweep, world_size(base, "ray"))
+        storage.check_reachable(sweep.storage, sweep.storage_options, "sweep.storage", "sweep.storage_options")
         run(sweep, args.fresh)
-    except SweepInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        return 130
-    except OrchestratorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.run(body, p, argv)
 
 
 if __name__ == "__main__":

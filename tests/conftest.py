@@ -9,6 +9,7 @@ import pytest
 from orchestrator import recipe as recipes
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.synth import SynthSource
+from orchestrator.rundir import RunDir
 from orchestrator.train.context import TrainContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +35,16 @@ def smoke_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
     ])
 
 
+def steps_of(run: Path) -> list[int]:
+    """Steps of the committed checkpoints of the run folder ``run``, oldest first."""
+    return [c.step for c in RunDir(str(run)).committed()]
+
+
 class StopAfter(TrainContext):
     """Asks the loop to stop after ``steps`` steps, as a preempted Slurm job does."""
 
-    def __init__(self, steps: int, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, steps: int, run: Path) -> None:
+        super().__init__(run=RunDir(str(run)))
         self.calls, self.steps = 0, steps
 
     def stop_requested(self) -> bool:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from orchestrator.data import storage
+from orchestrator import cli, storage
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.sources import open_source
 from orchestrator.data.synth import SynthSource
-from orchestrator.errors import OrchestratorError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.data", description=__doc__)
+    parser = cli.parser("orchestrator.data", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     shard = sub.add_parser("shard", help="convert an ILSVRC/ImageFolder tree or HF-style Parquet into shards")
     shard.add_argument("src", help="source folder or URL (ILSVRC-2012 layout, ImageFolder, or Parquet files)")
@@ -33,25 +31,24 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rows-per-group", type=int, default=128 if p is shard else 64)
         p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if p is shard else 1)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="fsspec storage option for SRC and DEST (e.g. endpoint_url=http://127.0.0.1:8333)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        options = dict(storage.parse_option(o) for o in args.storage_option)
-        if args.command == "synth":
-            source = SynthSource(args.classes, args.train, args.val, args.size, args.seed)
-            opts = WriteOptions(args.shard_size_mb, args.rows_per_group, None, args.seed, args.workers)
-        else:
-            source = open_source(args.src, options, args.val_labels)
-            opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers)
-        report = write_dataset(source, args.dest, opts, options)
-    except (OrchestratorError, ValueError) as exc:
-        print(f"error: {storage.redact(str(exc), locals().get('options'))}", file=sys.stderr)
-        return 2
+        cli.add_storage_option(p)
+    return cli.run(write, parser, argv)
+
+
+def write(args: argparse.Namespace) -> None:
+    options = cli.storage_options(args.storage_option)
+    for name in ("src", "dest"):
+        if getattr(args, name, None):
+            storage.check_reachable(getattr(args, name), options, name.upper(), "--storage-option")
+    if args.command == "synth":
+        source = SynthSource(args.classes, args.train, args.val, args.size, args.seed)
+        opts = WriteOptions(args.shard_size_mb, args.rows_per_group, None, args.seed, args.workers)
+    else:
+        source = open_source(args.src, options, args.val_labels)
+        opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers)
+    report = write_dataset(source, args.dest, opts, options)
     print(f"done: {report.written} shards written, {report.reused} verified shards kept, "
           f"{report.skipped_images} unreadable images skipped")
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator import __version__
-from orchestrator.data import storage
+from orchestrator import __version__, storage
 from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)

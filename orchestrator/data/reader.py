@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from orchestrator.data import storage
+from orchestrator import storage
 from orchestrator.data.manifest import Manifest
 from orchestrator.errors import DataError
 

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from orchestrator import storage
 from orchestrator.data import manifest as mf
-from orchestrator.data import storage
 from orchestrator.data.sources import Item, Source
 
 log = logging.getLogger(__name__)

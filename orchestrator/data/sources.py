@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import pyarrow.parquet as pq
 
-from orchestrator.data import storage
+from orchestrator import storage
 from orchestrator.data.manifest import ClassInfo, check_schema
 from orchestrator.errors import DataError
 

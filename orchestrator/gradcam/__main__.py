@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.data import storage
-from orchestrator.errors import OrchestratorError
+from orchestrator import cli
 from orchestrator.gradcam import cam, figure, images, models
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="orchestrator.gradcam", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser("orchestrator.gradcam", __doc__)
     p.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE", help="a model column (repeat)")
     p.add_argument("--images", required=True, metavar="SRC", help="folder of images or shard dataset split")
     p.add_argument("--out", required=True, help="the figure (PNG)")
@@ -33,22 +31,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layer", help="target layer as a dotted module path, instead of the architecture's default")
     p.add_argument("--save-maps", metavar="DIR", help="also write each raw map as DIR/<row>-<model>.npy")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec option for object storage (e.g. endpoint_url=http://127.0.0.1:8333)")
-    return p.parse_args(argv)
+    cli.add_storage_option(p)
+    return cli.run(draw, p, argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = dict(storage.parse_option(o) for o in args.storage_option)
-    try:
-        samples, classes = images.samples(args.images, args.num, options)  # cheap checks first
-        loaded = [models.load(spec, options, torch.device(args.device), args.layer) for spec in args.model]
-        cells = cam.compute(loaded, samples, args.target, progress=sys.stderr.isatty())
-    except OrchestratorError as exc:
-        print(f"error: {storage.redact(str(exc), options)}", file=sys.stderr)
-        return 2
+def draw(args: argparse.Namespace) -> None:
+    options = cli.storage_options(args.storage_option)
+    samples, classes = images.samples(args.images, args.num, options)  # cheap checks first
+    loaded = [models.load(spec, options, torch.device(args.device), args.layer) for spec in args.model]
+    cells = cam.compute(loaded, samples, args.target, progress=sys.stderr.isatty())
     fig = figure.draw(loaded, samples, cells, classes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
@@ -59,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
             for m, cell in zip(loaded, row, strict=True):
                 np.save(out / f"{r:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', m.name)}.npy", cell.cam)
     logging.getLogger("orchestrator.gradcam").info("wrote %s (%d images x %d models)", args.out, len(samples), len(loaded))
-    return 0
 
 
 if __name__ == "__main__":

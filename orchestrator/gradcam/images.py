@@ -10,7 +10,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from orchestrator.data import manifest, storage
+from orchestrator import storage
+from orchestrator.data import manifest
 from orchestrator.errors import DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
@@ -36,6 +37,7 @@ def open_image(data: bytes, where: str) -> Image.Image:
 def samples(src: str, num: int, options: dict[str, Any] | None = None) -> tuple[list[Sample], list[str] | None]:
     """The first ``num`` images of ``src`` and its class names (None for a plain folder)."""
     options = options or {}
+    storage.check_reachable(src, options, "--images", "--storage-option")
     fs, path = storage.filesystem(src, options)
     if fs.isdir(path):
         files = sorted(f for f in fs.find(path) if f.endswith(EXTENSIONS))[:num]

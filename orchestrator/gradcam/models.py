@@ -7,8 +7,6 @@ crop, interpolation) or the timm model's own data config.
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +16,11 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
-from model.weights import run_weights, state_dict_from
-from orchestrator.data import manifest, storage
-from orchestrator.errors import CheckpointError, OrchestratorError, RecipeError
+from model.weights import WeightsError, architecture_in, classifier_size, load_state_dict
+from orchestrator import storage, weights
+from orchestrator.data import manifest
+from orchestrator.errors import OrchestratorError, RecipeError
+from orchestrator.rundir import RunDir
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -69,16 +69,11 @@ def load(spec: str, options: dict[str, Any] | None = None, device: torch.device 
          layer: str | None = None) -> CamModel:
     name, source = parse_spec(spec)
     try:
-        arch, weights, data_cfg, classes = _resolve(source, options or {})
-        sd, _ = state_dict_from(weights, options)
-        sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-        classifier = timm.models.get_pretrained_cfg_value(arch, "classifier") or "head.fc"
-        head = sd.get(f"{classifier}.weight")
-        model = timm.create_model(arch, pretrained=False, num_classes=head.shape[0] if head is not None else 1000)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{weights}: does not fit timm {arch}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    except (OrchestratorError, RuntimeError, OSError, ValueError) as exc:
+        arch, url, data_cfg, classes = _resolve(source, options or {})
+        sd, what = weights.state_dict(url, options)
+        model = timm.create_model(arch, pretrained=False, num_classes=classifier_size(sd) or 1000)
+        load_state_dict(model, sd, what)
+    except (OrchestratorError, WeightsError, RuntimeError, OSError, ValueError) as exc:
         raise RecipeError(f"--model {spec}: {exc}") from exc
     model.eval().to(device or torch.device("cpu"))
     cfg = resolve_data_config(data_cfg, model=model)
@@ -110,37 +105,34 @@ def _resolve(source: str, options: dict[str, Any]) -> tuple[str, str, dict[str, 
     return arch, source, {}, None
 
 
-def _from_run(run: str, options: dict[str, Any]) -> tuple[str, str, dict[str, Any], list[str] | None]:
-    fs, path = storage.filesystem(run, options)
-    config_path = storage.join(path, "config.json")
-    if not fs.exists(config_path):
-        raise RecipeError(f"{run}: a folder but not a run (no config.json)")
-    config = json.loads(fs.cat_file(config_path))
-    weights = run_weights(run, options)
-    if weights is None:
-        raise RecipeError(f"{run}: the run has no final weights and no checkpoint yet")
+def _from_run(url: str, options: dict[str, Any]) -> tuple[str, str, dict[str, Any], list[str] | None]:
+    run = RunDir(url, options)
+    config = run.config()
+    if config is None:
+        raise RecipeError(f"{url}: a folder but not a run (no config.json)")
+    best = run.best_weights()
+    if best is None:
+        raise RecipeError(f"{url}: the run has no final weights and no checkpoint yet")
     data = config["data"]
     size = data["input_size"]
     data_cfg = {"input_size": (3, size, size), "crop_pct": data["crop_pct"], "interpolation": data["interpolation"]}
+    # config.json holds the run's data options with secrets redacted: ours (the command line, the
+    # environment) stand in for them, as they do for training.
+    data_options = {k: v for k, v in (data.get("storage_options") or {}).items() if v != "***"} | options
     classes = None
-    for url in (data.get("val"), data.get("train")):
+    for split in (data.get("val"), data.get("train")):
         try:
-            classes = [c.name for c in manifest.load(url, data.get("storage_options") or {}).classes] if url else None
+            classes = [c.name for c in manifest.load(split, data_options).classes] if split else None
         except OrchestratorError:
             continue  # the data may not be reachable from here; predictions then show class indices
         if classes:
             break
-    return config["model"]["name"], weights, data_cfg, classes
+    return config["model"]["name"], best, data_cfg, classes
 
 
 def _arch_in(url: str, options: dict[str, Any]) -> str | None:
-    """The architecture recorded by this project: safetensors metadata or a checkpoint's ``model_name``."""
-    fs, path = storage.filesystem(url, options)
-    if url.endswith(".safetensors"):  # 8-byte header length, then the JSON header with __metadata__
-        size = int.from_bytes(fs.cat_file(path, start=0, end=8), "little")
-        return json.loads(fs.cat_file(path, start=8, end=8 + size)).get("__metadata__", {}).get("model")
-    obj = torch.load(io.BytesIO(fs.cat_file(path)), map_location="cpu", weights_only=True)
-    return obj.get("model_name") if isinstance(obj, dict) else None
+    data, name = weights.read(url, options)
+    return architecture_in(data, name)
 
 
 def _must_exist(url: str, options: dict[str, Any]) -> None:

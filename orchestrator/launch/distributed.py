@@ -8,8 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from orchestrator.data import storage
 from orchestrator.recipe import Recipe
+from orchestrator.rundir import RunDir
 from orchestrator.train.context import TrainContext
 
 
@@ -27,12 +27,11 @@ def init_process_group(rank: int, world_size: int, device: torch.device) -> None
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30))
 
 
-def context_from_env(recipe: Recipe) -> TrainContext:
+def context_from_env(recipe: Recipe, launcher: str) -> TrainContext:
     """A context for ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun); one CPU/GPU process when unset."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = device_for(local_rank, recipe.scaling.gpus_per_worker > 0)
     init_process_group(rank, world, device)
-    return TrainContext(run_dir=storage.join(recipe.run.storage, recipe.run.name), rank=rank, world_size=world,
-                        local_rank=local_rank, device=device, storage_options=recipe.run.storage_options,
-                        keep_checkpoints=recipe.run.keep_checkpoints)
+    return TrainContext(run=RunDir.of(recipe), rank=rank, world_size=world, local_rank=local_rank, device=device,
+                        keep_checkpoints=recipe.run.keep_checkpoints, launcher=launcher)

@@ -8,16 +8,15 @@ import torch.distributed as dist
 
 from orchestrator.launch.distributed import context_from_env
 from orchestrator.recipe import Recipe
-from orchestrator.train import checkpoint
 from orchestrator.train.loop import train
 
 
 def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
-    ctx = context_from_env(recipe)
+    ctx = context_from_env(recipe, launcher="local")
     try:
         if fresh:
             if ctx.is_main:
-                checkpoint.set_aside(ctx.run_dir, ctx.storage_options)
+                ctx.run.set_aside()
             ctx.barrier()
         return train(recipe, ctx)
     finally:

@@ -1,30 +1,34 @@
-"""Ray Train (V2) launcher: the training loop in a TorchTrainer, checkpoints reported to Ray.
+"""Ray Train (V2) launcher: the training loop in a TorchTrainer; metrics reported to Ray.
 
-Checkpoints keep the loop's own format and land where every launcher looks for them
-(``<storage>/<run>/checkpoints/step-N/``), so a run can move between Ray, Slurm and local.
-Re-running with the same ``run.name`` and ``run.storage`` resumes; ``--fresh`` starts over.
+Checkpoints are not handed to Ray: rank 0 commits them into the run folder itself (``RunDir``),
+exactly as under every other launcher, so Ray never holds a view of them that pruning or a
+partial copy could make stale, and a run moves freely between Ray, Slurm and local. A restarted
+worker group resumes from the run folder's newest verified checkpoint. Re-running with the same
+``run.name`` and ``run.storage`` resumes; ``--fresh`` starts over.
+
+Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``): the driver and
+``ray job logs`` show the run's header, one line per epoch from rank 0 and the summary.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
 
-from orchestrator.data import storage
-from orchestrator.errors import RecipeError
+from orchestrator import logs, storage
+from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.launch import faults
 from orchestrator.recipe import Recipe, absolute_paths, from_dict
-from orchestrator.train import checkpoint
+from orchestrator.rundir import RunDir
 from orchestrator.train.context import TrainContext
 from orchestrator.train.loop import train
 
@@ -32,34 +36,26 @@ log = logging.getLogger(__name__)
 
 
 class RayContext(TrainContext):
-    """Rank and device from Ray Train; checkpoints go through ``ray.train.report``."""
+    """Rank and device from Ray Train; epoch metrics go to ``ray.train.report`` (Tune reads them)."""
 
-    def save_checkpoint(self, step: int, write: Callable[[str], None], metrics: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            if self.is_main:
-                write(tmp)
-            ray.train.report(_plain(metrics), checkpoint=Checkpoint.from_directory(tmp) if self.is_main else None,
-                             checkpoint_dir_name=f"checkpoints/step-{step:08d}")
+    def save_checkpoint(self, step: int, files: dict[str, bytes] | None, meta: dict[str, Any]) -> None:
+        super().save_checkpoint(step, files, meta)
         faults.maybe_fail(step, self.rank)
 
     def report(self, metrics: dict[str, Any]) -> None:
-        """Epoch metrics were reported with the checkpoint already."""
-
-
-def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)})
 
 
 def worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: rebuild the recipe, make the context, train."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     faults.configure(config.get("fault"))
     recipe = from_dict(config["recipe"])
     tctx = ray.train.get_context()
     device = ray.train.torch.get_device() if recipe.scaling.gpus_per_worker > 0 else torch.device("cpu")
-    ctx = RayContext(run_dir=storage.join(recipe.run.storage, recipe.run.name), rank=tctx.get_world_rank(),
-                     world_size=tctx.get_world_size(), local_rank=tctx.get_local_rank(), device=device,
-                     storage_options=recipe.run.storage_options, keep_checkpoints=recipe.run.keep_checkpoints)
+    ctx = RayContext(run=RunDir.of(recipe), rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
+                     local_rank=tctx.get_local_rank(), device=device, keep_checkpoints=recipe.run.keep_checkpoints,
+                     launcher="ray")
     train(recipe, ctx)
 
 
@@ -71,18 +67,24 @@ def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSy
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def connect(include_dashboard: bool = False) -> None:
+def connect() -> None:
     """Attach to the cluster of this Ray job (or ``RAY_ADDRESS``); otherwise start a local one on 127.0.0.1.
 
-    Tune sweeps want the dashboard: without it, stopped trials kept their placement groups (Ray 2.60).
+    The local cluster gets its dashboard: Ray Train's placement-group cleaner asks the state API
+    (served by the dashboard) whether the controller is alive, and without it warns every few
+    seconds; Tune's stopped trials also kept their placement groups without it (Ray 2.60). Token
+    authentication is set explicitly, which is also what keeps Ray from warning about it.
     """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=include_dashboard)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING,
+                 configure_logging=True)
+    logs.setup()  # ray.init configures the "ray" logger; hold it at WARNING again
 
 
 def _job_working_dir() -> str | None:
@@ -115,9 +117,8 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
         run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=s.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints),
-                             callbacks=callbacks),
+                             failure_config=FailureConfig(max_failures=s.max_failures), callbacks=callbacks,
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
 
 
@@ -125,8 +126,19 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     connect()
     recipe = with_absolute_paths(recipe)
     if fresh:
-        checkpoint.set_aside(storage.join(recipe.run.storage, recipe.run.name), recipe.run.storage_options)
+        RunDir.of(recipe).set_aside()
     result = trainer(recipe).fit()
     if result.error:
-        raise result.error
+        raise cause(result.error)
     return dict(result.metrics or {})
+
+
+def cause(error: BaseException) -> BaseException:
+    """The worker's own OrchestratorError inside Ray's wrappers (so the CLI prints one line), else ``error``."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OrchestratorError):
+            return seen
+        seen = seen.__cause__ or getattr(seen, "cause", None) or next(
+            (e for e in getattr(seen, "worker_failures", {}).values() if isinstance(e, BaseException)), None)
+    return error

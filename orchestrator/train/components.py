@@ -14,9 +14,9 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 
-from model import create_model, load_weights, resolve_init
+from model.factory import create_model
+from orchestrator import storage, weights
 from orchestrator.data import manifest as mf
-from orchestrator.data import storage
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.data.transforms import eval_transform, train_transform
 from orchestrator.recipe import BatchPlan, Recipe, uses_mixup
@@ -54,8 +54,8 @@ def build_model(recipe: Recipe, ctx: TrainContext, init: bool) -> torch.nn.Modul
     """The recipe's model on ``ctx.device``; ``init`` loads ``model.init`` (only when not resuming)."""
     model = create_model(recipe.model)
     if init and recipe.model.init:
-        url = resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
-        load_weights(model, url, recipe.run.storage_options)
+        url = weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
+        weights.load_into(model, url, recipe.run.storage_options)
     model.to(ctx.device)
     if channels_last(recipe, ctx):
         model.to(memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
 """The training loop: one function per phase, no knowledge of Ray, Slurm or Tune.
 
-``train(recipe, ctx)`` resumes from ``ctx.latest_checkpoint()`` when there is one, trains until the
+``train(recipe, ctx)`` resumes from the run's newest verified checkpoint when there is one, trains until the
 recipe's epochs (or ``run.max_steps``) are done, evaluates model and EMA, checkpoints through ``ctx``
 and writes the run outputs. Resume is exact: every RNG is reseeded from (seed, step, micro-batch, rank)
 and the reader resumes at the batch it stopped at, so N + N steps equal 2N steps bitwise on CPU.
@@ -22,15 +22,16 @@ from safetensors.torch import save as save_safetensors
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
-from orchestrator.data import storage
 from orchestrator.errors import CheckpointError, TrainingError
 from orchestrator.recipe import Recipe, plan_batch
+from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
 from orchestrator.train import checkpoint, components
 from orchestrator.train.components import Components
 from orchestrator.train.context import StopRequested, TrainContext
-from orchestrator.train.metrics import MetricsWriter, interactive, write_text
+from orchestrator.train.metrics import MetricsWriter, interactive
 
 log = logging.getLogger(__name__)
+HEARTBEAT_S = 60
 
 
 def seed_everything(*key: int) -> None:
@@ -66,20 +67,22 @@ def build(recipe: Recipe, ctx: TrainContext, resuming: bool) -> Components:
 
 def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     """Train (or resume) the run described by ``recipe``; returns the last metrics."""
-    latest = ctx.latest_checkpoint()
-    c = build(recipe, ctx, resuming=latest is not None)
+    saved = newest_state(ctx)
+    c = build(recipe, ctx, resuming=saved is not None)
     state = {"step": 0, "epoch": 0, "nonfinite": 0}
-    if latest:
-        state = restore(c, latest, recipe, ctx)
+    writer = MetricsWriter(ctx.run, enabled=ctx.is_main)
+    if saved:
+        state = restore(c, saved, recipe, ctx)
+        writer.truncate_after(state["step"])
+        writer.log({"kind": "resume", "step": state["step"], "epoch": state["step"] // c.steps_per_epoch,
+                    "world_size": ctx.world_size, "launcher": ctx.launcher})
     total_steps = recipe.schedule.epochs * c.steps_per_epoch
     stop_at = min(total_steps, recipe.run.max_steps or total_steps)
-    writer = MetricsWriter(ctx.run_dir, recipe.run.storage_options, enabled=ctx.is_main)
-    writer.truncate_after(state["step"])
     if ctx.is_main:
-        write_text(ctx.run_dir, "config.json", recipe.to_json(), recipe.run.storage_options)
-        log.info("%s: %s, %d epochs x %d steps (global batch %d = %d ranks x %d micro x %d accum), from step %d",
-                 ctx.run_dir, recipe.model.name, recipe.schedule.epochs, c.steps_per_epoch, recipe.batch.global_batch_size,
-                 ctx.world_size, c.plan.micro_batch, c.plan.accum_steps, state["step"])
+        ctx.run.write_bytes(CONFIG, recipe.to_json().encode())
+        ctx.run.write_status("running", launcher=ctx.launcher, step=state["step"], total_steps=stop_at,
+                             world_size=ctx.world_size)
+        log_header(c, recipe, ctx, state["step"], stop_at)
     last: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
     started, first_step = time.monotonic(), state["step"]
     while state["step"] < stop_at:
@@ -94,20 +97,42 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
             per_step = (time.monotonic() - started) / max(state["step"] - first_step, 1)
             eta = per_step * (stop_at - state["step"])
             if ctx.is_main:
-                log.info("epoch %d step %d/%d: %s, ETA %.0fs", epoch, state["step"], stop_at, _fmt(last), eta)
+                log.info("epoch %d  step %d/%d  %s  ETA %s", epoch, state["step"], stop_at, _fmt(last), _duration(eta))
             writer.log({**last, "kind": "epoch" if epoch_done else "stop"})
             save(c, recipe, ctx, state, last)
             writer.flush(plots=True)
             ctx.report(last)
         if stop and state["step"] < stop_at:
             writer.close()
+            if ctx.is_main:
+                ctx.run.write_status("stopped", step=state["step"])
             log.info("stopping at step %d as the launcher asked (checkpoint saved); the next run resumes here",
                      state["step"])
             raise StopRequested(state["step"])
     if ctx.is_main:
         write_final_weights(c, ctx, recipe)
+        ctx.run.write_status("finished", step=state["step"])
     writer.close()
     return last
+
+
+def log_header(c: Components, recipe: Recipe, ctx: TrainContext, step: int, stop_at: int) -> None:
+    """What a user checks first: where the run lives, how the global batch is made, how much data."""
+    train_images = c.train_loader.dataset.num_samples
+    val_images = c.val_loader.dataset.num_samples if c.val_loader is not None else 0
+    log.info("run %s  (%s, %s)", ctx.run.url, recipe.model.name, f"resuming at step {step}" if step else "from step 0")
+    log.info("world size %d  global batch %d = %d ranks x %d per device (%d x %d accumulation)",
+             ctx.world_size, recipe.batch.global_batch_size, ctx.world_size, c.plan.per_device, c.plan.micro_batch,
+             c.plan.accum_steps)
+    log.info("data %d train / %d val images at %d px  schedule %d epochs x %d steps = %d steps",
+             train_images, val_images, recipe.data.input_size, recipe.schedule.epochs, c.steps_per_epoch, stop_at)
+
+
+def newest_state(ctx: TrainContext) -> tuple[str, dict[str, Any]] | None:
+    """(url, state) of the newest checkpoint that passes its commit check; older ones stand in for bad ones."""
+    for found, data in ctx.run.newest_readable():
+        return found.url, checkpoint.decode(data)
+    return None
 
 
 def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], stop_at: int,
@@ -122,6 +147,7 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     every = recipe.run.checkpoint_every_steps
     losses: list[float] = []
     window_start, window_images = time.monotonic(), 0
+    heartbeat = time.monotonic()
     batches = iter(c.train_loader)
     bar = tqdm(total=epoch_end - state["step"], desc=f"epoch {epoch}", disable=not (ctx.is_main and interactive()))
     metrics: dict[str, Any] = {}
@@ -138,6 +164,9 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
                        "train_loss": _mean_across_ranks(losses, ctx), "images_per_sec": window_images / max(elapsed, 1e-9)}
             writer.log({**metrics, "kind": "train"})
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+            if ctx.is_main and time.monotonic() - heartbeat > HEARTBEAT_S:  # for `orchestrator.runs`: still alive
+                ctx.run.write_status("running", step=state["step"])
+                heartbeat = time.monotonic()
             losses, window_start, window_images = [], time.monotonic(), 0
         stop = ctx.stop_requested()
         if (stop or (every and state["step"] % every == 0)) and state["step"] not in (epoch_end, stop_at):
@@ -240,44 +269,50 @@ def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext) -> dict[str, 
 
 
 def save(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], metrics: dict[str, Any]) -> None:
-    def write(url: str) -> None:
-        checkpoint.save(url, {
+    files = None
+    if ctx.is_main:
+        files = checkpoint.encode({
             "model": c.model.state_dict(), "ema": c.ema.module.state_dict() if c.ema else None,
             "optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(), "state": dict(state),
             "loader": c.train_loader.state_dict(), "model_name": recipe.model.name,
-        }, {"step": state["step"], "epoch": metrics.get("epoch"), "metrics": metrics}, recipe.run.storage_options)
+        })
+    ctx.save_checkpoint(state["step"], files, {"epoch": metrics.get("epoch"), "metrics": metrics})
+    if ctx.is_main:
+        ctx.run.write_status("running", step=state["step"])
 
-    ctx.save_checkpoint(state["step"], write, metrics)
 
-
-def restore(c: Components, url: str, recipe: Recipe, ctx: TrainContext) -> dict[str, int]:
-    saved = checkpoint.load(url, recipe.run.storage_options)
-    if saved.get("model_name") != recipe.model.name:
-        raise CheckpointError(f"{url}: run {ctx.run_dir} was trained as {saved.get('model_name')}, the recipe says "
+def restore(c: Components, saved: tuple[str, dict[str, Any]], recipe: Recipe, ctx: TrainContext) -> dict[str, int]:
+    url, state = saved
+    if state.get("model_name") != recipe.model.name:
+        raise CheckpointError(f"{url}: run {ctx.run.url} was trained as {state.get('model_name')}, the recipe says "
                               f"{recipe.model.name}; use another run.name or the original model")
-    c.model.load_state_dict(saved["model"])
+    c.model.load_state_dict(state["model"])
     if c.ema is not None:
-        c.ema.module.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
-    c.optimizer.load_state_dict(saved["optimizer"])
-    c.scheduler.load_state_dict(saved["scheduler"])
-    c.train_loader.load_state_dict(saved["loader"])
-    c.scheduler.step_update(saved["state"]["step"])
-    log.info("resumed %s at step %d (epoch %d, %d batches into it)", url, saved["state"]["step"],
-             saved["loader"]["epoch"], saved["loader"]["batches"])
-    return dict(saved["state"])
+        c.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    c.optimizer.load_state_dict(state["optimizer"])
+    c.scheduler.load_state_dict(state["scheduler"])
+    c.train_loader.load_state_dict(state["loader"])
+    c.scheduler.step_update(state["state"]["step"])
+    if ctx.is_main:
+        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", url, state["state"]["step"],
+                 state["loader"]["epoch"], state["loader"]["batches"])
+    return dict(state["state"])
 
 
 def write_final_weights(c: Components, ctx: TrainContext, recipe: Recipe) -> None:
     """``model.safetensors`` (and ``model_ema.safetensors``) that timm loads with ``pretrained_cfg_overlay``."""
-    fs, path = storage.filesystem(ctx.run_dir, recipe.run.storage_options)
-    weights = {"model.safetensors": c.model}
+    weights = {WEIGHTS: c.model}
     if c.ema is not None:
-        weights["model_ema.safetensors"] = c.ema.module
+        weights[EMA_WEIGHTS] = c.ema.module
     for name, module in weights.items():
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        with fs.open(storage.join(path, name), "wb") as f:
-            f.write(save_safetensors(tensors, metadata={"model": recipe.model.name}))
-    log.info("final weights written to %s (%s)", ctx.run_dir, ", ".join(weights))
+        ctx.run.write_bytes(name, save_safetensors(tensors, metadata={"model": recipe.model.name}))
+    log.info("final weights: %s", ", ".join(ctx.run.url_of(name) for name in weights))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _fmt(metrics: dict[str, Any]) -> str:

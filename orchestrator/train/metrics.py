@@ -15,29 +15,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.data import storage
+from orchestrator.rundir import METRICS, RunDir
 
 log = logging.getLogger(__name__)
 KEYS = ("epoch", "step", "lr", "train_loss", "top1", "top5", "images_per_sec")
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str, options: dict[str, Any] | None = None, enabled: bool = True) -> None:
-        self.run_dir, self.options, self.enabled = run_dir, options or {}, enabled
-        self.fs, self.path = storage.filesystem(run_dir, self.options)
-        self.local = storage.is_local(self.fs)
-        self.dir = Path(self.path if self.local else tempfile.mkdtemp(prefix="inceptionnext-run-"))
+    def __init__(self, run: RunDir, enabled: bool = True) -> None:
+        self.run, self.enabled = run, enabled
+        self.local = run.is_local
+        self.dir = Path(run.path if self.local else tempfile.mkdtemp(prefix="inceptionnext-run-"))
         self.records: list[dict[str, Any]] = []
         self.tb = None
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        existing = self.dir / "metrics.jsonl" if self.local else None
-        if not self.local and self.fs.exists(storage.join(self.path, "metrics.jsonl")):
-            (self.dir / "metrics.jsonl").write_bytes(self.fs.cat_file(storage.join(self.path, "metrics.jsonl")))
-            existing = self.dir / "metrics.jsonl"
-        if existing and existing.exists():
-            self.records = [json.loads(line) for line in existing.read_text().splitlines() if line.strip()]
+        self.records = run.records()
+        (self.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in self.records))
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.dir / "tensorboard"))
@@ -47,7 +42,7 @@ class MetricsWriter:
         kept = [r for r in self.records if r["step"] <= step]
         if len(kept) != len(self.records) and self.enabled:
             self.records = kept
-            (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            (self.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -55,10 +50,10 @@ class MetricsWriter:
         full = {k: record.get(k) for k in KEYS} | record | {"time": round(time.time(), 3)}
         full = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in full.items()}
         self.records.append(full)
-        with open(self.dir / "metrics.jsonl", "a") as f:
+        with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(full) + "\n")
         for k, v in full.items():
-            if isinstance(v, int | float) and k not in ("epoch", "step", "time"):
+            if full.get("kind") != "resume" and isinstance(v, int | float) and k not in ("epoch", "step", "time"):
                 self.tb.add_scalar(k, v, full["step"])
 
     def flush(self, plots: bool = False) -> None:
@@ -71,7 +66,7 @@ class MetricsWriter:
         if not self.local:
             for file in self.dir.rglob("*"):
                 if file.is_file():
-                    self.fs.put_file(str(file), storage.join(self.path, str(file.relative_to(self.dir))))
+                    self.run.put_file(str(file), str(file.relative_to(self.dir)))
 
     def plot(self) -> None:
         import matplotlib
@@ -101,19 +96,6 @@ class MetricsWriter:
         if self.tb is not None:
             self.flush(plots=True)
             self.tb.close()
-
-
-def write_text(run_dir: str, name: str, text: str, options: dict[str, Any] | None = None) -> None:
-    fs, path = storage.filesystem(run_dir, options)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(storage.join(path, name), "wb") as f:
-        f.write(text.encode())
-
-
-def read_text(run_dir: str, name: str, options: dict[str, Any] | None = None) -> str | None:
-    fs, path = storage.filesystem(run_dir, options)
-    target = storage.join(path, name)
-    return fs.cat_file(target).decode() if fs.exists(target) else None
 
 
 def interactive() -> bool:

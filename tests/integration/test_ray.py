@@ -19,7 +19,7 @@ import yaml
 
 from orchestrator import recipe as recipes
 from orchestrator.launch import faults, ray_train
-from orchestrator.train import checkpoint
+from orchestrator.rundir import MARKER, RunDir
 from orchestrator.train.context import TrainContext
 from tests.conftest import ROOT, smoke_recipe
 from tests.services import ACCESS_KEY, SECRET_KEY, RayCluster, S3Store
@@ -66,7 +66,7 @@ def test_ray_job_submit_trains_into_s3(ray_cluster: RayCluster, s3_store: S3Stor
     records = [json.loads(line) for line in fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
     epoch = [r for r in records if r.get("kind") == "epoch"]
     assert epoch and epoch[-1]["step"] == 10 and epoch[-1]["val_images"] == 80
-    assert [step for step, _ in checkpoint.committed(f"{bucket}/{name}/checkpoints", s3_store.options)] == [10]
+    assert [c.step for c in RunDir(f"{bucket}/{name}", s3_store.options).committed()] == [10]
     weights = Path(ray_cluster.temp_dir).parent / f"{name}.safetensors"
     weights.write_bytes(fs.cat_file(f"{run}/model.safetensors"))
     model = timm.create_model("inception_next_atto", num_classes=10, pretrained=True,
@@ -91,7 +91,7 @@ def _grads_after_one_step(config: dict[str, Any]) -> None:
 
     recipe = recipes.from_dict(config["recipe"])
     tctx = ray.train.get_context()
-    ctx = TrainContext(run_dir=config["run_dir"], rank=tctx.get_world_rank(), world_size=tctx.get_world_size())
+    ctx = TrainContext(run=RunDir(config["run_dir"]), rank=tctx.get_world_rank(), world_size=tctx.get_world_size())
     c = loop.build(recipe, ctx, resuming=False)
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
@@ -141,7 +141,7 @@ def test_worker_fault_restarts_from_the_latest_checkpoint(kind: str, driver: Ray
     assert marker.read_text().startswith(f"{kind} at step 4 on rank 1")
     assert metrics["step"] == 10 and metrics["val_images"] == 80
     run = tmp_path / "runs" / recipe.run.name
-    assert json.loads((run / "checkpoints" / "step-00000010" / checkpoint.MARKER).read_text())["step"] == 10
+    assert json.loads((run / "checkpoints" / "step-00000010" / MARKER).read_text())["step"] == 10
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in logs if r["kind"] == "train"]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 10  # resumed at 4, nothing logged twice
@@ -152,7 +152,7 @@ def test_finetune_at_a_larger_size_starts_from_the_pretrain_run(driver: RayClust
                                                                   tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from orchestrator.cli import main
+    from orchestrator.finetune import main
 
     pre = unique("pre")
     recipe = smoke_recipe(tmp_path, synth_dir, f"run.name={pre}", "schedule.epochs=1")
@@ -162,7 +162,7 @@ def test_finetune_at_a_larger_size_starts_from_the_pretrain_run(driver: RayClust
     sets = [f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0", "data.input_size=48",
             "batch.global_batch_size=32", "batch.per_device_max=32", "run.max_steps=2", f"run.storage={tmp_path}/runs",
             f"run.name={pre}-48", f"model.init={pre}", "optimizer.lr=1e-6"]
-    assert main("orchestrator.finetune", "", ["recipes/smoke_96.yaml", *(f"--set={s}" for s in sets)]) == 0
+    assert main(["recipes/smoke_96.yaml", "--launcher=ray", *(f"--set={s}" for s in sets)]) == 0
 
     tuned_dir = tmp_path / "runs" / f"{pre}-48"
     assert json.loads((tuned_dir / "config.json").read_text())["data"]["input_size"] == 48
@@ -177,7 +177,7 @@ def test_finetune_at_a_larger_size_starts_from_the_pretrain_run(driver: RayClust
 def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: RayCluster, synth_dir: Path,
                                                                       tmp_path: Path) -> None:
     """Stage 1 stopped (as if preempted) under the local launcher; the Ray pipeline finishes it, then runs stage 2."""
-    from orchestrator import pipeline as pipelines
+    from orchestrator import pipeline, pipeline_file
     from orchestrator.train.context import StopRequested
     from orchestrator.train.loop import train
     from tests.conftest import StopAfter
@@ -186,17 +186,18 @@ def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: Ray
             "batch.global_batch_size=32", "batch.per_device_max=32", "run.log_every_steps=2",
             "pretrain:schedule.epochs=1", "finetune:run.max_steps=2"]
     smoke = ROOT / "recipes" / "pipelines" / "smoke.yaml"
-    p = pipelines.load(smoke, sets, storage_url=str(tmp_path / "runs"))
-    pretrain = pipelines.stage_recipe(p, p.stages[0])
+    p = pipeline_file.load(smoke, sets, storage_url=str(tmp_path / "runs"))
+    pretrain = pipeline_file.stage_recipe(p, p.stages[0])
     with pytest.raises(StopRequested):
-        train(pretrain, StopAfter(4, run_dir=str(tmp_path / "runs" / "smoke-pretrain")))
+        train(pretrain, StopAfter(4, tmp_path / "runs" / "smoke-pretrain"))
     started = time.time()
 
-    assert pipelines.main([str(smoke), "--launcher=ray", f"--storage={tmp_path}/runs", *(f"--set={s}" for s in sets)]) == 0
+    assert pipeline.main([str(smoke), "--launcher=ray", f"--storage={tmp_path}/runs", *(f"--set={s}" for s in sets)]) == 0
 
     records = [json.loads(line) for line in (tmp_path / "runs" / "smoke-pretrain" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [(r["step"], r["time"] < started) for r in records if r["kind"] == "train"]
     assert train_steps == [(2, True), (4, True), (6, False), (8, False), (10, False)]  # resumed at 4, not redone
     for stage in ("smoke-pretrain", "smoke-finetune"):
         assert (tmp_path / "runs" / stage / "model.safetensors").exists()
-    assert pipelines.status(p)[1]["state"] == "complete" and pipelines.status(p)[1]["launcher"] == "ray"
+    rows, _ = pipeline.status(p)
+    assert rows[1]["state"] == "complete" and rows[1]["launcher"] == "ray"

@@ -13,9 +13,9 @@ import s3fs
 
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
-from orchestrator.data.storage import RetryPolicy
 from orchestrator.errors import StorageError
 from orchestrator.launch import local
+from orchestrator.storage import RetryPolicy
 from tests.conftest import ROOT, smoke_recipe
 from tests.services import S3Store
 

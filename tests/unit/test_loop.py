@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from orchestrator.errors import TrainingError
 from orchestrator.launch import local
-from orchestrator.train import checkpoint
+from orchestrator.rundir import STATE, RunDir
 from orchestrator.train.context import StopRequested
 from orchestrator.train.loop import train
-from tests.conftest import StopAfter, smoke_recipe
+from tests.conftest import StopAfter, smoke_recipe, steps_of
 
 # Every source of randomness on: RandAugment, random erasing, mixup/cutmix, drop path, EMA, 2 workers, accumulation.
 RANDOM_EVERYTHING = ("augment.mixup=0.8", "augment.cutmix=1.0", "augment.re_prob=0.25", "model.drop_path_rate=0.1",
@@ -52,34 +52,35 @@ def test_run_outputs(synth_dir: Path, tmp_path: Path) -> None:
     assert json.loads((run / "config.json").read_text())["run"]["name"] == "outputs"
     assert (run / "curves.png").stat().st_size > 1000
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert [s for s, _ in checkpoint.committed(str(run / "checkpoints"))] == [10, 20]
+    assert steps_of(run) == [10, 20]
 
 
 def test_a_torn_checkpoint_is_never_picked(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = smoke_recipe(tmp_path, synth_dir, "run.name=torn", "run.checkpoint_every_steps=3", "run.max_steps=6")
-    real_save = checkpoint.save
+    real_write = RunDir.write_checkpoint
 
-    def crash_at_step_6(url: str, state, meta, options=None) -> None:
-        if meta["step"] == 6:
-            Path(url).mkdir(parents=True)
-            (Path(url) / checkpoint.STATE).write_bytes(b"half a checkpoint")
+    def crash_at_step_6(self: RunDir, step: int, files: dict[str, bytes], meta: dict) -> None:
+        if step == 6:
+            folder = Path(self.path) / "checkpoints" / f"step-{step:08d}"
+            folder.mkdir(parents=True)
+            (folder / STATE).write_bytes(b"half a checkpoint")
             raise KeyboardInterrupt("node lost while writing")
-        real_save(url, state, meta, options)
+        return real_write(self, step, files, meta)
 
-    monkeypatch.setattr(checkpoint, "save", crash_at_step_6)
+    monkeypatch.setattr(RunDir, "write_checkpoint", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         local.run(recipe)
-    checkpoints = str(tmp_path / "runs" / "torn" / "checkpoints")
-    assert checkpoint.latest(checkpoints).endswith("step-00000003")
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    run = tmp_path / "runs" / "torn"
+    assert steps_of(run) == [3]
+    monkeypatch.setattr(RunDir, "write_checkpoint", real_write)
     assert local.run(recipe)["step"] == 6  # resumes from step 3 and finishes
-    assert checkpoint.latest(checkpoints).endswith("step-00000006")
+    assert steps_of(run)[-1] == 6
 
 
 def test_keep_last_k_checkpoints(synth_dir: Path, tmp_path: Path) -> None:
     local.run(smoke_recipe(tmp_path, synth_dir, "run.name=keep", "run.checkpoint_every_steps=2", "run.keep_checkpoints=2",
                            "schedule.epochs=1"))
-    assert [s for s, _ in checkpoint.committed(str(tmp_path / "runs" / "keep" / "checkpoints"))] == [8, 10]
+    assert steps_of(tmp_path / "runs" / "keep") == [8, 10]
 
 
 def test_non_finite_losses_stop_the_run_with_a_clear_message(synth_dir: Path, tmp_path: Path) -> None:
@@ -105,9 +106,9 @@ def test_fresh_moves_the_old_run_aside_and_starts_at_step_zero(synth_dir: Path, 
     result = local.run(smoke_recipe(tmp_path, synth_dir, "run.name=again", "run.max_steps=2"), fresh=True)
     runs = tmp_path / "runs"
     (old,) = runs.glob("again.replaced-*")
-    assert [s for s, _ in checkpoint.committed(str(old / "checkpoints"))] == [3]  # kept, untouched
+    assert steps_of(old) == [3]  # kept, untouched
     assert result["step"] == 2
-    assert [s for s, _ in checkpoint.committed(str(runs / "again" / "checkpoints"))] == [2]
+    assert steps_of(runs / "again") == [2]
 
 
 @pytest.mark.parametrize("stop_after", [7, 10])  # mid-epoch, and exactly at the end of epoch 0
@@ -117,8 +118,8 @@ def test_a_requested_stop_checkpoints_and_resumes_exactly(stop_after: int, synth
     stopped = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=stopped", "run.max_steps=14")
     run = tmp_path / "runs" / "stopped"
     with pytest.raises(StopRequested):
-        train(stopped, StopAfter(stop_after, run_dir=str(run)))
-    assert [s for s, _ in checkpoint.committed(str(run / "checkpoints"))][-1] == stop_after
+        train(stopped, StopAfter(stop_after, run))
+    assert steps_of(run)[-1] == stop_after
     assert not (run / "model.safetensors").exists()
     local.run(stopped)
     a, b = weights(tmp_path / "runs" / "straight"), weights(run)

@@ -10,9 +10,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from model import create_model, load_weights
+from model.config import ModelConfig
+from model.factory import create_model
 from orchestrator.errors import CheckpointError
-from orchestrator.recipe import ModelConfig
+from orchestrator.weights import load_into as load_weights
 
 ATTO = ModelConfig(name="inception_next_atto", num_classes=10, drop_path_rate=0.1, head_dropout=0.5, ls_init_value=1e-6)
 
@@ -48,7 +49,7 @@ def test_ema_weights_are_preferred_and_said_so(tmp_path: Path) -> None:
 
 def test_architecture_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     torch.save(create_model(ModelConfig(name="inception_next_tiny", num_classes=10)).state_dict(), tmp_path / "t.pth")
-    with pytest.raises(CheckpointError, match=r"t.pth: does not fit MetaNeXt.*shape mismatch.*model.name"):
+    with pytest.raises(CheckpointError, match=r"t.pth \(plain state dict\): does not fit MetaNeXt.*shape mismatch.*model.name"):
         load_weights(create_model(ATTO), str(tmp_path / "t.pth"))
 
 

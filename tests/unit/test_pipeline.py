@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import pipeline as pipelines
+from orchestrator import pipeline_file as pipelines
 from orchestrator.errors import RecipeError
-from orchestrator.launch.slurm import minutes, sbatch_options
+from orchestrator.launch.slurm import sbatch_options
+from orchestrator.launch.slurm_cluster import minutes
 from tests.conftest import ROOT
 
 PIPELINES = ROOT / "recipes" / "pipelines"

@@ -6,6 +6,7 @@ Storage options come from the environment first (fsspec's ``FSSPEC_S3_ENDPOINT_U
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SECRET_WORDS = ("secret", "token", "password", "credential", "key")
+_SECRET_ENV = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # no bare KEY: too many harmless variables have it
 
 
 def is_secret(name: str) -> bool:
@@ -30,11 +32,23 @@ def is_secret(name: str) -> bool:
     return lowered != "endpoint_url" and any(word in lowered for word in _SECRET_WORDS)
 
 
-def redact(text: str, options: Mapping[str, Any] | None = None) -> str:
-    """Replace the values of secret options in ``text`` with ``***``."""
+_known_secrets: set[str] = set()
+
+
+def remember_secrets(options: Mapping[str, Any] | None) -> None:
+    """Register the secret values of ``options`` so that every later ``redact`` hides them."""
     for name, value in _flatten(options or {}):
         if is_secret(name) and isinstance(value, str) and len(value) >= 4:
-            text = text.replace(value, "***")
+            _known_secrets.add(value)
+
+
+def redact(text: str, options: Mapping[str, Any] | None = None) -> str:
+    """Replace secrets in ``text`` with ``***``: those of ``options``, every remembered option, and the
+    values of secret-named environment variables (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN`` ...)."""
+    remember_secrets(options)
+    env = {v for k, v in os.environ.items() if any(w in k.upper() for w in _SECRET_ENV) and len(v) >= 4}
+    for value in sorted(_known_secrets | env, key=len, reverse=True):
+        text = text.replace(value, "***")
     return text
 
 
@@ -147,3 +161,61 @@ def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, options: M
             log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, attempt, message, delay)
             time.sleep(delay)
             attempt += 1
+
+
+# --- start-up checks ----------------------------------------------------------------------------
+def check_reachable(url: str, options: Mapping[str, Any] | None, key: str, options_key: str) -> None:
+    """Fail fast, in one line, when the store behind ``url`` cannot be used: no credentials, an
+    unreachable endpoint, refused credentials or a missing bucket. ``key`` names the setting (for
+    example ``run.storage``) and ``options_key`` where its options go. Reads only; writes nothing."""
+    fs, path = filesystem(url, _fail_fast(url, options))
+    if is_local(fs):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.info(bucket)  # unlike exists(), info() raises what went wrong
+        if bucket != path.rstrip("/"):
+            with contextlib.suppress(FileNotFoundError):  # a run folder that does not exist yet is fine
+                fs.info(path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{key}={url}: bucket {bucket!r} does not exist at {_endpoint(options)} (create it, or "
+                           f"fix the URL or endpoint_url in {options_key})") from exc
+    except Exception as exc:  # noqa: BLE001 - every backend has its own error types; explain() names them
+        raise StorageError(explain(exc, url, key, options_key, options)) from exc
+
+
+def explain(exc: BaseException, url: str, key: str, options_key: str, options: Mapping[str, Any] | None = None) -> str:
+    """One line for a storage failure: what failed and what to set (never a secret)."""
+    name, text = type(exc).__name__, str(exc)
+    where = f"{key}={url}"
+    if name == "NoCredentialsError" or "Unable to locate credentials" in text:
+        message = (f"{where}: no credentials for the store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                   f"AWS_PROFILE) in the environment, or key and secret in {options_key}")
+    elif name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError") or isinstance(exc, ConnectionError):
+        message = (f"{where}: cannot connect to {_endpoint(options)}: check endpoint_url in {options_key} "
+                   "(or AWS_ENDPOINT_URL) and that the store is running")
+    elif isinstance(exc, PermissionError) or any(c in text for c in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                                                      "AccessDenied", "Forbidden", "403")):
+        message = (f"{where}: the store refused access ({name}: {text[:160]}): check AWS_ACCESS_KEY_ID and "
+                   f"AWS_SECRET_ACCESS_KEY, or key and secret in {options_key}")
+    else:
+        message = f"{where}: {name}: {text[:300]}"
+    return redact(message, options)
+
+
+def _endpoint(options: Mapping[str, Any] | None) -> str:
+    options = options or {}
+    return (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+            or os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint")
+
+
+def _fail_fast(url: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Options for a start-up probe: one attempt and short timeouts (botocore and s3fs retry for ~10 s otherwise)."""
+    out = dict(options or {})
+    if url.startswith(("s3://", "s3a://")):
+        config = dict(out.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", 5)
+        config.setdefault("read_timeout", 15)
+        config["retries"] = {"max_attempts": 1}
+        out |= {"config_kwargs": config, "skip_instance_cache": True}
+    return out

@@ -1,0 +1,56 @@
+"""Choosing a launcher: the world size it gives, the checks before it starts, and starting it.
+
+Used by ``pretrain``/``finetune``, pipelines and sweeps, so the world size is decided here only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from orchestrator import storage, weights
+from orchestrator.data import manifest
+from orchestrator.errors import OrchestratorError, RecipeError
+from orchestrator.recipe import Recipe, plan_batch
+
+LAUNCHERS = ("ray", "local")
+
+
+def world_size(recipe: Recipe, launcher: str) -> int:
+    """Ray: ``scaling.num_workers``; local: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+    if launcher == "local":
+        return int(os.environ.get("WORLD_SIZE", 1))
+    return recipe.scaling.num_workers
+
+
+def preflight(recipe: Recipe, source: str, world: int, require_init: bool = False) -> None:
+    """Every check that needs the launch plan or storage, before any process group or cluster starts:
+    the batch plan, the run storage, the datasets and ``model.init``. Each failure is one line."""
+    plan_batch(recipe, world, f"{source} (on {world} device(s))")
+    if require_init and not recipe.model.init:
+        raise RecipeError(f"{source}: model.init: fine-tuning needs a run name or checkpoint URL to start from")
+    storage.check_reachable(recipe.run.storage, recipe.run.storage_options, "run.storage", "run.storage_options")
+    for key in ("train", "val"):
+        url = getattr(recipe.data, key)
+        if url:
+            storage.check_reachable(url, recipe.data.storage_options, f"data.{key}", "data.storage_options")
+            try:
+                manifest.load(url, recipe.data.storage_options)
+            except OrchestratorError as exc:
+                raise RecipeError(f"{source}: data.{key}={url}: {exc}") from exc
+    if recipe.model.init:
+        try:
+            weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
+        except OrchestratorError as exc:
+            raise RecipeError(f"{source}: {exc}") from exc
+
+
+def launch(recipe: Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:
+    """Run the recipe under ``launcher`` (``ray`` or ``local``); returns the last metrics."""
+    if launcher == "local":
+        from orchestrator.launch import local
+
+        return local.run(recipe, fresh)
+    from orchestrator.launch import ray_train
+
+    return ray_train.run(recipe, fresh)

@@ -1,0 +1,58 @@
+"""Running a pipeline's stages: on Slurm (one job per stage, chained with ``afterok``), or one after
+another in this process, inside one Ray job or as local runs. Complete stages are skipped."""
+
+from __future__ import annotations
+
+import logging
+
+from orchestrator import recipe as recipes
+from orchestrator.launch import slurm_cluster
+from orchestrator.launch.launcher import launch, preflight, world_size
+from orchestrator.pipeline_file import Pipeline, Stage, read_state, record, stage_recipe
+
+log = logging.getLogger(__name__)
+
+
+def run_slurm(pipeline: Pipeline) -> list[str]:
+    """Submit every incomplete stage, chained with afterok; a stage whose job is still queued or running is kept."""
+    from orchestrator.launch import slurm
+
+    options = pipeline.slurm
+    todo = [s for s in pipeline.stages if not _skip_complete(pipeline, s)]
+    if not todo:
+        return []
+    recipes_ = {s.name: recipes.absolute_paths(stage_recipe(pipeline, s, options.world_size, gpus=options.gpus_per_node > 0))
+                for s in todo}
+    slurm_cluster.check_cluster(options, recipes_[todo[0].name])
+    for s in todo:
+        preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", options.world_size)
+    state, submitted, after = read_state(pipeline), [], None
+    for s in todo:
+        jobs = state["stages"].get(s.name, {}).get("jobs", [])
+        if jobs and slurm_cluster.job_states(jobs[-1:])[0].get(jobs[-1]) in slurm_cluster.LIVE:
+            log.info("%s: Slurm job %s is still queued or running, kept", s.name, jobs[-1])
+            after = jobs[-1]
+            continue
+        after = slurm.submit(s.name, recipes_[s.name], options, after)
+        record(pipeline, s, "slurm", after)
+        submitted.append(after)
+    return submitted
+
+
+def run_in_process(pipeline: Pipeline, launcher: str) -> None:
+    """Stages one after another in this process: inside one Ray job (``ray``) or as local runs (``local``)."""
+    for s in pipeline.stages:
+        if _skip_complete(pipeline, s):
+            continue
+        recipe = stage_recipe(pipeline, s)  # as orchestrator.pretrain would run it, under the same launcher
+        preflight(recipe, f"{pipeline.path}: stage {s.name}", world_size(recipe, launcher))
+        record(pipeline, s, launcher)
+        log.info("%s: running %s", s.name, pipeline.run(s).url)
+        launch(recipe, launcher)
+
+
+def _skip_complete(pipeline: Pipeline, stage: Stage) -> bool:
+    run = pipeline.run(stage)
+    if run.complete:
+        log.info("%s: complete (%s has final weights), skipped", stage.name, run.url)
+    return run.complete

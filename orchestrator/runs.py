@@ -1,0 +1,82 @@
+"""``python -m orchestrator.runs STORAGE [--json]``: the runs under a storage URL, one line each.
+
+State: finished (final weights written), running (its heartbeat in ``status.json`` is fresh),
+stopped at step N (checkpoints, no final weights, no fresh heartbeat), or not started. Also the
+launcher, epochs and steps done, best and last top-1, the newest committed checkpoint (its marker
+and file sizes checked) and where the final weights are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from orchestrator import cli, storage
+from orchestrator.rundir import RunDir
+
+STALE_AFTER_S = 15 * 60  # a running run writes status.json at least every minute and at every checkpoint
+
+
+def summary(run: RunDir) -> dict[str, Any]:
+    config, status, records = run.config() or {}, run.status(), run.records()
+    latest = run.latest()
+    epochs = [r for r in records if r.get("kind") in ("epoch", "stop")]
+    top1 = [r["top1"] for r in epochs if isinstance(r.get("top1"), int | float)]
+    step = max([status.get("step") or 0, latest.step if latest else 0, *(r.get("step") or 0 for r in records)])
+    if run.complete:
+        state = "finished"
+    elif status.get("state") == "running" and time.time() - status.get("updated", 0) < STALE_AFTER_S:
+        state = "running"
+    elif latest:
+        state = f"stopped at step {latest.step}"
+    else:
+        state = "not started"
+    return {
+        "name": run.name, "state": state, "launcher": status.get("launcher", ""),
+        "epochs_done": max((r.get("epochs_done") or r.get("epoch", -1) + 1 for r in epochs), default=0),
+        "epochs": (config.get("schedule") or {}).get("epochs"), "step": step, "total_steps": status.get("total_steps"),
+        "best_top1": max(top1) if top1 else None, "last_top1": top1[-1] if top1 else None,
+        "checkpoint": latest.url if latest else None, "weights": run.final_weights(), "url": run.url,
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    print(f"{'run':28s} {'state':22s} {'launcher':8s} {'epochs':>9s} {'steps':>13s} {'best':>6s} {'last':>6s}  "
+          "checkpoint / weights")
+    for r in rows:
+        epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
+        steps = f"{r['step']}/{r['total_steps'] if r['total_steps'] is not None else '?'}"
+        where = r["weights"] or r["checkpoint"] or "-"
+        print(f"{r['name']:28s} {r['state']:22s} {r['launcher'] or '-':8s} {epochs:>9s} {steps:>13s} "
+              f"{pct(r['best_top1']):>6s} {pct(r['last_top1']):>6s}  {where}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser("orchestrator.runs", __doc__)
+    p.add_argument("storage", help="where the runs live (run.storage), e.g. runs or s3://bucket/runs")
+    p.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
+    cli.add_storage_option(p)
+
+    def body(args: argparse.Namespace) -> None:
+        options = cli.storage_options(args.storage_option)
+        storage.check_reachable(args.storage, options, "STORAGE", "--storage-option")
+        rows = [summary(run) for run in RunDir.list(args.storage, options)]
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        elif rows:
+            print_table(rows)
+        else:
+            print(f"no runs under {args.storage}")
+
+    return cli.run(body, p, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

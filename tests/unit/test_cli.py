@@ -1,0 +1,157 @@
+"""Every entry point shares one error path: one line, the right exit code, no secret, nothing written.
+
+The unreachable store is a loopback port nobody listens on, with fake credentials that must never
+be printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator import cli, overrides, storage
+from orchestrator.data.__main__ import main as data_main
+from orchestrator.errors import RecipeError
+from orchestrator.finetune import main as finetune_main
+from orchestrator.gradcam.__main__ import main as gradcam_main
+from orchestrator.pipeline import main as pipeline_main
+from orchestrator.pretrain import main as pretrain_main
+from orchestrator.runs import main as runs_main
+from orchestrator.tune import main as tune_main
+from tests.conftest import ROOT
+from tests.services import free_port
+
+SECRET = "fake-secret-Zq8w7v6u5t"
+R = ROOT / "recipes"
+
+
+@pytest.fixture(scope="module")
+def dead_store() -> dict[str, str]:
+    """Options for an S3 endpoint where nothing listens, with fake credentials."""
+    return {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "AKIAFAKEFAKE", "secret": SECRET}
+
+
+def flow(options: dict[str, str]) -> str:
+    return json.dumps(options)
+
+
+def run(main: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line(err: str, code: int, expected_code: int, *words: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip() and line.split(" ", 1)[0].count(":") != 2]
+    assert code == expected_code, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert SECRET not in err
+
+
+CASES = {
+    # name: (main, argv builder, exit code, words in the message)
+    "pretrain bad key": (pretrain_main, lambda t, s: [str(R / "smoke.yaml"), "--set", "optimizer.lrr=1"], 2,
+                         ["--set: optimizer.lrr: unknown key"]),
+    "pretrain dead store": (pretrain_main, lambda t, s: [str(R / "smoke.yaml"), "--launcher", "local", "--set",
+                                                         "run.storage=s3://runs", f"run.storage_options={flow(s)}",
+                                                         "data.train=/nowhere/train"], 2,
+                            ["run.storage=s3://runs", "cannot connect to http://127.0.0.1:", "endpoint_url in run.storage_options"]),
+    "pretrain missing data": (pretrain_main, lambda t, s: [str(R / "smoke.yaml"), "--launcher", "local", "--set",
+                                                           f"data.train={t}/nowhere", f"run.storage={t}/runs"], 2,
+                              [f"data.train={'{t}'}/nowhere", "no manifest.json"]),
+    "finetune without init": (finetune_main, lambda t, s: [str(R / "smoke.yaml"), "--launcher", "local", "--set",
+                                                           f"run.storage={t}/runs", "data.train=/d"], 2,
+                              ["model.init: fine-tuning needs a run name"]),
+    "pipeline bad stage key": (pipeline_main, lambda t, s: [str(R / "pipelines" / "smoke.yaml"), "--launcher", "local",
+                                                            "--set", "pretrain:optimizer.lrr=1"], 2,
+                               ["optimizer.lrr: unknown key"]),
+    "pipeline dead store": (pipeline_main, lambda t, s: [str(R / "pipelines" / "smoke.yaml"), "--launcher", "local",
+                                                         "--storage", "s3://runs", "--set",
+                                                         f"run.storage_options={flow(s)}", f"data.train={t}/d"], 2,
+                            ["storage=s3://runs", "cannot connect"]),
+    "pipeline missing file": (pipeline_main, lambda t, s: [f"{t}/nope.yaml", "--status"], 2,
+                              ["nope.yaml: pipeline file not found"]),
+    "tune bad sweep field": (tune_main, lambda t, s: [str(R / "sweeps" / "smoke.yaml"), "--set", "sweep.colour=red"], 2,
+                             ["unknown key(s) ['colour']"]),
+    "tune dead store": (tune_main, lambda t, s: [str(R / "sweeps" / "smoke.yaml"), "--set", "run.storage=s3://runs",
+                                                 f"run.storage_options={flow(s)}", "data.train=/d", "data.val=/v"], 2,
+                        ["cannot connect"]),
+    "gradcam dead store": (gradcam_main, lambda t, s: ["--model", "A=s3://runs/a", "--images", "s3://data/val", "--out",
+                                                       f"{t}/fig.png", "--storage-option",
+                                                       *(f"{k}={v}" for k, v in s.items())], 2,
+                           ["--images=s3://data/val", "cannot connect"]),
+    "gradcam missing file": (gradcam_main, lambda t, s: ["--model", f"A={t}/nothing", "--images", f"{t}/none", "--out",
+                                                         f"{t}/fig.png"], 2, ["none"]),
+    "data dead store": (data_main, lambda t, s: ["synth", "s3://data/synth", "--storage-option",
+                                                 *(f"{k}={v}" for k, v in s.items())], 2,
+                        ["DEST=s3://data/synth", "cannot connect"]),
+    "data missing source": (data_main, lambda t, s: ["shard", f"{t}/no-such-folder", f"{t}/out"], 2,
+                            ["no-such-folder"]),
+    "runs dead store": (runs_main, lambda t, s: ["s3://runs", "--storage-option", *(f"{k}={v}" for k, v in s.items())],
+                        2, ["STORAGE=s3://runs", "cannot connect"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_entry_point_fails_in_one_line_without_secrets_or_writes(case: str, tmp_path: Path,
+                                                                       dead_store: dict[str, str],
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    main, argv, expected, words = CASES[case]
+    before = set(os.listdir(tmp_path))
+    code, out, err = run(main, argv(tmp_path, dead_store), capsys)
+    assert_one_line(err, code, expected, *(w.replace("{t}", str(tmp_path)) for w in words))
+    assert SECRET not in out
+    assert set(os.listdir(tmp_path)) == before, "nothing may be written when the input is bad"
+
+
+def test_no_credentials_and_a_missing_bucket_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       dead_store: dict[str, str]) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(storage.StorageError) as err:
+        storage.check_reachable("s3://runs", {"endpoint_url": dead_store["endpoint_url"]}, "run.storage",
+                                "run.storage_options")
+    assert "no credentials for the store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in str(err.value)
+
+
+def test_set_takes_several_pairs_or_repeats_and_the_value_is_yaml() -> None:
+    p = cli.parser("x", None)
+    cli.add_set(p)
+    args = p.parse_args(["--set", "a.b=1", "c.d=[1, 2]", "--set", "e.f={k: v}", "--set=s:g.h=null"])
+    parsed = overrides.parse(args.set)
+    assert [(o.key, o.value, o.scope) for o in parsed] == [("a.b", 1, None), ("c.d", [1, 2], None),
+                                                           ("e.f", {"k": "v"}, None), ("g.h", None, "s")]
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        overrides.parse(["optimizer=1"])
+
+
+def test_secrets_from_the_environment_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret-9a8b7c")
+    assert storage.redact("failed with envsecret-9a8b7c in the URL") == "failed with *** in the URL"
+
+
+def test_an_unexpected_error_exits_1_with_its_traceback_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    storage.remember_secrets({"secret": SECRET})
+
+    def body(_args: object) -> None:
+        raise ValueError(f"boom {SECRET}")
+
+    assert cli.run(body, cli.parser("x", None), []) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("error: boom ***") and SECRET not in err
+
+
+def test_ctrl_c_exits_130(capsys: pytest.CaptureFixture[str]) -> None:
+    def body(_args: object) -> None:
+        raise KeyboardInterrupt
+
+    assert cli.run(body, cli.parser("x", None), []) == 130
+    assert "interrupted" in capsys.readouterr().err
