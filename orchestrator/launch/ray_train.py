@@ -22,6 +22,7 @@ import ray.train
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution import context as ray_train_context
 from ray.train.v2.api.config import LoggingConfig
 
 from orchestrator import logs, storage
@@ -49,6 +50,9 @@ class RayContext(TrainContext):
 def worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: rebuild the recipe, make the context, train."""
     logs.setup()
+    # Ray logs every report at INFO under a logger named by its file path, outside "ray.train" where
+    # LoggingConfig would hold it back; the metrics are in metrics.jsonl already.
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     faults.configure(config.get("fault"))
     recipe = from_dict(config["recipe"])
     tctx = ray.train.get_context()
@@ -72,8 +76,7 @@ def connect() -> None:
 
     The local cluster gets its dashboard: Ray Train's placement-group cleaner asks the state API
     (served by the dashboard) whether the controller is alive, and without it warns every few
-    seconds; Tune's stopped trials also kept their placement groups without it (Ray 2.60). Token
-    authentication is set explicitly, which is also what keeps Ray from warning about it.
+    seconds; Tune's stopped trials also kept their placement groups without it (Ray 2.60).
     """
     if ray.is_initialized():
         return
@@ -81,9 +84,15 @@ def connect() -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING,
-                 configure_logging=True)
+        # Ray turns token authentication on for a cluster it starts and warns that it did; on our own
+        # 127.0.0.1 cluster that is the right default, so the warning is held back for this call.
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = auth.level
+        auth.setLevel(logging.ERROR)
+        try:
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING)
+        finally:
+            auth.setLevel(level)
     logs.setup()  # ray.init configures the "ray" logger; hold it at WARNING again
 
 
@@ -130,7 +139,7 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     result = trainer(recipe).fit()
     if result.error:
         raise cause(result.error)
-    return dict(result.metrics or {})
+    return RunDir.of(recipe).last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
 
 
 def cause(error: BaseException) -> BaseException:
