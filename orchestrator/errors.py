@@ -40,4 +40,6 @@ class TrainingError(OrchestratorError):
 class Interrupted(OrchestratorError):
     """Stopped on request (Ctrl-C, SIGTERM, a sweep cut short); re-running the same command continues."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # 128 + the signal, as a shell reports it

@@ -7,11 +7,13 @@ dotted key, and is raised before any process group, cluster or dataset read star
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from model.config import ModelConfig
 from orchestrator import overrides as overrides_
 from orchestrator.errors import RecipeError
 from orchestrator.overrides import Override
-from orchestrator.storage import absolute, redacted_options, remember_secrets
+from orchestrator.storage import absolute, is_secret, redacted_options, remember_secrets
 
 
 @dataclass
@@ -163,8 +165,42 @@ def plan_batch(recipe: Recipe, world_size: int, source: str = "recipe") -> Batch
 
 
 # --- loading ------------------------------------------------------------------------------------
+SECRETS_ENV = "INCEPTIONNEXT_STORAGE_SECRETS"
+
+
+def secret_options(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The secret storage options of ``recipe`` by section (what ``to_dict(redact=True)`` replaces by ``***``)."""
+    return {section: {k: v for k, v in getattr(recipe, section).storage_options.items() if is_secret(k)}
+            for section in ("data", "run")}
+
+
+@contextlib.contextmanager
+def secrets_in_environment(recipe: Recipe) -> Iterator[None]:
+    """``SECRETS_ENV`` set in this process while launching processes that inherit its environment
+    (sbatch); ``from_dict`` there fills the redacted options back in. Secrets never go into a pickle."""
+    old = os.environ.get(SECRETS_ENV)
+    os.environ[SECRETS_ENV] = json.dumps(secret_options(recipe))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(SECRETS_ENV, None)
+        else:
+            os.environ[SECRETS_ENV] = old
+
+
 def from_dict(data: dict[str, Any]) -> Recipe:
-    """A recipe from ``Recipe.to_dict(redact=False)`` (how launchers ship it to workers)."""
+    """A recipe from ``Recipe.to_dict()`` (how launchers ship it to workers). Redacted (``***``) storage
+    options are filled in from ``SECRETS_ENV``."""
+    secrets = json.loads(os.environ.get(SECRETS_ENV) or "{}")
+    data = {**data, **{section: {**data[section], "storage_options": {
+        k: secrets.get(section, {}).get(k, v) if v == "***" else v for k, v in data[section]["storage_options"].items()}}
+        for section in ("data", "run") if section in data}}
+    missing = [f"{s}.storage_options.{k}" for s in ("data", "run") for k, v in data.get(s, {}).get("storage_options", {}).items()
+               if v == "***"]
+    if missing:
+        raise RecipeError(f"recipe: {', '.join(missing)} arrived redacted and {SECRETS_ENV} does not hold them; "
+                          "launch through this project's launchers, or pass credentials in the environment")
     recipe = _build(data, {}, "recipe")
     validate(recipe)
     return recipe

@@ -46,6 +46,7 @@ def install() -> str | None:
 @dataclass
 class SlurmCluster:
     root: Path
+    accounting: bool = True  # slurmdbd + MariaDB; without them sacct answers "accounting storage is disabled"
     host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     ports: dict[str, int] = field(default_factory=lambda: {k: free_port() for k in ("ctld", "slurmd", "dbd", "db")})
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -73,16 +74,20 @@ class SlurmCluster:
         for sub in ("etc", "munge", "db", "state", "spool", "log", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
-        self._start_mariadb()
+        if self.accounting:
+            self._start_mariadb()
         self._write_configs()
-        self._spawn("slurmdbd", ["slurmdbd", "-D"])
-        poll(lambda: self._port_open(self.ports["dbd"]), 60, f"slurmdbd on port {self.ports['dbd']} ({self.log('slurmdbd')})")
+        if self.accounting:
+            self._spawn("slurmdbd", ["slurmdbd", "-D"])
+            poll(lambda: self._port_open(self.ports["dbd"]), 60,
+                 f"slurmdbd on port {self.ports['dbd']} ({self.log('slurmdbd')})")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
         poll(lambda: self.run("scontrol", "ping", check=False).count("UP"), 60, f"slurmctld ({self.log('slurmctld')})")
         self._spawn("slurmd", ["slurmd", "-D", "-N", self.host])
         poll(lambda: self.run("sinfo", "-h", "-o", "%T").strip() == "idle", 60,
              f"node {self.host} idle in sinfo ({self.log('slurmd')}, {self.log('slurmctld')})")
-        poll(lambda: self.run("sacct", "-n", "-X", "-S", "now-1hour", check=False) is not None, 30, "sacct")
+        if self.accounting:
+            poll(lambda: self.run("sacct", "-n", "-X", "-S", "now-1hour", check=False) is not None, 30, "sacct")
 
     def log(self, name: str) -> Path:
         return self.root / "log" / f"{name}.log"
@@ -135,9 +140,9 @@ class SlurmCluster:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SchedulerParameters=sched_interval=5,bf_interval=5", "ReturnToService=2", "KillWait=5", "MinJobAge=600",
-            "AccountingStorageType=accounting_storage/slurmdbd", f"AccountingStorageHost={self.host}",
-            f"AccountingStoragePort={self.ports['dbd']}", f"AccountingStoragePass={self.munge_socket}",
-            "JobAcctGatherType=jobacct_gather/linux", "JobAcctGatherFrequency=30",
+            *(["AccountingStorageType=accounting_storage/slurmdbd", f"AccountingStorageHost={self.host}",
+               f"AccountingStoragePort={self.ports['dbd']}", f"AccountingStoragePass={self.munge_socket}",
+               "JobAcctGatherType=jobacct_gather/linux", "JobAcctGatherFrequency=30"] if self.accounting else []),
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN",
             f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
@@ -164,17 +169,27 @@ class SlurmCluster:
                     proc.wait()
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
+def started(accounting: bool = True) -> Iterator[SlurmCluster]:
     reason = install()
     if reason:
         pytest.skip(f"SLURM CANNOT BE INSTALLED HERE, the Slurm tests did not run: {reason}")
-    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")))
+    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")), accounting=accounting)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    yield from started()
+
+
+@pytest.fixture(scope="module")
+def slurm_without_accounting() -> Iterator[SlurmCluster]:
+    """A second, smaller cluster: munged, slurmctld and slurmd, no slurmdbd."""
+    yield from started(accounting=False)
 
 
 if __name__ == "__main__":

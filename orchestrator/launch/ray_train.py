@@ -12,8 +12,12 @@ Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import time
+import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -26,22 +30,48 @@ from ray.train.v2._internal.execution import context as ray_train_context
 from ray.train.v2.api.config import LoggingConfig
 
 from orchestrator import logs, storage
-from orchestrator.errors import OrchestratorError, RecipeError
+from orchestrator.errors import Interrupted, OrchestratorError, RecipeError
 from orchestrator.launch import faults
 from orchestrator.recipe import Recipe, absolute_paths, from_dict
 from orchestrator.rundir import RunDir
-from orchestrator.train.context import TrainContext
+from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
+from orchestrator.train.stop import StopSignals
 
 log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class StopRelay:
+    """Carries the driver's SIGTERM/SIGINT to the workers, whose loop runs in a thread no signal reaches."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def request(self, signum: int) -> None:
+        self.signum = self.signum or signum
+
+    def requested(self) -> int | None:
+        return self.signum
 
 
 class RayContext(TrainContext):
     """Rank and device from Ray Train; epoch metrics go to ``ray.train.report`` (Tune reads them)."""
 
+    relay: Any = None  # the driver's StopRelay, asked at most once a second
+    _asked: float = 0.0
+
     def save_checkpoint(self, step: int, files: dict[str, bytes] | None, meta: dict[str, Any]) -> None:
         super().save_checkpoint(step, files, meta)
         faults.maybe_fail(step, self.rank)
+
+    def poll_stop(self) -> bool:
+        if self.relay is not None and self.stop.received is None and time.monotonic() - self._asked > 1.0:
+            self._asked = time.monotonic()
+            signum = ray.get(self.relay.requested.remote(), timeout=30)
+            if signum:
+                self.stop.request(signum)
+        return super().poll_stop()
 
     def report(self, metrics: dict[str, Any]) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)})
@@ -60,7 +90,10 @@ def worker(config: dict[str, Any]) -> None:
     ctx = RayContext(run=RunDir.of(recipe), rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
                      local_rank=tctx.get_local_rank(), device=device, keep_checkpoints=recipe.run.keep_checkpoints,
                      launcher="ray")
-    train(recipe, ctx)
+    if config.get("relay"):
+        ctx.relay = ray.get_actor(config["relay"])
+    with contextlib.suppress(StopRequested):  # checkpointed; the driver reports where the run stopped
+        train(recipe, ctx)
 
 
 def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSystem | None]:
@@ -115,14 +148,15 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     return absolute_paths(recipe)
 
 
-def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None) -> TorchTrainer:
-    """A TorchTrainer for ``recipe`` (paths already absolute): workers and resources from ``scaling``."""
+def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None, relay: str | None = None) -> TorchTrainer:
+    """A TorchTrainer for ``recipe`` (paths already absolute): workers and resources from ``scaling``;
+    ``relay`` names the driver's StopRelay actor."""
     s = recipe.scaling
     storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
     gpus = {"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}
     return TorchTrainer(
         worker,
-        train_loop_config={"recipe": recipe.to_dict(redact=False), "fault": os.environ.get(faults.ENV)},
+        train_loop_config={"recipe": recipe.to_dict(redact=False), "fault": os.environ.get(faults.ENV), "relay": relay},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
         run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
@@ -132,14 +166,29 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
 
 
 def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
+    """Fit under Ray. SIGTERM or Ctrl-C to this driver: the workers checkpoint at the next step and
+    return, then Interrupted says where the run resumes; a second signal stops at once."""
     connect()
     recipe = with_absolute_paths(recipe)
+    run_dir = RunDir.of(recipe)
     if fresh:
-        RunDir.of(recipe).set_aside()
-    result = trainer(recipe).fit()
+        run_dir.set_aside()
+    name = f"stop-relay-{uuid.uuid4().hex}"
+    relay = StopRelay.options(name=name).remote()
+    stop = StopSignals(relay=lambda signum: relay.request.remote(signum)).install()
+    try:
+        result = trainer(recipe, relay=name).fit()
+    finally:
+        stop.restore()
+        ray.kill(relay)
     if result.error:
         raise cause(result.error)
-    return RunDir.of(recipe).last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
+    if stop.received and not run_dir.complete:
+        latest = run_dir.latest()
+        step = latest.step if latest else 0
+        raise Interrupted(f"stopped on {signal.Signals(stop.received).name} at step {step}, checkpointed in "
+                          f"{latest.url if latest else run_dir.url}; the same command resumes there", 128 + stop.received)
+    return run_dir.last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
 
 
 def cause(error: BaseException) -> BaseException:

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import torch
 import torch.distributed as dist
 
 from orchestrator import logs
 from orchestrator.launch.distributed import context_from_env
 from orchestrator.launch.slurm_cluster import SlurmOptions, minutes
-from orchestrator.recipe import Recipe, from_dict
-from orchestrator.train.context import StopRequested, TrainContext
+from orchestrator.recipe import Recipe, from_dict, secrets_in_environment
+from orchestrator.train.context import StopRequested
 from orchestrator.train.loop import train
+from orchestrator.train.stop import StopSignals
 
 log = logging.getLogger(__name__)
 PREEMPT_SIGNAL = signal.SIGUSR2  # submitit's default requeue signal
@@ -52,28 +52,19 @@ def submit(stage: str, recipe: Recipe, options: SlurmOptions, after: str | None)
     if after:
         params["slurm_dependency"] = f"afterok:{after}"
     executor.update_parameters(name=f"{recipe.run.name}", **params)
-    job = executor.submit(SlurmStage(recipe.to_dict(redact=False)))
+    with secrets_in_environment(recipe):  # sbatch exports this process's environment to the job
+        job = executor.submit(SlurmStage(recipe.to_dict(redact=True)))
     log.info("%s: submitted Slurm job %s%s (logs: %s)", stage, job.job_id, f" after {after}" if after else "",
              Path(options.log_dir) / job.job_id)
     return str(job.job_id)
 
 
-class SlurmContext(TrainContext):
-    """Stops every rank at the same step once any of them got the requeue signal."""
-
-    requested = False
-
-    def stop_requested(self) -> bool:
-        flag = SlurmContext.requested
-        if self.world_size > 1 and dist.is_initialized():
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
-
 class SlurmStage:
-    """The submitit callable: ``__call__`` trains; ``checkpoint`` (called by submitit on requeue) resubmits itself."""
+    """The submitit callable: ``__call__`` trains; ``checkpoint`` (called by submitit on requeue) resubmits itself.
+
+    It holds the recipe with its secrets redacted (submitit pickles it onto the shared log folder);
+    the secrets travel in the job's environment (``recipe.SECRETS_ENV``), which sbatch exports.
+    """
 
     def __init__(self, recipe: dict[str, Any]) -> None:
         self.recipe = recipe
@@ -83,21 +74,21 @@ class SlurmStage:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         recipe = from_dict(self.recipe)
         requeue = signal.getsignal(PREEMPT_SIGNAL)  # submitit's: calls checkpoint(), requeues, exits
-
-        def request_stop(signum: int, frame: Any) -> None:
-            log.warning("got %s: stopping at the next step to checkpoint and requeue", signal.Signals(signum).name)
-            SlurmContext.requested = True
-
-        signal.signal(PREEMPT_SIGNAL, request_stop)
-        base = context_from_env(recipe, launcher="slurm")
-        ctx = SlurmContext(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+        ctx = context_from_env(recipe, launcher="slurm")
+        # USR2 (time limit, or `scancel --signal=USR2`): checkpoint, then submitit requeues the job.
+        # SIGTERM (PreemptMode=REQUEUE, before SIGKILL at GraceTime) or SIGINT: checkpoint and exit; Slurm requeues.
+        ctx.stop = StopSignals((PREEMPT_SIGNAL, signal.SIGTERM, signal.SIGINT)).install()
         try:
             return train(recipe, ctx)
-        except StopRequested:
-            if ctx.is_main and callable(requeue):
+        except StopRequested as stop:
+            received = ctx.stop.received or PREEMPT_SIGNAL
+            log.warning("stopped at step %s on %s; the requeued job resumes there", stop.args[0],
+                        signal.Signals(received).name)
+            if received == PREEMPT_SIGNAL and ctx.is_main and callable(requeue):
                 requeue(PREEMPT_SIGNAL, None)  # exits this process once the job is requeued
-            sys.exit(-1)  # other ranks: the requeue ends the whole job
+            sys.exit(128 + received)  # other ranks (the requeue ends the whole job), or Slurm's own requeue
         finally:
+            ctx.stop.restore()
             if dist.is_initialized():
                 dist.destroy_process_group()
 

@@ -1,8 +1,8 @@
 """What the training loop needs from whoever launched it; each launcher adapts this in a few lines.
 
 The base class serves every launcher: checkpoints go straight into the run folder through its
-commit protocol (``RunDir``), on rank 0, followed by a barrier. Launchers override
-``stop_requested`` (preemption) and ``report`` (Ray/Tune metrics).
+commit protocol (``RunDir``), on rank 0, followed by a barrier; a stop request (a signal) is agreed
+on by all ranks. Launchers override ``poll_stop`` (Ray relays requests) and ``report`` (Ray/Tune).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.rundir import RunDir
+from orchestrator.train.stop import StopSignals
 
 
 class StopRequested(Exception):  # noqa: N818 - a request, not an error
@@ -29,6 +30,7 @@ class TrainContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     keep_checkpoints: int = 3
     launcher: str = "local"
+    stop: StopSignals = field(default_factory=StopSignals)  # the launcher installs it where signals reach the loop
 
     @property
     def is_main(self) -> bool:
@@ -49,9 +51,18 @@ class TrainContext:
     def stop_requested(self) -> bool:
         """Asked after every step, on every rank: True makes the loop checkpoint and raise StopRequested.
 
-        Launchers that get preempted (Slurm) override it; the answer must be the same on all ranks.
+        True on every rank once any rank saw a stop request, so that all stop at the same step.
         """
-        return False
+        flag = self.poll_stop()
+        if self.world_size > 1 and dist.is_initialized():
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+    def poll_stop(self) -> bool:
+        """This rank's own view: a signal it caught (launchers that relay requests override this)."""
+        return self.stop.received is not None
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Per-epoch metrics for the launcher (Ray/Tune), on every rank; files are written by the loop itself."""

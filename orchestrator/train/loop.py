@@ -84,6 +84,9 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
                              world_size=ctx.world_size)
         log_header(c, recipe, ctx, state["step"], stop_at)
     last: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
+    if state["step"] >= stop_at:  # stopped after its last checkpoint, before the final weights: nothing to train
+        last = next((r for r in reversed(writer.records) if r.get("kind") in ("epoch", "stop")), last)
+        ctx.report(last)
     started, first_step = time.monotonic(), state["step"]
     while state["step"] < stop_at:
         epoch = state["step"] // c.steps_per_epoch

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator import pipeline as pipelines
+from orchestrator import pipeline_file
 from orchestrator.launch import local
-from orchestrator.launch.slurm import job_states
+from orchestrator.launch.slurm_cluster import job_states
 from tests.conftest import ROOT
 from tests.services import poll
 from tests.slurm import SlurmCluster
@@ -36,7 +37,7 @@ def tiny(data: Path) -> list[str]:
 
 def wait_done(job: str, timeout: float = 240) -> str:
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
-    return poll(lambda: (s := job_states([job]).get(job)) in final and s, timeout, f"Slurm job {job} to end")
+    return poll(lambda: (s := job_states([job])[0].get(job)) in final and s, timeout, f"Slurm job {job} to end")
 
 
 def sacct_times(slurm: SlurmCluster, job: str) -> tuple[str, str]:
@@ -91,10 +92,10 @@ def test_a_preempted_stage_requeues_and_ends_like_an_uninterrupted_run(
     assert re.search(r"Restarts=1\b", slurm.run("scontrol", "show", "job", job))
     log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
     stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
-    assert f"resumed {run}/checkpoints/step-{stopped:08d} at step {stopped}" in log and 0 < stopped < 100
+    assert f"resumed from {run}/checkpoints/step-{stopped:08d} at step {stopped}" in log and 0 < stopped < 100
 
-    reference = pipelines.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
-    local.run(pipelines.stage_recipe(reference, reference.stages[0]))
+    reference = pipeline_file.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
+    local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))
     a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bitwise the uninterrupted run
 
@@ -116,3 +117,23 @@ def test_bad_options_and_a_dead_controller_fail_before_submitting(
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     assert slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour") == jobs_before
     assert not (tmp_path / "runs").exists()
+
+
+def test_status_without_accounting_falls_back_to_squeue_and_says_so(
+        slurm_without_accounting: SlurmCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    slurm = slurm_without_accounting
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    assert "accounting storage is disabled" in subprocess.run(["sacct", "-n"], env=slurm.env, capture_output=True,
+                                                             text=True).stderr.lower()
+    job = slurm.run("sbatch", "--parsable", "--wrap=sleep 300", f"--output={tmp_path}/sleep.out").strip()
+    try:
+        poll(lambda: job_states([job])[0].get(job) == "RUNNING", 60, f"job {job} running in squeue")
+        p = pipeline_file.load(SMOKE, storage_url=f"{tmp_path}/runs")
+        pipeline_file.record(p, p.stages[0], "slurm", job)
+        assert pipelines.main([str(SMOKE), f"--storage={tmp_path}/runs", "--status"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(rf"pretrain\s+running\s+slurm\s+{job}\s", out), out
+        assert "no accounting: sacct is not available" in out
+    finally:
+        slurm.run("scancel", job, check=False)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from orchestrator import recipe as recipes
 from orchestrator import sweep as sweeps
 from orchestrator import tune as sweep_runner
+from orchestrator.rundir import Checkpoint, RunDir
 from tests.conftest import ROOT
 from tests.services import RayCluster, poll
 
@@ -34,20 +35,27 @@ def test_drop_path_grid_survives_an_interruption_and_gives_table_plot_and_best_r
     command = [sys.executable, "-m", "orchestrator.tune", "recipes/sweeps/smoke.yaml", *(f"--set={s}" for s in sets)]
     with open(tmp_path / "first.log", "wb") as log:
         first = subprocess.Popen(command, cwd=ROOT, env=driver.env, stdout=log, stderr=subprocess.STDOUT)
+    def first_checkpoint() -> tuple[Path, Checkpoint] | None:
+        return next(((run, c) for run in (tmp_path / "smoke" / "trials").glob("*") for c in RunDir(str(run)).committed()),
+                    None)
+
     try:
-        marker = poll(lambda: next((tmp_path / "smoke" / "trials").glob("*/checkpoints/step-*/COMMITTED"), None), 180,
-                      "the first trial checkpoint")
-        stamp = marker.stat().st_mtime_ns
+        run_path, _ = poll(first_checkpoint, 180, "the first committed trial checkpoint")
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=60) == 130, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         first.kill()
     interrupted_trials = {p.name for p in (tmp_path / "smoke" / "trials").iterdir()}
+    checkpoint = RunDir(str(run_path)).latest()  # where that trial stood when the sweep was interrupted
 
     table = sweep_runner.run(sweeps.load(ROOT / "recipes" / "sweeps" / "smoke.yaml", sets))
 
     assert set(table["trial"]) >= interrupted_trials and len(table) == 2  # the same trials, continued
-    assert marker.stat().st_mtime_ns == stamp  # its run resumed after that checkpoint instead of redoing it
+    # Its run resumed after that checkpoint instead of redoing it: the same commit (a redone one is written anew)
+    # and a resume record at its step.
+    assert next(c for c in RunDir(str(run_path)).committed() if c.step == checkpoint.step).meta == checkpoint.meta
+    records = RunDir(str(run_path)).records()
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [checkpoint.step]
     assert sorted(table["model.drop_path_rate"]) == [0.0, 0.2]
     assert (table["epochs"] == 2).all() and not table["stopped_early"].any() and (table["error"] == "").all()
     out = tmp_path / "smoke"

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from orchestrator import recipe as recipes
 from orchestrator.errors import TrainingError
 from orchestrator.launch import local
 from orchestrator.rundir import STATE, RunDir
 from orchestrator.train.context import StopRequested
 from orchestrator.train.loop import train
-from tests.conftest import StopAfter, smoke_recipe, steps_of
+from tests.conftest import ROOT, StopAfter, smoke_recipe, steps_of
+from tests.services import poll
 
 # Every source of randomness on: RandAugment, random erasing, mixup/cutmix, drop path, EMA, 2 workers, accumulation.
 RANDOM_EVERYTHING = ("augment.mixup=0.8", "augment.cutmix=1.0", "augment.re_prob=0.25", "model.drop_path_rate=0.1",
@@ -124,3 +130,33 @@ def test_a_requested_stop_checkpoints_and_resumes_exactly(stop_after: int, synth
     local.run(stopped)
     a, b = weights(tmp_path / "runs" / "straight"), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_is_bitwise_exact(synth_dir: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The local launcher as users run it: SIGTERM mid-epoch, exit 143 naming the step, resume there."""
+    sets = [f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.input_size=32", "data.num_workers=0",
+            "batch.global_batch_size=32", "batch.per_device_max=32", "schedule.epochs=6", "run.log_every_steps=2",
+            f"run.storage={tmp_path}/runs", "run.name=term"]
+    run = tmp_path / "runs" / "term"
+    command = [sys.executable, "-m", "orchestrator.pretrain", str(ROOT / "recipes" / "smoke.yaml"), "--launcher=local",
+               "--set", *sets]
+    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        poll(lambda: any(r.get("kind") == "train" and r["step"] >= 4 for r in RunDir(str(run)).records()), 120,
+             "training to pass step 4")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    stopped = int(re.search(r"stopped on SIGTERM at step (\d+)", err).group(1))
+    assert 4 <= stopped < 60
+    assert steps_of(run)[-1] == stopped and not (run / "model.safetensors").exists()
+
+    local.run(recipes.load(ROOT / "recipes" / "smoke.yaml", sets))  # the same command again
+    records = RunDir(str(run)).records()
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [stopped]
+    local.run(recipes.load(ROOT / "recipes" / "smoke.yaml", [*sets[:-1], "run.name=straight"]))
+    a, b = weights(run), weights(tmp_path / "runs" / "straight")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
