@@ -49,6 +49,7 @@ class S3Store:
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    niceness: int = 0  # benchmarks run the store niced: on a real cluster it is not on the training node
 
     @property
     def endpoint(self) -> str:
@@ -64,7 +65,7 @@ class S3Store:
             names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                      "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
             self.ports = {n: free_port() for n in names}
-        args = [weed, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+        args = [*(["nice", "-n", str(self.niceness)] if self.niceness else []), weed, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                 "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 *(f"-{n}={p}" for n, p in self.ports.items())]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}

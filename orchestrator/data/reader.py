@@ -53,6 +53,14 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([k & 0xFFFFFFFF for k in key])
 
 
+MIN_CORRUPT = 3  # corrupt images always tolerated, however small the split or the fraction
+
+
+def corrupt_budget(fraction: float, samples: int) -> float:
+    """Corrupt images allowed among ``samples``: the same whatever the world size or worker count."""
+    return max(fraction * samples, MIN_CORRUPT)
+
+
 def split_evenly(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
     """The ``index``-th of ``parts`` contiguous pieces of ``[start, stop)``; sizes differ by at most one."""
     n = stop - start
@@ -230,12 +238,12 @@ class _WorkerStream:
         shard, g = int(self.ds.groups[group, 0]), int(self.ds.groups[group, 1])
         row_in_shard = int(sum(self.ds.manifest.shards[shard].row_groups[:g])) + row
         where = f"shard {self.ds.manifest.shard_url(shard)} row {row_in_shard}"
-        allowed = self.ds.options.max_corrupt_fraction * len(self.items)
+        allowed = corrupt_budget(self.ds.options.max_corrupt_fraction, self.ds.num_samples)
         log.warning("corrupt image skipped: %s (%d so far in this worker)", where, self.corrupt)
-        if self.corrupt > allowed:
+        if self.corrupt > allowed:  # a backstop: the loop checks the sum over all ranks and workers
             raise DataError(
-                f"{where}: corrupt image; {self.corrupt} of this worker's {len(self.items)} samples are corrupt, "
-                f"more than data.max_corrupt_fraction={self.ds.options.max_corrupt_fraction}"
+                f"{where}: corrupt image; {self.corrupt} of the split's {self.ds.num_samples} samples are corrupt in "
+                f"one worker alone, more than data.max_corrupt_fraction={self.ds.options.max_corrupt_fraction}"
             )
 
     def _row(self, group: int, row: int) -> tuple[bytes, int]:

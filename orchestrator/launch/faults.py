@@ -18,12 +18,18 @@ def configure(spec: str | None) -> None:
     _spec = spec
 
 
-def maybe_fail(step: int, rank: int) -> None:
+def armed(step: int) -> bool:
+    """Whether a fault fires at this step (on some rank; it has not fired yet)."""
     if not _spec:
+        return False
+    _kind, at, _rank, marker = _spec.split(":", 3)
+    return step == int(at) and not Path(marker).exists()
+
+
+def maybe_fail(step: int, rank: int) -> None:
+    if not armed(step) or rank != int(_spec.split(":", 3)[2]):
         return
-    kind, at, on_rank, marker = _spec.split(":", 3)
-    if step != int(at) or rank != int(on_rank) or Path(marker).exists():
-        return
+    kind, _at, _on_rank, marker = _spec.split(":", 3)
     Path(marker).write_text(f"{kind} at step {step} on rank {rank}\n")
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

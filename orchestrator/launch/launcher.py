@@ -23,9 +23,10 @@ def world_size(recipe: Recipe, launcher: str) -> int:
     return recipe.scaling.num_workers
 
 
-def preflight(recipe: Recipe, source: str, world: int, require_init: bool = False) -> None:
+def preflight(recipe: Recipe, source: str, world: int, require_init: bool = False, check_init: bool = True) -> None:
     """Every check that needs the launch plan or storage, before any process group or cluster starts:
-    the batch plan, the run storage, the datasets and ``model.init``. Each failure is one line."""
+    the batch plan, the run storage, the datasets and ``model.init`` (unless ``check_init`` is off: an
+    earlier pipeline stage will produce it). Each failure is one line."""
     plan_batch(recipe, world, f"{source} (on {world} device(s))")
     if require_init and not recipe.model.init:
         raise RecipeError(f"{source}: model.init: fine-tuning needs a run name or checkpoint URL to start from")
@@ -38,7 +39,7 @@ def preflight(recipe: Recipe, source: str, world: int, require_init: bool = Fals
                 manifest.load(url, recipe.data.storage_options)
             except OrchestratorError as exc:
                 raise RecipeError(f"{source}: data.{key}={url}: {exc}") from exc
-    if recipe.model.init:
+    if recipe.model.init and check_init:
         try:
             weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
         except OrchestratorError as exc:

@@ -25,7 +25,8 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
                 for s in todo}
     slurm_cluster.check_cluster(options, recipes_[todo[0].name])
     for s in todo:
-        preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", options.world_size)
+        produced_later = s.init_from in {t.name for t in todo}  # its init is made by a stage submitted now
+        preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", options.world_size, check_init=not produced_later)
     state, submitted, after = read_state(pipeline), [], None
     for s in todo:
         jobs = state["stages"].get(s.name, {}).get("jobs", [])

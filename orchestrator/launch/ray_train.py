@@ -63,7 +63,9 @@ class RayContext(TrainContext):
 
     def save_checkpoint(self, step: int, files: dict[str, bytes] | None, meta: dict[str, Any]) -> None:
         super().save_checkpoint(step, files, meta)
-        faults.maybe_fail(step, self.rank)
+        if faults.armed(step):
+            self.flush()  # every rank: the fault comes right after this checkpoint is committed
+            faults.maybe_fail(step, self.rank)
 
     def poll_stop(self) -> bool:
         if self.relay is not None and self.stop.received is None and time.monotonic() - self._asked > 1.0:

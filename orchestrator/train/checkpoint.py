@@ -7,12 +7,17 @@ random draw is reseeded from the run seed and the position in the sample order.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import threading
 from typing import Any
 
 import torch
 
-from orchestrator.rundir import STATE
+from orchestrator.errors import CheckpointError
+from orchestrator.rundir import STATE, RunDir
+from orchestrator.storage import RetryPolicy, with_retries
 
 
 def encode(state: dict[str, Any]) -> dict[str, bytes]:
@@ -24,3 +29,43 @@ def encode(state: dict[str, Any]) -> dict[str, bytes]:
 
 def decode(data: bytes) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class BackgroundCommitter:
+    """Commits checkpoints to the run folder off the training thread: the state is snapshotted to
+    host memory (``encode``) before ``submit``, the upload runs in a thread, one at a time.
+
+    The next ``submit`` (and ``wait``) first waits for the one in flight, so at most one snapshot is
+    held besides the live state. A failed upload is retried with backoff, then fails the run loudly
+    at the next ``submit`` or ``wait``: never silently lost.
+    """
+
+    def __init__(self, run: RunDir, keep: int, policy: RetryPolicy | None = None) -> None:
+        self.run, self.keep, self.policy = run, keep, policy or RetryPolicy(attempts=4, base_delay=1.0)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, step: int, files: dict[str, bytes], meta: dict[str, Any]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._commit, args=(step, files, meta), name=f"checkpoint-{step}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _commit(self, step: int, files: dict[str, bytes], meta: dict[str, Any]) -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux: lower this thread's priority; training first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        try:
+            with_retries(lambda: self.run.write_checkpoint(step, files, meta), f"checkpoint {self.run.checkpoint_url(step)}",
+                         self.policy, self.run.options)
+            self.run.prune(self.keep)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the upload in flight is committed; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"checkpoint upload to {self.run.url} failed: {error}") from error

@@ -1,7 +1,7 @@
 """What the training loop needs from whoever launched it; each launcher adapts this in a few lines.
 
 The base class serves every launcher: checkpoints go straight into the run folder through its
-commit protocol (``RunDir``), on rank 0, followed by a barrier; a stop request (a signal) is agreed
+commit protocol (``RunDir``), uploaded by rank 0 in the background; a stop request (a signal) is agreed
 on by all ranks. Launchers override ``poll_stop`` (Ray relays requests) and ``report`` (Ray/Tune).
 """
 
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.rundir import RunDir
+from orchestrator.train.checkpoint import BackgroundCommitter
 from orchestrator.train.stop import StopSignals
 
 
@@ -31,6 +32,7 @@ class TrainContext:
     keep_checkpoints: int = 3
     launcher: str = "local"
     stop: StopSignals = field(default_factory=StopSignals)  # the launcher installs it where signals reach the loop
+    committer: BackgroundCommitter | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -41,11 +43,18 @@ class TrainContext:
             dist.barrier()
 
     def save_checkpoint(self, step: int, files: dict[str, bytes] | None, meta: dict[str, Any]) -> None:
-        """Called on every rank; rank 0 passes the files, commits them and prunes old checkpoints."""
+        """Called on every rank; rank 0 passes the files (a host-memory snapshot), which are committed
+        and old checkpoints pruned in the background. ``flush`` waits for that."""
         if self.is_main:
             assert files is not None
-            self.run.write_checkpoint(step, files, meta)
-            self.run.prune(self.keep_checkpoints)
+            if self.committer is None:
+                self.committer = BackgroundCommitter(self.run, self.keep_checkpoints)
+            self.committer.submit(step, files, meta)
+
+    def flush(self) -> None:
+        """Wait until every checkpoint handed to ``save_checkpoint`` is committed (raises if one failed)."""
+        if self.committer is not None:
+            self.committer.wait()
         self.barrier()
 
     def stop_requested(self) -> bool:

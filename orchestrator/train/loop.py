@@ -22,7 +22,8 @@ from safetensors.torch import save as save_safetensors
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
-from orchestrator.errors import CheckpointError, TrainingError
+from orchestrator.data.reader import corrupt_budget
+from orchestrator.errors import CheckpointError, DataError, TrainingError
 from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
 from orchestrator.train import checkpoint, components
@@ -106,12 +107,14 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
             writer.flush(plots=True)
             ctx.report(last)
         if stop and state["step"] < stop_at:
+            ctx.flush()
             writer.close()
             if ctx.is_main:
                 ctx.run.write_status("stopped", step=state["step"])
             log.info("stopping at step %d as the launcher asked (checkpoint saved); the next run resumes here",
                      state["step"])
             raise StopRequested(state["step"])
+    ctx.flush()  # the last checkpoint is committed before the final weights mark the run complete
     if ctx.is_main:
         write_final_weights(c, ctx, recipe)
         ctx.run.write_status("finished", step=state["step"])
@@ -163,6 +166,7 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
         bar.update(1)
         if state["step"] % recipe.run.log_every_steps == 0 or state["step"] in (epoch_end, stop_at):
             elapsed = time.monotonic() - window_start
+            check_corrupt(recipe, ctx, state.get("corrupt", 0), state.get("read", 0), "training images read so far")
             metrics = {"epoch": epoch, "step": state["step"], "lr": c.optimizer.param_groups[0]["lr"],
                        "train_loss": _mean_across_ranks(losses, ctx), "images_per_sec": window_images / max(elapsed, 1e-9)}
             writer.log({**metrics, "kind": "train"})
@@ -185,7 +189,10 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
     c.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=ctx.device)
     for micro in range(c.plan.accum_steps):
-        images, targets, _ids, _corrupt = next(batches)
+        images, targets, _ids, corrupt = next(batches)
+        if corrupt is not None:  # counted per rank; the budget is checked on the sum over ranks
+            state["corrupt"] = state.get("corrupt", 0) + int(corrupt.sum())
+            state["read"] = state.get("read", 0) + len(corrupt)
         seed_everything(recipe.run.seed, state["step"], micro, ctx.rank)
         images = images.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
@@ -217,6 +224,18 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
     return float(total)
 
 
+def check_corrupt(recipe: Recipe, ctx: TrainContext | None, corrupt: int, read: int, what: str) -> None:
+    """The corrupt-image budget over all ranks and workers (``ctx``: sum per-rank counts first), so
+    it is the same on any world size: ``data.max_corrupt_fraction`` of what was read, at least a few."""
+    if ctx is not None and ctx.world_size > 1:
+        t = torch.tensor([corrupt, read], dtype=torch.float64, device=ctx.device)
+        dist.all_reduce(t)
+        corrupt, read = int(t[0]), int(t[1])
+    if corrupt > corrupt_budget(recipe.data.max_corrupt_fraction, read):
+        raise DataError(f"{corrupt} of {read} {what} were corrupt, more than data.max_corrupt_fraction="
+                        f"{recipe.data.max_corrupt_fraction}; the warnings above name each shard and row")
+
+
 def _autocast(c: Components, ctx: TrainContext) -> contextlib.AbstractContextManager[Any]:
     if c.autocast is None:
         return contextlib.nullcontext()
@@ -239,7 +258,7 @@ def _mean_across_ranks(values: list[float], ctx: TrainContext) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, c: Components, ctx: TrainContext) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, c: Components, recipe: Recipe, ctx: TrainContext) -> dict[str, float]:
     """Top-1/top-5 over the whole validation split; each image counted once across ranks (corrupt excluded)."""
     assert c.val_loader is not None
     model.eval()
@@ -264,9 +283,9 @@ def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext) -> dict[str, 
         return {}
     if ctx.world_size > 1 and recipe.run.dist_bn != "none":
         distribute_bn(c.model, ctx.world_size, reduce=recipe.run.dist_bn == "reduce")
-    out: dict[str, Any] = evaluate(c.model, c, ctx)
+    out: dict[str, Any] = evaluate(c.model, c, recipe, ctx)
     if c.ema is not None:
-        out |= {f"ema_{k}": v for k, v in evaluate(c.ema.module, c, ctx).items() if k != "val_images"}
+        out |= {f"ema_{k}": v for k, v in evaluate(c.ema.module, c, recipe, ctx).items() if k != "val_images"}
     c.step_model.train()
     return out
 

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator import recipe as recipes
-from orchestrator.errors import TrainingError
+from orchestrator.errors import CheckpointError, TrainingError
 from orchestrator.launch import local
 from orchestrator.rundir import STATE, RunDir
+from orchestrator.storage import RetryPolicy
+from orchestrator.train.checkpoint import BackgroundCommitter
 from orchestrator.train.context import StopRequested
 from orchestrator.train.loop import train
 from tests.conftest import ROOT, StopAfter, smoke_recipe, steps_of
@@ -62,6 +64,8 @@ def test_run_outputs(synth_dir: Path, tmp_path: Path) -> None:
 
 
 def test_a_torn_checkpoint_is_never_picked(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upload of step 6 dies half way (as when the node is lost): the run fails loudly, and the
+    next one resumes from step 3, the newest checkpoint that was committed."""
     recipe = smoke_recipe(tmp_path, synth_dir, "run.name=torn", "run.checkpoint_every_steps=3", "run.max_steps=6")
     real_write = RunDir.write_checkpoint
 
@@ -69,18 +73,39 @@ def test_a_torn_checkpoint_is_never_picked(synth_dir: Path, tmp_path: Path, monk
         if step == 6:
             folder = Path(self.path) / "checkpoints" / f"step-{step:08d}"
             folder.mkdir(parents=True)
-            (folder / STATE).write_bytes(b"half a checkpoint")
+            (folder / STATE).write_bytes(files[STATE][: len(files[STATE]) // 2])
             raise KeyboardInterrupt("node lost while writing")
         return real_write(self, step, files, meta)
 
     monkeypatch.setattr(RunDir, "write_checkpoint", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(CheckpointError, match="checkpoint upload to .* failed: node lost while writing"):
         local.run(recipe)
     run = tmp_path / "runs" / "torn"
-    assert steps_of(run) == [3]
+    assert steps_of(run) == [3] and not (run / "model.safetensors").exists()
     monkeypatch.setattr(RunDir, "write_checkpoint", real_write)
-    assert local.run(recipe)["step"] == 6  # resumes from step 3 and finishes
+    assert local.run(recipe)["step"] == 6
+    assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [3]
     assert steps_of(run)[-1] == 6
+
+
+def test_a_failing_upload_is_retried(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = smoke_recipe(tmp_path, synth_dir, "run.name=retry", "run.checkpoint_every_steps=3", "run.max_steps=6")
+    real_write, calls = RunDir.write_checkpoint, []
+
+    def flaky(self: RunDir, step: int, files: dict[str, bytes], meta: dict) -> None:
+        calls.append(step)
+        if calls.count(step) == 1:
+            raise ConnectionError("store hiccup")
+        return real_write(self, step, files, meta)
+
+    monkeypatch.setattr(RunDir, "write_checkpoint", flaky)
+    monkeypatch.setattr(BackgroundCommitter, "__init__", lambda self, run, keep, policy=None: real_init(
+        self, run, keep, RetryPolicy(attempts=3, base_delay=0.01)))
+    assert local.run(recipe)["step"] == 6
+    assert calls == [3, 3, 6, 6] and steps_of(tmp_path / "runs" / "retry") == [3, 6]
+
+
+real_init = BackgroundCommitter.__init__
 
 
 def test_keep_last_k_checkpoints(synth_dir: Path, tmp_path: Path) -> None:

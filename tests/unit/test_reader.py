@@ -181,3 +181,23 @@ def test_a_fraction_is_a_fixed_subset_of_row_groups_read_every_epoch(synth_dir: 
     assert set(epochs[0]) | set(epochs[1]) <= set(range(kept)) and epochs[0] != epochs[1]  # same subset, reshuffled
     labels = {int(label) for _, label, _, _ in quarter}
     assert len(labels) >= 5  # the shard writer mixed the classes, so a prefix is not one class
+
+
+def test_one_bad_image_among_many_workers_stays_within_the_budget(synth_dir: Path, tmp_path: Path) -> None:
+    """The budget is a fraction of the split (at least a few images), not of one worker's share: with
+    0.001 of 80 images, a per-worker budget (20 images each on 4 workers) would stop at one bad image."""
+    bad = corrupt_copy(synth_dir / "val", tmp_path / "val", {5: b"not an image"})
+    ds = ShardDataset(mf.load(str(bad)), to_tensor, train=False, options=ReaderOptions(max_corrupt_fraction=0.001))
+    corrupt = torch.cat([b[3] for b in ShardLoader(ds, 4, num_workers=4)])
+    assert int(corrupt.sum()) == 1 and len(corrupt) == 80
+
+
+def test_the_loop_sums_corrupt_images_over_ranks_against_one_budget(synth_dir: Path, tmp_path: Path) -> None:
+    from orchestrator.train.loop import check_corrupt
+    from tests.conftest import smoke_recipe
+
+    recipe = smoke_recipe(tmp_path, synth_dir, "data.max_corrupt_fraction=0.01")
+    check_corrupt(recipe, None, 3, 100, "images")  # the minimum count
+    check_corrupt(recipe, None, 10, 1000, "images")
+    with pytest.raises(DataError, match=r"11 of 1000 images were corrupt, more than data.max_corrupt_fraction=0.01"):
+        check_corrupt(recipe, None, 11, 1000, "images")
