@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +15,7 @@ from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.synth import SynthSource
 from orchestrator.rundir import RunDir
 from orchestrator.train.context import TrainContext
+from tests.services import poll
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +38,21 @@ def smoke_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
         "data.shuffle_buffer=64", "batch.global_batch_size=32", "batch.per_device_max=32", "schedule.epochs=2",
         f"run.storage={tmp_path}/runs", "run.log_every_steps=2", *overrides,
     ])
+
+
+def sigterm_after_step(command: list[str], run: Path, step: int, timeout: float, **popen: Any) -> tuple[int, int, str]:
+    """Start ``command``, SIGTERM it once ``run`` has logged a training step >= ``step``; returns its exit
+    code, the step it says it stopped at, and its stderr."""
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        poll(lambda: any(r.get("kind") == "train" and r["step"] >= step for r in RunDir(str(run)).records()), timeout,
+             f"training to pass step {step}")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    stopped = re.search(r"stopped on SIGTERM at step (\d+)", err)
+    return proc.returncode, int(stopped.group(1)) if stopped else -1, err
 
 
 def steps_of(run: Path) -> list[int]:

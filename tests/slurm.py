@@ -144,7 +144,11 @@ class SlurmCluster:
                f"AccountingStoragePort={self.ports['dbd']}", f"AccountingStoragePass={self.munge_socket}",
                "JobAcctGatherType=jobacct_gather/linux", "JobAcctGatherFrequency=30"] if self.accounting else []),
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            # Preemption as clusters set it up: a job in "urgent" requeues one in "debug", which gets SIGTERM
+            # and GraceTime seconds to checkpoint before SIGKILL.
+            "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
+            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120",
+            f"PartitionName=urgent Nodes={self.host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF",
         ]) + "\n")
         dbd = self.conf.parent / "slurmdbd.conf"
         dbd.write_text("\n".join([

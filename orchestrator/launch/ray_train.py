@@ -62,6 +62,8 @@ class RayContext(TrainContext):
     _asked: float = 0.0
 
     def save_checkpoint(self, step: int, files: dict[str, bytes] | None, meta: dict[str, Any]) -> None:
+        if files is not None:
+            faults.maybe_tear(self.run, step, self.rank, files)
         super().save_checkpoint(step, files, meta)
         if faults.armed(step):
             self.flush()  # every rank: the fault comes right after this checkpoint is committed

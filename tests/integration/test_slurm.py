@@ -15,7 +15,8 @@ from orchestrator import pipeline as pipelines
 from orchestrator import pipeline_file
 from orchestrator.launch import local
 from orchestrator.launch.slurm_cluster import job_states
-from tests.conftest import ROOT
+from orchestrator.rundir import RunDir
+from tests.conftest import ROOT, steps_of
 from tests.services import poll
 from tests.slurm import SlurmCluster
 
@@ -93,6 +94,34 @@ def test_a_preempted_stage_requeues_and_ends_like_an_uninterrupted_run(
     log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
     stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
     assert f"resumed from {run}/checkpoints/step-{stopped:08d} at step {stopped}" in log and 0 < stopped < 100
+
+    reference = pipeline_file.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
+    local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))
+    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bitwise the uninterrupted run
+
+
+def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterrupted_run(
+        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """PreemptMode=REQUEUE: a job in a higher-priority partition preempts the stage, which gets SIGTERM,
+    checkpoints the next step within GraceTime, exits, and is requeued by Slurm itself."""
+    one_stage = tmp_path / "one.yaml"
+    one_stage.write_text(f"name: one\nstages:\n  - {{name: pretrain, recipe: {ROOT}/recipes/smoke.yaml}}\n")
+    sets = [*tiny(synth_dir), "--set=schedule.epochs=10", "--set=run.checkpoint_every_steps=5"]
+    (job,) = submit([str(one_stage), "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
+                     f"--log-dir={tmp_path}/logs", *sets], capsys)
+    run = tmp_path / "runs" / "one-pretrain"
+    poll(lambda: steps_of(run), 120, "the first checkpoint")
+    cpus = slurm.run("sinfo", "-h", "-o", "%c").split()[0]
+    urgent = slurm.run("sbatch", "--parsable", "--partition=urgent", f"--cpus-per-task={cpus}", "--wrap=sleep 5",
+                       f"--output={tmp_path}/urgent.out").strip()
+
+    assert wait_done(urgent, timeout=300) == "COMPLETED"
+    assert wait_done(job, timeout=300) == "COMPLETED"
+    resumed = [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"]
+    log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
+    stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", log).group(1))
+    assert resumed == [stopped] and 0 < stopped < 100
 
     reference = pipeline_file.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
     local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +18,7 @@ from orchestrator.storage import RetryPolicy
 from orchestrator.train.checkpoint import BackgroundCommitter
 from orchestrator.train.context import StopRequested
 from orchestrator.train.loop import train
-from tests.conftest import ROOT, StopAfter, smoke_recipe, steps_of
-from tests.services import poll
+from tests.conftest import ROOT, StopAfter, sigterm_after_step, smoke_recipe, steps_of
 
 # Every source of randomness on: RandAugment, random erasing, mixup/cutmix, drop path, EMA, 2 workers, accumulation.
 RANDOM_EVERYTHING = ("augment.mixup=0.8", "augment.cutmix=1.0", "augment.re_prob=0.25", "model.drop_path_rate=0.1",
@@ -166,16 +162,8 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_is_bitwise_exa
     run = tmp_path / "runs" / "term"
     command = [sys.executable, "-m", "orchestrator.pretrain", str(ROOT / "recipes" / "smoke.yaml"), "--launcher=local",
                "--set", *sets]
-    proc = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    try:
-        poll(lambda: any(r.get("kind") == "train" and r["step"] >= 4 for r in RunDir(str(run)).records()), 120,
-             "training to pass step 4")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err[-2000:]
-    stopped = int(re.search(r"stopped on SIGTERM at step (\d+)", err).group(1))
+    code, stopped, err = sigterm_after_step(command, run, 4, 120, cwd=tmp_path)
+    assert code == 143, err[-2000:]
     assert 4 <= stopped < 60
     assert steps_of(run)[-1] == stopped and not (run / "model.safetensors").exists()
 

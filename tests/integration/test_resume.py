@@ -1,0 +1,116 @@
+"""No compute lost: a torn upload under Ray, SIGTERM to a Ray driver, and runs moved between Ray,
+the local launcher and Slurm with pruning on. Each test proves where the run resumed (its ``resume``
+records) and that it ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orchestrator.launch import faults, local, ray_train
+from orchestrator.launch.slurm import submit
+from orchestrator.launch.slurm_cluster import SlurmOptions, job_states
+from orchestrator.recipe import Recipe, absolute_paths, with_values
+from orchestrator.rundir import RunDir
+from tests.conftest import ROOT, sigterm_after_step, smoke_recipe, steps_of
+from tests.services import RayCluster, poll
+from tests.slurm import SlurmCluster
+
+pytestmark = pytest.mark.timeout(400)
+# Checkpoints every 2 steps, only the newest kept: a launcher that needed an older one would fail.
+PRUNED = ("run.checkpoint_every_steps=2", "run.keep_checkpoints=1", "schedule.epochs=1", "scaling.cpus_per_worker=2")
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def resumes(run: Path) -> list[tuple[int, str]]:
+    return [(r["step"], r["launcher"]) for r in RunDir(str(run)).records() if r["kind"] == "resume"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
+def sets(data: Path, storage: Path, run_name: str) -> list[str]:
+    """``smoke_recipe``'s settings with PRUNED, as --set arguments for the command line."""
+    return [f"data.train={data}/train", f"data.val={data}/val", "data.input_size=32", "data.num_workers=0",
+            "data.shuffle_buffer=64", "batch.global_batch_size=32", "batch.per_device_max=32", "run.log_every_steps=2",
+            f"run.storage={storage}", f"run.name={run_name}", *PRUNED]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster: RayCluster, synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run under Ray, as a user starts it, that the others must end equal to."""
+    storage = tmp_path_factory.mktemp("reference")
+    command = [sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set",
+               *sets(synth_dir, storage, "reference")]
+    done = subprocess.run(command, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return storage / "reference"
+
+
+def test_a_torn_upload_resumes_from_the_previous_checkpoint(reference: Path, driver: RayCluster, synth_dir: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 is SIGKILLed with half of the step-6 state.pt in storage and no marker."""
+    marker = tmp_path / "torn"
+    monkeypatch.setenv(faults.ENV, f"tear:6:0:{marker}")
+    recipe = smoke_recipe(tmp_path, synth_dir, *PRUNED, f"run.name={name('tear')}", "run.keep_checkpoints=2")
+    ray_train.run(recipe)
+    run = tmp_path / "runs" / recipe.run.name
+    assert marker.read_text().startswith("tear at step 6 on rank 0")
+    assert resumes(run) == [(4, "ray")]  # the torn step-6 upload was never taken for a checkpoint
+    assert_same_weights(run, reference)
+
+
+def test_sigterm_to_a_ray_driver_checkpoints_and_the_rerun_is_exact(reference: Path, ray_cluster: RayCluster,
+                                                                    synth_dir: Path, tmp_path: Path) -> None:
+    run_name = name("term")
+    command = [sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set",
+               *sets(synth_dir, tmp_path / "runs", run_name)]
+    run = tmp_path / "runs" / run_name
+    code, stopped, err = sigterm_after_step(command, run, 2, 180, cwd=ROOT, env=ray_cluster.env)
+    assert code == 143, err[-3000:]
+    assert 2 <= stopped < 10 and steps_of(run) == [stopped] and not (run / "model.safetensors").exists()
+
+    done = subprocess.run(command, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert resumes(run) == [(stopped, "ray")]
+    assert_same_weights(run, reference)
+
+
+def segment(recipe: Recipe, steps: int) -> Recipe:
+    return with_values(recipe, {"run.max_steps": steps})
+
+
+def test_ray_local_ray_round_trip_with_pruning(reference: Path, driver: RayCluster, synth_dir: Path,
+                                               tmp_path: Path) -> None:
+    recipe = smoke_recipe(tmp_path, synth_dir, *PRUNED, f"run.name={name('trip')}")
+    ray_train.run(segment(recipe, 4))
+    local.run(segment(recipe, 8))
+    ray_train.run(recipe)
+    run = tmp_path / "runs" / recipe.run.name
+    assert resumes(run) == [(4, "local"), (8, "ray")]
+    assert_same_weights(run, reference)
+
+
+def test_ray_slurm_ray_round_trip_with_pruning(reference: Path, driver: RayCluster, slurm_cluster: SlurmCluster,
+                                               synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    recipe = absolute_paths(smoke_recipe(tmp_path, synth_dir, *PRUNED, f"run.name={name('slurm')}"))
+    ray_train.run(segment(recipe, 4))
+    job = submit("trip", segment(recipe, 8), SlurmOptions(time="00:05:00", log_dir=str(tmp_path / "logs")), None)
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+    assert poll(lambda: (s := job_states([job])[0].get(job)) in final and s, 240, f"Slurm job {job}") == "COMPLETED"
+    ray_train.run(recipe)
+    run = tmp_path / "runs" / recipe.run.name
+    assert resumes(run) == [(4, "slurm"), (8, "ray")]
+    assert_same_weights(run, reference)
