@@ -10,7 +10,10 @@ checked with ``sbatch --test-only``.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,18 @@ def submit(stage: str, recipe: Recipe, options: SlurmOptions, after: str | None)
     return str(job.job_id)
 
 
+def preempted() -> bool:
+    """Whether Slurm is preempting this job (its ``PreemptTime`` is set). A job that exits within
+    ``GraceTime`` ends FAILED instead of being requeued, so the job requeues itself, as on USR2; a
+    SIGTERM from ``scancel`` leaves no PreemptTime and ends the job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"PreemptTime=(\S+)", out)
+    return bool(m) and m.group(1) not in ("None", "Unknown")
+
+
 class SlurmStage:
     """The submitit callable: ``__call__`` trains; ``checkpoint`` (called by submitit on requeue) resubmits itself.
 
@@ -76,7 +91,8 @@ class SlurmStage:
         requeue = signal.getsignal(PREEMPT_SIGNAL)  # submitit's: calls checkpoint(), requeues, exits
         ctx = context_from_env(recipe, launcher="slurm")
         # USR2 (time limit, or `scancel --signal=USR2`): checkpoint, then submitit requeues the job.
-        # SIGTERM (PreemptMode=REQUEUE, before SIGKILL at GraceTime) or SIGINT: checkpoint and exit; Slurm requeues.
+        # SIGTERM (PreemptMode=REQUEUE, before SIGKILL at GraceTime): checkpoint, then requeue as on USR2.
+        # SIGTERM from scancel, or SIGINT: checkpoint and exit.
         ctx.stop = StopSignals((PREEMPT_SIGNAL, signal.SIGTERM, signal.SIGINT)).install()
         try:
             return train(recipe, ctx)
@@ -84,9 +100,9 @@ class SlurmStage:
             received = ctx.stop.received or PREEMPT_SIGNAL
             log.warning("stopped at step %s on %s; the requeued job resumes there", stop.args[0],
                         signal.Signals(received).name)
-            if received == PREEMPT_SIGNAL and ctx.is_main and callable(requeue):
-                requeue(PREEMPT_SIGNAL, None)  # exits this process once the job is requeued
-            sys.exit(128 + received)  # other ranks (the requeue ends the whole job), or Slurm's own requeue
+            if (received == PREEMPT_SIGNAL or preempted()) and ctx.is_main and callable(requeue):
+                requeue(PREEMPT_SIGNAL, None)  # checkpoint() and `scontrol requeue`; exits this process
+            sys.exit(128 + received)  # other ranks (the requeue ends the whole job), or a plain scancel
         finally:
             ctx.stop.restore()
             if dist.is_initialized():

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,3 +158,32 @@ def test_ctrl_c_exits_130(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert cli.run(body, cli.parser("x", None), []) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_status_and_the_run_listing_import_neither_torch_nor_submitit() -> None:
+    code = ("import sys, orchestrator.pipeline, orchestrator.runs; "
+            "print(sorted(m for m in ('torch', 'submitit', 'ray', 'orchestrator.train.loop') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.launch import local
+    from orchestrator.train.context import StopRequested
+    from orchestrator.train.loop import train
+    from tests.conftest import StopAfter, smoke_recipe
+
+    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=done", "schedule.epochs=1"))
+    with pytest.raises(StopRequested):
+        train(smoke_recipe(tmp_path, synth_dir, "run.name=cut"), StopAfter(3, tmp_path / "runs" / "cut"))
+    assert runs_main([str(tmp_path / "runs"), "--json"]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["done"]["state"] == "finished" and rows["done"]["step"] == 10 and rows["done"]["epochs_done"] == 1
+    assert rows["done"]["weights"].endswith("done/model.safetensors") and rows["done"]["launcher"] == "local"
+    assert rows["done"]["best_top1"] is not None
+    assert rows["cut"]["state"] == "stopped at step 3" and rows["cut"]["checkpoint"].endswith("step-00000003")
+    assert rows["cut"]["weights"] is None
+    assert runs_main([str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"done\s+finished\s+local\s+1/1\s+10/10", table), table
+    assert re.search(r"cut\s+stopped at step 3\s+", table), table
