@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 import torch.distributed as dist
 
-from orchestrator.errors import Interrupted
 from orchestrator.launch.distributed import context_from_env
 from orchestrator.recipe import Recipe
-from orchestrator.train.context import StopRequested, TrainContext
+from orchestrator.train.context import StopRequested
 from orchestrator.train.loop import train
+from orchestrator.train.stop import interrupted
 
 
 def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
@@ -25,14 +24,9 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
             ctx.barrier()
         return train(recipe, ctx)
     except StopRequested as stop:
-        raise interrupted(ctx, stop) from None
+        raise interrupted(ctx.stop.received, stop.args[0], ctx.run.checkpoint_url(stop.args[0])) from None
     finally:
         ctx.stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def interrupted(ctx: TrainContext, stop: StopRequested) -> Interrupted:
-    signum = ctx.stop.received or signal.SIGINT
-    return Interrupted(f"stopped on {signal.Signals(signum).name} at step {stop.args[0]}, checkpointed in "
-                       f"{ctx.run.checkpoint_url(stop.args[0])}; the same command resumes there", 128 + signum)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import time
 import uuid
 from typing import Any
@@ -30,13 +29,13 @@ from ray.train.v2._internal.execution import context as ray_train_context
 from ray.train.v2.api.config import LoggingConfig
 
 from orchestrator import logs, storage
-from orchestrator.errors import Interrupted, OrchestratorError, RecipeError
+from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.launch import faults
 from orchestrator.recipe import Recipe, absolute_paths, from_dict
 from orchestrator.rundir import RunDir
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
-from orchestrator.train.stop import StopSignals
+from orchestrator.train.stop import StopSignals, interrupted
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +188,7 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
         raise cause(result.error)
     if stop.received and not run_dir.complete:
         latest = run_dir.latest()
-        step = latest.step if latest else 0
-        raise Interrupted(f"stopped on {signal.Signals(stop.received).name} at step {step}, checkpointed in "
-                          f"{latest.url if latest else run_dir.url}; the same command resumes there", 128 + stop.received)
+        raise interrupted(stop.received, latest.step if latest else 0, latest.url if latest else run_dir.url)
     return run_dir.last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from orchestrator.errors import Interrupted
+
 log = logging.getLogger(__name__)
 GRACEFUL = (signal.SIGTERM, signal.SIGINT)
 
@@ -57,3 +59,10 @@ class StopSignals:
                     signal.Signals(signum).name)
         if self.relay is not None:
             self.relay(signum)
+
+
+def interrupted(signum: int | None, step: int, checkpoint_url: str) -> Interrupted:
+    """The error a launcher raises after a graceful stop: where the run resumes; exit code 128 + signal."""
+    signum = signum or signal.SIGINT
+    return Interrupted(f"stopped on {signal.Signals(signum).name} at step {step}, checkpointed in {checkpoint_url}; "
+                       "the same command resumes there", 128 + signum)
