@@ -107,7 +107,8 @@ def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterr
     checkpoints the next step within GraceTime, exits, and is requeued by Slurm itself."""
     one_stage = tmp_path / "one.yaml"
     one_stage.write_text(f"name: one\nstages:\n  - {{name: pretrain, recipe: {ROOT}/recipes/smoke.yaml}}\n")
-    sets = [*tiny(synth_dir), "--set=schedule.epochs=10", "--set=run.checkpoint_every_steps=5"]
+    # Long enough (200 steps) that the preemption, decided within the scheduler's 5 s interval, finds it running.
+    sets = [*tiny(synth_dir), "--set=schedule.epochs=20", "--set=run.checkpoint_every_steps=5"]
     (job,) = submit([str(one_stage), "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
                      f"--log-dir={tmp_path}/logs", *sets], capsys)
     run = tmp_path / "runs" / "one-pretrain"
@@ -121,7 +122,7 @@ def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterr
     resumed = [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"]
     log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
     stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", log).group(1))
-    assert resumed == [stopped] and 0 < stopped < 100
+    assert resumed == [stopped] and 0 < stopped < 200
 
     reference = pipeline_file.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
     local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))
