@@ -78,56 +78,60 @@ def test_smoke_pipeline_runs_stage_after_stage_then_resubmission_skips_it(
     assert slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour") == jobs_before
 
 
-def test_a_preempted_stage_requeues_and_ends_like_an_uninterrupted_run(
-        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    one_stage = tmp_path / "one.yaml"
-    one_stage.write_text(f"name: one\nstages:\n  - {{name: pretrain, recipe: {ROOT}/recipes/smoke.yaml}}\n")
-    sets = [*tiny(synth_dir), "--set=schedule.epochs=10", "--set=run.checkpoint_every_steps=5"]
-    (job,) = submit([str(one_stage), "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
+def one_stage_job(synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], epochs: int) -> tuple[str, Path, list[str]]:
+    """A one-stage pipeline of the smoke recipe (checkpoints every 5 steps) submitted to Slurm; waits for its
+    first checkpoint. Returns the job id, its run folder and its overrides."""
+    sets = [*tiny(synth_dir), f"--set=schedule.epochs={epochs}", "--set=run.checkpoint_every_steps=5"]
+    (job,) = submit([str(one_stage(tmp_path)), "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
                      f"--log-dir={tmp_path}/logs", *sets], capsys)
     run = tmp_path / "runs" / "one-pretrain"
-    poll(lambda: list((run / "checkpoints").glob("step-*/COMMITTED")), 120, "the first checkpoint")
-    subprocess.run(["scancel", "--signal=USR2", job], env=slurm.env, check=True)  # what a preemption sends
+    poll(lambda: steps_of(run), 120, "the first checkpoint")
+    return job, run, [s.removeprefix("--set=") for s in sets]
+
+
+def one_stage(tmp_path: Path) -> Path:
+    path = tmp_path / "one.yaml"
+    path.write_text(f"name: one\nstages:\n  - {{name: pretrain, recipe: {ROOT}/recipes/smoke.yaml}}\n")
+    return path
+
+
+def assert_bitwise_uninterrupted(run: Path, sets: list[str], tmp_path: Path) -> None:
+    reference = pipeline_file.load(one_stage(tmp_path), sets, storage_url=f"{tmp_path}/reference")
+    local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))
+    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_preempted_stage_requeues_and_ends_like_an_uninterrupted_run(
+        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job, run, sets = one_stage_job(synth_dir, tmp_path, capsys, epochs=10)
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm.env, check=True)  # what the time limit sends
 
     assert wait_done(job, timeout=300) == "COMPLETED"
     assert re.search(r"Restarts=1\b", slurm.run("scontrol", "show", "job", job))
     log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
     stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
     assert f"resumed from {run}/checkpoints/step-{stopped:08d} at step {stopped}" in log and 0 < stopped < 100
-
-    reference = pipeline_file.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
-    local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))
-    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bitwise the uninterrupted run
+    assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [stopped]
+    assert_bitwise_uninterrupted(run, sets, tmp_path)
 
 
 def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterrupted_run(
         slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """PreemptMode=REQUEUE: a job in a higher-priority partition preempts the stage, which gets SIGTERM,
-    checkpoints the next step within GraceTime, exits, and is requeued by Slurm itself."""
-    one_stage = tmp_path / "one.yaml"
-    one_stage.write_text(f"name: one\nstages:\n  - {{name: pretrain, recipe: {ROOT}/recipes/smoke.yaml}}\n")
-    # Long enough (200 steps) that the preemption, decided within the scheduler's 5 s interval, finds it running.
-    sets = [*tiny(synth_dir), "--set=schedule.epochs=20", "--set=run.checkpoint_every_steps=5"]
-    (job,) = submit([str(one_stage), "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
-                     f"--log-dir={tmp_path}/logs", *sets], capsys)
-    run = tmp_path / "runs" / "one-pretrain"
-    poll(lambda: steps_of(run), 120, "the first checkpoint")
+    checkpoints the next step within GraceTime and is requeued. 200 steps, so that the preemption
+    (decided within the scheduler's 5 s interval) finds it still running."""
+    job, run, sets = one_stage_job(synth_dir, tmp_path, capsys, epochs=20)
     cpus = slurm.run("sinfo", "-h", "-o", "%c").split()[0]
     urgent = slurm.run("sbatch", "--parsable", "--partition=urgent", f"--cpus-per-task={cpus}", "--wrap=sleep 5",
                        f"--output={tmp_path}/urgent.out").strip()
 
     assert wait_done(urgent, timeout=300) == "COMPLETED"
     assert wait_done(job, timeout=300) == "COMPLETED"
-    resumed = [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"]
     log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
     stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", log).group(1))
-    assert resumed == [stopped] and 0 < stopped < 200
-
-    reference = pipeline_file.load(one_stage, [s.removeprefix("--set=") for s in sets], storage_url=f"{tmp_path}/reference")
-    local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))
-    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bitwise the uninterrupted run
+    assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [stopped] and 0 < stopped < 200
+    assert_bitwise_uninterrupted(run, sets, tmp_path)
 
 
 def test_bad_options_and_a_dead_controller_fail_before_submitting(
