@@ -47,13 +47,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    print(f"{'run':28s} {'state':22s} {'launcher':8s} {'epochs':>9s} {'steps':>13s} {'best':>6s} {'last':>6s}  "
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'run':{width}s} {'state':22s} {'launcher':8s} {'epochs':>9s} {'steps':>13s} {'best':>6s} {'last':>6s}  "
           "checkpoint / weights")
     for r in rows:
         epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
         steps = f"{r['step']}/{r['total_steps'] if r['total_steps'] is not None else '?'}"
         where = r["weights"] or r["checkpoint"] or "-"
-        print(f"{r['name']:28s} {r['state']:22s} {r['launcher'] or '-':8s} {epochs:>9s} {steps:>13s} "
+        print(f"{r['name']:{width}s} {r['state']:22s} {r['launcher'] or '-':8s} {epochs:>9s} {steps:>13s} "
               f"{pct(r['best_top1']):>6s} {pct(r['last_top1']):>6s}  {where}")
 
 

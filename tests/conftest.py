@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -40,14 +41,19 @@ def smoke_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
     ])
 
 
-def sigterm_after_step(command: list[str], run: Path, step: int, timeout: float, **popen: Any) -> tuple[int, int, str]:
+def sigterm_after_step(command: list[str], run: Path, step: int, timeout: float, group: bool = False,
+                       **popen: Any) -> tuple[int, int, str]:
     """Start ``command``, SIGTERM it once ``run`` has logged a training step >= ``step``; returns its exit
-    code, the step it says it stopped at, and its stderr."""
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, **popen)
+    code, the step it says it stopped at, and its stderr. ``group``: signal its whole process group,
+    DataLoader workers included, as Slurm and a terminal's Ctrl-C do."""
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=group, **popen)
     try:
         poll(lambda: any(r.get("kind") == "train" and r["step"] >= step for r in RunDir(str(run)).records()), timeout,
              f"training to pass step {step}")
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=timeout)
     finally:
         proc.kill()

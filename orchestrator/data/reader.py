@@ -23,6 +23,7 @@ import io
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -275,6 +276,15 @@ class _WorkerStream:
         return storage.with_retries(read, f"reading {url} row group {g}", opts.retry, opts.storage_options)
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and SIGINT to the training process. Slurm, Ctrl-C and ``kill``
+    signal every process of the job or group; a worker that died of it would take the graceful stop
+    (finish the step, checkpoint) down with it. The training process shuts its workers down itself,
+    and they exit when it dies (torch's parent watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ShardLoader:
     """A DataLoader over a ShardDataset that remembers how many batches were consumed (for resume)."""
 
@@ -303,7 +313,7 @@ class ShardLoader:
             self.consumed = 0  # evaluation always reads the whole split
         ds.epoch, ds.skip_batches = self.epoch, self.consumed
         loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=self.num_workers, drop_last=ds.drop_last,
-                            pin_memory=self.pin_memory, persistent_workers=False,
+                            pin_memory=self.pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals,
                             prefetch_factor=4 if self.num_workers else None)
         for batch in loader:
             self.consumed += 1
