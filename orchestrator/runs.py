@@ -1,7 +1,8 @@
 """``python -m orchestrator.runs STORAGE [--json]``: the runs under a storage URL, one line each.
 
 State: finished (final weights written), running (its heartbeat in ``status.json`` is fresh),
-stopped at step N (checkpoints, no final weights, no fresh heartbeat), or not started. Also the
+failed at step N (the loop raised; ``status.json`` has the error), stopped at step N (checkpoints,
+no final weights, no fresh heartbeat), or not started. Also the
 launcher, epochs and steps done, best and last top-1, the newest committed checkpoint (its marker
 and file sizes checked) and where the final weights are.
 """
@@ -30,6 +31,8 @@ def summary(run: RunDir) -> dict[str, Any]:
         state = "finished"
     elif status.get("state") == "running" and time.time() - status.get("updated", 0) < STALE_AFTER_S:
         state = "running"
+    elif status.get("state") == "failed":
+        state = f"failed at step {step}"
     elif latest:
         state = f"stopped at step {latest.step}"
     else:
@@ -40,6 +43,7 @@ def summary(run: RunDir) -> dict[str, Any]:
         "epochs": (config.get("schedule") or {}).get("epochs"), "step": step, "total_steps": status.get("total_steps"),
         "best_top1": max(top1) if top1 else None, "last_top1": top1[-1] if top1 else None,
         "checkpoint": latest.url if latest else None, "weights": run.final_weights(), "url": run.url,
+        "error": status.get("error") if state.startswith("failed") else None,
     }
 
 

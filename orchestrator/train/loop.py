@@ -22,6 +22,7 @@ from safetensors.torch import save as save_safetensors
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
+from orchestrator import storage
 from orchestrator.data.reader import corrupt_budget
 from orchestrator.errors import CheckpointError, DataError, TrainingError
 from orchestrator.recipe import Recipe, plan_batch
@@ -68,6 +69,18 @@ def build(recipe: Recipe, ctx: TrainContext, resuming: bool) -> Components:
 
 def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     """Train (or resume) the run described by ``recipe``; returns the last metrics."""
+    try:
+        return _train(recipe, ctx)
+    except StopRequested:
+        raise
+    except BaseException as exc:  # recorded for `orchestrator.runs`, then raised as it was
+        if ctx.is_main:
+            with contextlib.suppress(Exception):
+                ctx.run.write_status("failed", error=storage.redact(f"{type(exc).__name__}: {exc}")[:300])
+        raise
+
+
+def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     saved = newest_state(ctx)
     c = build(recipe, ctx, resuming=saved is not None)
     state = {"step": 0, "epoch": 0, "nonfinite": 0}

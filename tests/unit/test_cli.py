@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator import cli, overrides, storage
 from orchestrator.data.__main__ import main as data_main
-from orchestrator.errors import RecipeError
+from orchestrator.errors import RecipeError, TrainingError
 from orchestrator.finetune import main as finetune_main
 from orchestrator.gradcam.__main__ import main as gradcam_main
 from orchestrator.pipeline import main as pipeline_main
@@ -176,6 +176,9 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     local.run(smoke_recipe(tmp_path, synth_dir, "run.name=done", "schedule.epochs=1"))
     with pytest.raises(StopRequested):
         train(smoke_recipe(tmp_path, synth_dir, "run.name=cut"), StopAfter(3, tmp_path / "runs" / "cut"))
+    with pytest.raises(TrainingError):
+        local.run(smoke_recipe(tmp_path, synth_dir, "run.name=nan", "optimizer.lr=1e30", "schedule.warmup_epochs=0",
+                               "run.max_nonfinite_steps=1", "run.checkpoint_every_steps=1"))
     assert runs_main([str(tmp_path / "runs"), "--json"]) == 0
     rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert rows["done"]["state"] == "finished" and rows["done"]["step"] == 10 and rows["done"]["epochs_done"] == 1
@@ -183,6 +186,7 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     assert rows["done"]["best_top1"] is not None
     assert rows["cut"]["state"] == "stopped at step 3" and rows["cut"]["checkpoint"].endswith("step-00000003")
     assert rows["cut"]["weights"] is None
+    assert rows["nan"]["state"].startswith("failed at step") and "non-finite loss" in rows["nan"]["error"]
     assert runs_main([str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
     assert re.search(r"done\s+finished\s+local\s+1/1\s+10/10", table), table
