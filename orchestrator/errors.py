@@ -43,3 +43,6 @@ class Interrupted(OrchestratorError):
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code  # 128 + the signal, as a shell reports it
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:  # crosses processes (Ray) with its exit code
+        return type(self), (str(self), self.exit_code)

@@ -12,9 +12,10 @@ Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``)
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -31,7 +32,7 @@ from ray.train.v2.api.config import LoggingConfig
 from orchestrator import logs, storage
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.launch import faults
-from orchestrator.recipe import Recipe, absolute_paths, from_dict
+from orchestrator.recipe import SECRETS_ENV, Recipe, absolute_paths, from_dict, secret_options
 from orchestrator.rundir import RunDir
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
@@ -95,8 +96,36 @@ def worker(config: dict[str, Any]) -> None:
                      launcher="ray")
     if config.get("relay"):
         ctx.relay = ray.get_actor(config["relay"])
-    with contextlib.suppress(StopRequested):  # checkpointed; the driver reports where the run stopped
+    route_sigterm(ctx.stop)
+    try:
         train(recipe, ctx)
+    except StopRequested as stopped:
+        # Every rank stops at the same step, checkpointed. A driver's request ends the run (the driver says
+        # where it resumes); a worker's own SIGTERM (a node drain, a spot notice) is a failure of this worker
+        # group, which Ray restarts from that checkpoint while max_failures lasts.
+        if ctx.relay is None or not ray.get(ctx.relay.requested.remote(), timeout=30):
+            raise interrupted(ctx.stop.received or signal.SIGTERM, stopped.args[0], ctx.run.url) from None
+
+
+def route_sigterm(stop: StopSignals) -> None:
+    """Make a SIGTERM to this Ray worker process a graceful stop request.
+
+    The loop runs in a thread, where no handler can be installed; the process's main thread has
+    Ray's handler, which calls ``raise_sys_exit_with_custom_error_message`` (looked up in
+    ``ray._private.worker`` at call time) to exit at once. The first SIGTERM is routed to ``stop``
+    instead; a second one exits as Ray would.
+    """
+    import ray._private.worker as ray_worker
+
+    exit_now = ray_worker.raise_sys_exit_with_custom_error_message
+
+    def on_sigterm(message: str, exit_code: int = 1) -> None:
+        if stop.received is not None:
+            exit_now(message, exit_code)
+        stop.request(signal.SIGTERM)
+        log.warning("this Ray worker got SIGTERM: stopping at the next step to checkpoint it (a second one stops at once)")
+
+    ray_worker.raise_sys_exit_with_custom_error_message = on_sigterm
 
 
 def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSystem | None]:
@@ -157,14 +186,18 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
     s = recipe.scaling
     storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
     gpus = {"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}
+    secrets = secret_options(recipe)
+    # Secrets reach the workers through their environment, not the pickled train_loop_config
+    # (Ray's state API shows a worker's runtime_env to those who may read the cluster's state).
+    env = {"env_vars": {SECRETS_ENV: json.dumps(secrets)}} if any(secrets.values()) else None
     return TorchTrainer(
         worker,
-        train_loop_config={"recipe": recipe.to_dict(redact=False), "fault": os.environ.get(faults.ENV), "relay": relay},
+        train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
         run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=s.max_failures), callbacks=callbacks,
-                             logging_config=LoggingConfig(log_level="WARNING")),
+                             logging_config=LoggingConfig(log_level="WARNING"), worker_runtime_env=env),
     )
 
 

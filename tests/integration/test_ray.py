@@ -74,6 +74,27 @@ def test_ray_job_submit_trains_into_s3(ray_cluster: RayCluster, s3_store: S3Stor
     assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_inline_storage_secrets_reach_the_workers_only_through_their_environment(
+        driver: RayCluster, s3_store: S3Store, synth_dir: Path, tmp_path: Path) -> None:
+    """Key and secret in run.storage_options: the pickled train_loop_config holds ``***``; the workers
+    fill them in from their environment and commit into the store."""
+    import ray.cloudpickle
+
+    from orchestrator.launch import ray_train
+    from orchestrator.recipe import SECRETS_ENV
+
+    recipe = ray_train.with_absolute_paths(smoke_recipe(
+        tmp_path, synth_dir, f"run.storage={s3_store.bucket('inline')}", f"run.storage_options={json.dumps(s3_store.options)}",
+        "run.max_steps=2", f"run.name={unique('inline')}"))
+    trainer = ray_train.trainer(recipe)
+    config = ray.cloudpickle.dumps(trainer.train_loop_config)
+    assert s3_store.options["secret"].encode() not in config and s3_store.options["key"].encode() not in config
+    assert s3_store.options["secret"] in trainer.run_config.worker_runtime_env["env_vars"][SECRETS_ENV]
+
+    ray_train.run(recipe)
+    assert [c.step for c in RunDir.of(recipe).committed()] == [2]
+
+
 def test_a_relative_storage_inside_a_ray_job_is_refused(ray_cluster: RayCluster, synth_dir: Path) -> None:
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
                "--working-dir", ".", "--", "python", "-m", "orchestrator.pretrain", "recipes/smoke.yaml",

@@ -4,8 +4,11 @@ records) and that it ends with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -88,6 +91,28 @@ def test_sigterm_to_a_ray_driver_checkpoints_and_the_rerun_is_exact(ray_cluster:
     # The uninterrupted run; the round trips below show local and Ray runs end bitwise equal.
     local.run(load(ROOT / "recipes" / "smoke.yaml", [*sets(synth_dir, tmp_path / "runs", "straight"), "schedule.epochs=3"]))
     assert_same_weights(run, tmp_path / "runs" / "straight")
+
+
+def test_sigterm_to_a_ray_worker_checkpoints_and_ray_resumes_there(reference: Path, driver: RayCluster,
+                                                                   synth_dir: Path, tmp_path: Path) -> None:
+    """A node drain or a spot notice: SIGTERM to the worker process itself. It stops at the next step
+    with a checkpoint (scheduled ones are off), and Ray restarts the worker group from it."""
+    from ray.util.state import list_actors
+
+    recipe = smoke_recipe(tmp_path, synth_dir, *PRUNED, "run.checkpoint_every_steps=1000", f"run.name={name('wterm')}")
+    run = tmp_path / "runs" / recipe.run.name
+    fit = threading.Thread(target=ray_train.run, args=(recipe,))
+    fit.start()
+    try:
+        poll(lambda: any(r.get("kind") == "train" and r["step"] >= 2 for r in RunDir(str(run)).records()), 180,
+             "training to pass step 2")
+        [worker] = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        os.kill(worker.pid, signal.SIGTERM)
+    finally:
+        fit.join(timeout=300)
+    [(stopped, launcher)] = resumes(run)  # only the stop's checkpoint can have been mid-epoch
+    assert launcher == "ray" and 2 <= stopped < RunDir(str(run)).last_record()["step"]
+    assert_same_weights(run, reference)
 
 
 def segment(recipe: Recipe, steps: int) -> Recipe:

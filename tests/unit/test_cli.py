@@ -160,6 +160,16 @@ def test_ctrl_c_exits_130(capsys: pytest.CaptureFixture[str]) -> None:
     assert "interrupted" in capsys.readouterr().err
 
 
+def test_an_interruption_keeps_its_exit_code_across_processes() -> None:
+    """Ray pickles a worker's error to the driver, which exits with the code it carries."""
+    import pickle
+
+    from orchestrator.train.stop import interrupted
+
+    back = pickle.loads(pickle.dumps(interrupted(15, 7, "runs/x")))
+    assert back.exit_code == 143 and str(back).startswith("stopped on SIGTERM at step 7")
+
+
 def test_status_and_the_run_listing_import_neither_torch_nor_submitit() -> None:
     code = ("import sys, orchestrator.pipeline, orchestrator.runs; "
             "print(sorted(m for m in ('torch', 'submitit', 'ray', 'orchestrator.train.loop') if m in sys.modules))")
