@@ -70,7 +70,8 @@ def main() -> None:
         ctx = TrainContext(run=RunDir(f"{bucket}/smoke", store.options))
         c, recipe = smoke_components(ctx, args.batch, args.size)
         g = torch.Generator().manual_seed(0)
-        data = (torch.randn(args.batch, 3, args.size, args.size, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
+        data = (torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8, generator=g),
+                torch.randint(0, 10, (args.batch,), generator=g))
         state = {"step": 0, "epoch": 0, "nonfinite": 0}
         c.step_model.train()
 
@@ -78,7 +79,7 @@ def main() -> None:
             n = args.every * args.checkpoints
             start = time.perf_counter()
             for i in range(1, n + 1):
-                train_step(c, recipe, ctx, state, iter([(*data, None, None)]))
+                train_step(c, recipe, ctx, state, iter([(*data, torch.arange(args.batch), None)]))
                 state["step"] += 1
                 if checkpointing and i % args.every == 0:
                     save(c, recipe, ctx, state, {"epoch": 0})

@@ -4,9 +4,10 @@ plain reference loop (timm model, AdamW, cross-entropy, same batch), measured in
     .venv/bin/python bench/train_step.py [--model inception_next_atto] [--size 64] [--batch 32] [--steps 20]
     .venv/bin/python bench/train_step.py --model inception_next_tiny --size 224 --batch 128 --device cuda [--compile]
 
-Both sides train on the same in-memory batch, so only the step is timed (no data loading). The loop's
-step includes what a real run pays for: per-micro-batch reseeding, the non-finite guard, the
-per-step schedule and (when the recipe has it) EMA. The last line is ``ratio=<loop / reference>``.
+Both sides train on the same in-memory uint8 batch, normalised on the device as the loader leaves it,
+so only the step is timed (no data loading). The loop's step includes what a real run pays for:
+per-micro-batch reseeding, random erasing, the non-finite guard, the per-step schedule and (when the
+recipe has it) EMA. The last line is ``ratio=<loop / reference>``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator import recipe as recipes  # noqa: E402
+from orchestrator.data.device import normalize  # noqa: E402
 from orchestrator.recipe import plan_batch  # noqa: E402
 from orchestrator.rundir import RunDir  # noqa: E402
 from orchestrator.train import components  # noqa: E402
@@ -66,9 +68,10 @@ def main() -> None:
     ])
     ctx = TrainContext(run=RunDir("unused"), device=device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
+    # What the loader hands the loop: uint8 NHWC; both sides normalise it on the device.
+    pixels = torch.randint(0, 256, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
-    batch = (images, targets, torch.arange(args.batch), torch.zeros(args.batch))
+    batch = (pixels, targets, torch.arange(args.batch), torch.zeros(args.batch))
 
     model = components.build_model(recipe, ctx, init=False)
     optimizer = components.build_optimizer(recipe, model)
@@ -93,7 +96,7 @@ def main() -> None:
     def reference() -> None:
         ref_opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(ref_step_model(images), targets)
+            loss = loss_fn(ref_step_model(normalize(pixels, device, fmt == torch.channels_last)), targets)
         loss.backward()
         ref_opt.step()
 

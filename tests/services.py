@@ -160,7 +160,9 @@ class RayCluster:
 
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {self.proc.returncode}; see {self.log_path}")
-        JobSubmissionClient(self.dashboard).list_jobs()
+        # The job server answers before the node's job agent has registered ("No available agent to submit
+        # job"); a no-op job that is accepted shows both are up.
+        JobSubmissionClient(self.dashboard).submit_job(entrypoint="true")
         return True
 
     def stop(self) -> None:

@@ -19,7 +19,6 @@ not change what follows.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -35,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator import storage
+from orchestrator.data.device import sample_seed
 from orchestrator.data.manifest import Manifest
 from orchestrator.errors import DataError
 
@@ -108,9 +108,11 @@ def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class ShardDataset(IterableDataset):
-    """Yields ``(image, label, sample_id, corrupt)`` for one rank; use it through ``ShardLoader``."""
+    """Yields ``(transform(image bytes), label, sample_id, corrupt)`` for one rank; use it through ``ShardLoader``.
 
-    def __init__(self, manifest: Manifest, transform: Callable[[Image.Image], Any] | None, *, train: bool,
+    ``transform`` decodes too (``transforms.TrainCrop``/``EvalCrop``); a decode error marks the image corrupt."""
+
+    def __init__(self, manifest: Manifest, transform: Callable[[bytes], Any], *, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, options: ReaderOptions = ReaderOptions(),
                  fraction: float = 1.0) -> None:
         self.manifest, self.transform, self.train = manifest, transform, train
@@ -220,19 +222,16 @@ class _WorkerStream:
             pending = 0
 
     def _decode(self, data: bytes, sample_id: int) -> Any:
-        seed = (self.ds.seed * 1_000_003 + self.ds.epoch * 7919 + sample_id) & 0x7FFFFFFF
+        """The transform of the image's bytes (None when they do not decode), its RNGs seeded per image."""
+        seed = sample_seed(self.ds.seed, self.ds.epoch, sample_id)
         random.seed(seed)
         np.random.seed(seed)
         # CPU generator only: torch.manual_seed also queues a CUDA seeding that records a stack trace (~0.5 ms).
         torch.default_generator.manual_seed(seed)
         try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            if img.mode != "RGB":  # convert() copies the pixels even when the mode already matches
-                img = img.convert("RGB")
+            return self.ds.transform(data)
         except DECODE_ERRORS:
             return None
-        return self.ds.transform(img) if self.ds.transform else img
 
     def _count_corrupt(self, group: int, row: int) -> None:
         self.corrupt += 1
@@ -266,7 +265,9 @@ class _WorkerStream:
             try:
                 if shard not in self.files:
                     fs, path = storage.filesystem(url, opts.storage_options)
-                    self.files = {shard: pq.ParquetFile(fs.open(path, "rb"))}  # one open shard per worker
+                    # One open shard per worker. Row groups are read as coalesced byte ranges (pre_buffer)
+                    # straight from storage: fsspec's read-ahead cache only copied them once more.
+                    self.files = {shard: pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)}
                 table = self.files[shard].read_row_group(g, columns=["image", "label"])
             except Exception:
                 self.files.pop(shard, None)  # reopen on retry: the old handle may be stale

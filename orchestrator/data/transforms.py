@@ -1,16 +1,41 @@
-"""timm's train/eval transforms, with Pillow 13's posterize range fixed.
+"""Training and evaluation transforms: encoded image bytes in, a uint8 HWC tensor out.
 
-timm 1.0.31's ``PosterizeIncreasing`` can ask for 0 bits (``4 - int(level/10*4)`` at magnitude >= 10,
-reached with ``mstd`` noise); Pillow >= 13 raises ``ValueError`` for bits outside 1..8, which killed
-training within minutes. Older Pillow kept 0 bits, i.e. a black image; we keep exactly that meaning.
+The reader's workers run ``TrainCrop``/``EvalCrop``; normalisation and random erasing run on the
+training device (``orchestrator.data.device``), as timm's prefetcher does on CUDA. What differs from
+timm's ``create_transform`` pipeline, and why (each step keeps timm's distribution):
+
+- The RandomResizedCrop box (and the random interpolation) is drawn by timm's own ``get_params`` from
+  the JPEG header's size, before decoding; flip and RandAugment are timm's own ops, drawn in timm's
+  order, so a seeded draw gives timm's box, flip and ops exactly (tests compare them).
+- JPEGs decode with libjpeg-turbo (simplejpeg), at the smallest DCT scale (1/2, 1/4, 1/8) whose
+  decoded box still covers the output size, so a large photo is never decoded at full size.
+- The crop is resized by torch's antialiased uint8 resampling (the same bilinear/bicubic kernels as
+  Pillow's, 4x faster here); only RandAugment needs a PIL image.
+- No float conversion in the workers: a uint8 image is 4x less to pass between processes.
+
+Other formats (PNG, CMYK JPEG, ...) take Pillow's decoder and the same steps. timm 1.0.31's
+``PosterizeIncreasing`` can ask for 0 bits, which Pillow >= 13 refuses; ``posterize`` keeps the old
+meaning (a black image).
 """
 
 from __future__ import annotations
 
+import io
+import math
+import random
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.constants import IMAGENET_DEFAULT_MEAN
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
+from torchvision.transforms import ColorJitter
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
@@ -25,16 +50,168 @@ def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
     auto_augment.NAME_TO_OP[_name] = posterize
 
+SCALE, RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)  # timm's RandomResizedCrop defaults
+MODES = ("bilinear", "bicubic")  # timm's "random" interpolation draws one of these
 
-def train_transform(input_size: int, auto_augment_policy: str | None, re_prob: float, interpolation: str,
-                    color_jitter: float | None = None) -> Any:
-    """RandomResizedCrop + flip + RandAugment + normalise + random erasing (timm's ImageNet recipe)."""
+
+def open_rgb(data: bytes) -> Image.Image:
+    """Pillow's decode, any format, as RGB."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even when the mode matches
+
+
+def _header(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that libjpeg-turbo decodes to RGB directly, else None."""
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (h, w) if colorspace in ("Gray", "YCbCr", "RGB") else None
+
+
+def _resize(hwc: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """uint8 HWC -> uint8 HWC at ``size`` (h, w), antialiased (Pillow's kernels)."""
+    # Channels-last in (a copy of just the crop) takes torch's vectorised uint8 path and comes out HWC.
+    x = hwc.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=size, mode=mode, antialias=True)[0].permute(1, 2, 0)
+
+
+def _shape_only(height: int, width: int) -> torch.Tensor:
+    """What ``get_params`` reads of an image, its size, as a tensor that holds no pixels."""
+    return torch.empty((1, 1, 1), dtype=torch.uint8).expand(1, height, width)
+
+
+def _warp(img: Image.Image, matrix: tuple[float, ...], kwargs: dict[str, Any]) -> Image.Image:
+    """Pillow's ``transform(AFFINE, matrix)`` with torch's ``grid_sample``: each output pixel centre maps to
+    ``matrix`` applied to it in the input; points outside the input take ``fillcolor``, edges clamp."""
+    auto_augment._check_args_tf(kwargs)  # timm's draw of the resampling filter, as its own ops do
+    mode = {Image.BICUBIC: "bicubic", Image.NEAREST: "nearest"}.get(kwargs["resample"], "bilinear")
+    w, h = img.size
+    a, b, c, d, e, f = matrix
+    xs, ys = torch.arange(w, dtype=torch.float32) + 0.5, torch.arange(h, dtype=torch.float32)[:, None] + 0.5
+    grid = torch.empty((1, h, w, 2))  # input points in grid_sample's [-1, 1] coordinates
+    torch.add(xs * (2 * a / w), ys * (2 * b / w) + (2 * c / w - 1), out=grid[0, :, :, 0])
+    torch.add(xs * (2 * d / h), ys * (2 * e / h) + (2 * f / h - 1), out=grid[0, :, :, 1])
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
+    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)[0]
+    fill = torch.tensor(kwargs.get("fillcolor") or (0, 0, 0), dtype=torch.float32).view(3, 1, 1)
+    inside = (grid[0] >= -1) & (grid[0] < 1)  # Pillow: 0 <= point < size
+    out = torch.where(inside[..., 0] & inside[..., 1], out, fill).clamp_(0, 255).add_(0.5).to(torch.uint8)  # rounded
+    return Image.merge("RGB", [Image.fromarray(channel) for channel in out.numpy()])  # cheaper than a transpose
+
+
+def _rotate(img: Image.Image, degrees: float, **kwargs: Any) -> Image.Image:
+    """timm's ``rotate``: Pillow's ``Image.rotate`` about the centre, same size."""
+    if degrees % 360.0 == 0:
+        auto_augment._check_args_tf(kwargs)
+        return img.copy()
+    angle = -math.radians(degrees % 360.0)
+    w, h = img.size
+    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    cx, cy = w / 2.0, h / 2.0
+    return _warp(img, (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy), kwargs)
+
+
+# timm's geometric RandAugment ops, same arguments and magnitudes, warped by torch (2-3x less CPU than Pillow).
+TORCH_GEOMETRY: dict[Callable[..., Image.Image], Callable[..., Image.Image]] = {
+    auto_augment.rotate: _rotate,
+    auto_augment.shear_x: lambda img, factor, **kw: _warp(img, (1, factor, 0, 0, 1, 0), kw),
+    auto_augment.shear_y: lambda img, factor, **kw: _warp(img, (1, 0, 0, factor, 1, 0), kw),
+    auto_augment.translate_x_rel: lambda img, pct, **kw: _warp(img, (1, 0, pct * img.size[0], 0, 1, 0), kw),
+    auto_augment.translate_y_rel: lambda img, pct, **kw: _warp(img, (1, 0, 0, 0, 1, pct * img.size[1]), kw),
+    auto_augment.translate_x_abs: lambda img, px, **kw: _warp(img, (1, 0, px, 0, 1, 0), kw),
+    auto_augment.translate_y_abs: lambda img, px, **kw: _warp(img, (1, 0, 0, 0, 1, px), kw),
+}
+
+
+class TrainCrop:
+    """RandomResizedCrop + flip + RandAugment (or colour jitter): bytes -> uint8 HWC ``size x size``."""
+
+    def __init__(self, size: int, auto_augment_policy: str | None, interpolation: str,
+                 color_jitter: float | None = None, hflip: float = 0.5) -> None:
+        self.size, self.hflip = size, hflip
+        self.modes = MODES if interpolation == "random" else (interpolation,)
+        if self.modes[0] not in MODES:
+            raise ValueError(f"train interpolation {interpolation!r}: expected random, bilinear or bicubic")
+        self.augment: Callable[[Image.Image], Image.Image] | None = None
+        if auto_augment_policy:  # timm's hyper-parameters for its RandAugment (transforms_imagenet_train)
+            params: dict[str, Any] = {"translate_const": int(size * 0.45),
+                                      "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)}
+            if interpolation != "random":
+                params["interpolation"] = str_to_pil_interp(interpolation)
+            self.augment = rand_augment_transform(auto_augment_policy, params)
+            for op in self.augment.ops:
+                op.aug_fn = TORCH_GEOMETRY.get(op.aug_fn, op.aug_fn)
+        elif color_jitter:
+            self.augment = ColorJitter(*(color_jitter,) * 3)
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int, str]:
+        """timm's crop box (top, left, h, w) and interpolation, drawn as timm draws them."""
+        top, left, h, w = RandomResizedCropAndInterpolation.get_params(_shape_only(height, width), SCALE, RATIO)
+        mode = random.choice(self.modes) if len(self.modes) > 1 else self.modes[0]
+        return top, left, h, w, mode
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        header = _header(data)
+        if header is None:
+            img = torch.from_numpy(np.array(open_rgb(data)))
+            top, left, h, w, mode = self.box(*img.shape[:2])
+        else:
+            top, left, h, w, mode = self.box(*header)
+            img, (top, left, h, w) = self._decode_box(data, header, (top, left, h, w))
+        out = _resize(img[top:top + h, left:left + w], (self.size, self.size), mode)
+        if torch.rand(1) < self.hflip:  # torchvision's RandomHorizontalFlip draw
+            out = out.flip(1)
+        if self.augment is not None:
+            out = torch.from_numpy(np.array(self.augment(Image.fromarray(out.numpy()))))
+        return out.contiguous()
+
+    def _decode_box(self, data: bytes, header: tuple[int, int], box: tuple[int, int, int, int]
+                    ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Decode at the smallest DCT scale whose box still covers the output; the box in that scale."""
+        height, width = header
+        top, left, h, w = box
+        factor = 1  # powers of two only: libjpeg-turbo's M/8 scales are slower than a full decode
+        while factor < 8 and min(h, w) / (2 * factor) >= self.size:
+            factor *= 2
+        scaled = {"min_height": -(-height // factor), "min_width": -(-width // factor), "min_factor": factor}
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", **(scaled if factor > 1 else {}))
+        sy, sx = arr.shape[0] / height, arr.shape[1] / width
+        if sy < 1 or sx < 1:
+            t, le = round(top * sy), round(left * sx)
+            box = (t, le, max(1, min(round(h * sy), arr.shape[0] - t)), max(1, min(round(w * sx), arr.shape[1] - le)))
+        return torch.from_numpy(arr), box
+
+
+class EvalCrop:
+    """timm's evaluation geometry: shorter side to ``floor(size / crop_pct)``, centre crop ``size``."""
+
+    def __init__(self, size: int, crop_pct: float, interpolation: str) -> None:
+        self.size, self.scale, self.mode = size, math.floor(size / crop_pct), interpolation
+        if interpolation not in MODES:
+            raise ValueError(f"eval interpolation {interpolation!r}: expected bilinear or bicubic")
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        img = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB") if _header(data)
+                               else np.array(open_rgb(data)))
+        h, w = img.shape[:2]
+        # torchvision's Resize(int): the shorter side to ``scale``, the other int(scale * long / short).
+        size = (self.scale, int(self.scale * w / h)) if h <= w else (int(self.scale * h / w), self.scale)
+        out = _resize(img, size, self.mode)
+        top, left = int(round((size[0] - self.size) / 2.0)), int(round((size[1] - self.size) / 2.0))
+        return out[top:top + self.size, left:left + self.size].contiguous()
+
+
+def timm_train_transform(input_size: int, auto_augment_policy: str | None, re_prob: float, interpolation: str,
+                         color_jitter: float | None = None, use_prefetcher: bool = False) -> Any:
+    """timm's own ImageNet training transform on a PIL image (the reference the benchmark and tests compare with)."""
     return create_transform(
         input_size, is_training=True, auto_augment=auto_augment_policy or None, re_prob=re_prob, re_mode="pixel",
-        re_count=1, interpolation=interpolation, color_jitter=color_jitter,
+        re_count=1, interpolation=interpolation, color_jitter=color_jitter, use_prefetcher=use_prefetcher,
     )
 
 
-def eval_transform(input_size: int, crop_pct: float, interpolation: str) -> Any:
-    """Resize to ``input_size / crop_pct`` then centre crop, as timm evaluates."""
+def timm_eval_transform(input_size: int, crop_pct: float, interpolation: str) -> Any:
+    """timm's evaluation transform on a PIL image: resize to ``input_size / crop_pct``, centre crop."""
     return create_transform(input_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation)

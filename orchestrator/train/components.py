@@ -18,7 +18,7 @@ from model.factory import create_model
 from orchestrator import storage, weights
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
-from orchestrator.data.transforms import eval_transform, train_transform
+from orchestrator.data.transforms import EvalCrop, TrainCrop
 from orchestrator.recipe import BatchPlan, Recipe, uses_mixup
 from orchestrator.train.context import TrainContext
 
@@ -35,15 +35,14 @@ def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan) -> tuple[S
     d, opts = recipe.data, reader_options(recipe)
     train_ds = ShardDataset(
         mf.load(d.train, d.storage_options),
-        train_transform(d.input_size, recipe.augment.auto_augment, recipe.augment.re_prob, d.train_interpolation,
-                        recipe.augment.color_jitter),
+        TrainCrop(d.input_size, recipe.augment.auto_augment, d.train_interpolation, recipe.augment.color_jitter),
         train=True, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts, fraction=d.train_fraction,
     )
     pin = ctx.device.type == "cuda"
     train = ShardLoader(train_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
     val = None
     if d.val:
-        val_ds = ShardDataset(mf.load(d.val, d.storage_options), eval_transform(d.input_size, d.crop_pct, d.interpolation),
+        val_ds = ShardDataset(mf.load(d.val, d.storage_options), EvalCrop(d.input_size, d.crop_pct, d.interpolation),
                               train=False, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts,
                               fraction=d.val_fraction)
         val = ShardLoader(val_ds, plan.micro_batch, d.num_workers, pin_memory=pin)

@@ -23,6 +23,7 @@ from timm.utils import distribute_bn
 from tqdm import tqdm
 
 from orchestrator import storage
+from orchestrator.data import device
 from orchestrator.data.reader import corrupt_budget
 from orchestrator.errors import CheckpointError, DataError, TrainingError
 from orchestrator.recipe import Recipe, plan_batch
@@ -202,15 +203,15 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
     c.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=ctx.device)
     for micro in range(c.plan.accum_steps):
-        images, targets, _ids, corrupt = next(batches)
+        images, targets, ids, corrupt = next(batches)
         if corrupt is not None:  # counted per rank; the budget is checked on the sum over ranks
             state["corrupt"] = state.get("corrupt", 0) + int(corrupt.sum())
             state["read"] = state.get("read", 0) + len(corrupt)
         seed_everything(recipe.run.seed, state["step"], micro, ctx.rank)
-        images = images.to(ctx.device, non_blocking=True)
+        images = device.normalize(images, ctx.device, c.channels_last)
+        epoch = state["step"] // c.steps_per_epoch
+        device.random_erase(images, [device.sample_seed(recipe.run.seed, epoch, int(i)) for i in ids], recipe.augment.re_prob)
         targets = targets.to(ctx.device, non_blocking=True)
-        if c.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         if c.mixup is not None:
             images, targets = c.mixup(images, targets)
         last = micro == c.plan.accum_steps - 1
@@ -277,9 +278,7 @@ def evaluate(model: torch.nn.Module, c: Components, recipe: Recipe, ctx: TrainCo
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)
     for images, targets, _ids, corrupt in c.val_loader:
-        images, targets = images.to(ctx.device), targets.to(ctx.device)
-        if c.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, targets = device.normalize(images, ctx.device, c.channels_last), targets.to(ctx.device)
         with _autocast(c, ctx):
             logits = model(images)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices

@@ -115,10 +115,12 @@ def _grads_after_one_step(config: dict[str, Any]) -> None:
     ctx = TrainContext(run=RunDir(config["run_dir"]), rank=tctx.get_world_rank(), world_size=tctx.get_world_size())
     c = loop.build(recipe, ctx, resuming=False)
     g = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    images = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8, generator=g)  # as the loader hands them over
+    labels = torch.randint(0, 10, (32,), generator=g)
     share = 32 // ctx.world_size
     mine = range(ctx.rank * share, (ctx.rank + 1) * share, c.plan.micro_batch)
-    micro = iter([(images[i:i + c.plan.micro_batch], labels[i:i + c.plan.micro_batch], None, None) for i in mine])
+    micro = iter([(images[i:i + c.plan.micro_batch], labels[i:i + c.plan.micro_batch], torch.arange(i, i + c.plan.micro_batch),
+                   None) for i in mine])
     loop.train_step(c, recipe, ctx, {"step": 0, "nonfinite": 0}, micro)
     if ctx.rank == 0:
         torch.save({n: p.grad.clone() for n, p in c.model.named_parameters() if p.grad is not None}, config["out"])

@@ -22,9 +22,12 @@ from tests.services import S3Store
 pytestmark = pytest.mark.integration
 
 
-def to_tensor(img):
+def to_tensor(data: bytes):
     import torch
 
+    from orchestrator.data.transforms import open_rgb
+
+    open_rgb(data)
     return torch.zeros(1)
 
 

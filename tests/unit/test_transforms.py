@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import numpy as np
@@ -10,7 +11,14 @@ import torch
 from PIL import Image, ImageOps
 from timm.data.auto_augment import NAME_TO_OP, rand_augment_transform
 
-from orchestrator.data.transforms import eval_transform, posterize, train_transform
+from orchestrator.data.transforms import (
+    EvalCrop,
+    TrainCrop,
+    open_rgb,
+    posterize,
+    timm_eval_transform,
+    timm_train_transform,
+)
 
 
 def test_pillow_rejects_zero_bits_which_timm_can_request() -> None:
@@ -43,8 +51,102 @@ def test_paper_randaugment_never_raises_over_a_long_run(monkeypatch: pytest.Monk
     assert sum(zero_bit_calls) > 0, "the run must have exercised the 0-bit case"
 
 
-def test_train_and_eval_transforms_give_the_recipe_size() -> None:
-    img = Image.new("RGB", (80, 60), (10, 200, 30))
-    t = train_transform(48, "rand-m9-mstd0.5-inc1", 0.25, "random")(img)
-    e = eval_transform(48, 0.875, "bicubic")(img)
-    assert t.shape == e.shape == torch.Size([3, 48, 48])
+def jpeg(width: int, height: int, seed: int = 0, fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8))
+    out = io.BytesIO()
+    small.resize((width, height), Image.BICUBIC).save(out, format=fmt)
+    return out.getvalue()
+
+
+def test_train_and_eval_crops_give_uint8_images_of_the_recipe_size() -> None:
+    for data in (jpeg(80, 60), jpeg(80, 60, fmt="PNG"), jpeg(1200, 900)):
+        t = TrainCrop(48, "rand-m9-mstd0.5-inc1", "random")(data)
+        e = EvalCrop(48, 0.875, "bicubic")(data)
+        assert t.shape == e.shape == (48, 48, 3) and t.dtype == e.dtype == torch.uint8
+
+
+def test_crop_boxes_flips_and_randaugment_ops_are_drawn_as_timms() -> None:
+    """Seeded alike, this pipeline and timm's draw the same box, interpolation, flip and ops, image for image."""
+    from timm.data.auto_augment import AugmentOp
+
+    ours = TrainCrop(224, "rand-m9-mstd0.5-inc1", "random")
+    rrc, flip, aa, *_ = timm_train_transform(224, "rand-m9-mstd0.5-inc1", 0.25, "random").transforms
+    applied: list[str] = []
+    original = AugmentOp.__call__
+
+    def recording(op: AugmentOp, img: Image.Image) -> Image.Image:
+        out = original(op, img)
+        applied.append(op.name if out is not img else "-")
+        return out
+
+    tiny = Image.new("RGB", (8, 8))
+    draws: dict[str, list[tuple]] = {"ours": [], "timm": []}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AugmentOp, "__call__", recording)
+        for seed in range(2000):
+            height, width = 300 + seed % 200, 500 - seed % 150
+            for side in ("ours", "timm"):
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+                applied.clear()
+                if side == "ours":
+                    box = ours.box(height, width)
+                    flipped = bool(torch.rand(1) < 0.5)
+                    ours.augment(tiny)
+                else:
+                    box = (*rrc.get_params(_blank(width, height), rrc.scale, rrc.ratio),
+                           random.choice(rrc.interpolation).value)
+                    flipped = bool(torch.rand(1) < flip.p)
+                    aa(tiny)
+                draws[side].append((*box, flipped, tuple(applied)))
+    assert draws["ours"] == draws["timm"]
+    areas = [h * w / (300 + s % 200) / (500 - s % 150) for s, (_, _, h, w, *_r) in enumerate(draws["ours"])]
+    assert 0.45 < float(np.mean(areas)) < 0.6  # scale (0.08, 1) drawn, not a constant box
+    ops = {name for d in draws["ours"] for name in d[6]}
+    assert len(ops) >= 15  # every RandAugment op was exercised
+
+
+def _blank(width: int, height: int) -> Image.Image:
+    return Image.new("RGB", (width, height))
+
+
+def test_large_photos_decode_at_a_reduced_scale_that_still_covers_the_crop() -> None:
+    crop = TrainCrop(160, None, "bilinear")
+    random.seed(1)
+    img, (top, left, h, w) = crop._decode_box(jpeg(1600, 1200), (1200, 1600), (100, 200, 800, 1000))
+    assert img.shape[:2] == (300, 400)  # 1/4: the 800 x 1000 box is 200 x 250 there, still >= 160 (1/8 is not)
+    assert (top, left, h, w) == (25, 50, 200, 250)
+
+
+def test_eval_crop_matches_timms_eval_transform() -> None:
+    data = jpeg(400, 300, seed=3)
+    ours = EvalCrop(96, 0.875, "bicubic")(data).permute(2, 0, 1).float()
+    normalised = timm_eval_transform(96, 0.875, "bicubic")(open_rgb(data))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    pixels = (normalised * std + mean) * 255
+    assert ours.shape == pixels.shape and (ours - pixels).abs().mean() < 1.0
+
+
+def test_geometric_ops_warp_like_pillow() -> None:
+    """timm's rotate/shear/translate with torch's grid_sample: Pillow's geometry and fill; bilinear within
+    one level, bicubic (torch's a=-0.75 against Pillow's -0.5) within a few."""
+    from timm.data import auto_augment as aa
+
+    from orchestrator.data.transforms import TORCH_GEOMETRY
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((64, 48), Image.BICUBIC)
+    cases = [(aa.rotate, 23.0), (aa.rotate, -41.0), (aa.shear_x, 0.25), (aa.shear_y, -0.2),
+             (aa.translate_x_rel, 0.3), (aa.translate_y_rel, -0.25), (aa.translate_x_abs, 7.0)]
+    for op, level in cases:
+        for resample, worst, mean in ((Image.BILINEAR, 1, 0.6), (Image.BICUBIC, 8, 1.5)):
+            kwargs = {"fillcolor": (124, 116, 104), "resample": resample}
+            theirs = np.asarray(op(img, level, **dict(kwargs))).astype(int)
+            ours = np.asarray(TORCH_GEOMETRY[op](img, level, **dict(kwargs))).astype(int)
+            assert np.abs(theirs - ours).max() <= worst, (op.__name__, resample)
+            assert np.abs(theirs - ours).mean() < mean
+    random.seed(5)  # a list of filters is drawn from, as timm draws it
+    TORCH_GEOMETRY[aa.shear_x](img, 0.1, resample=[Image.BILINEAR, Image.BICUBIC])
+    assert random.random() == (random.seed(5), random.choice([0, 1]), random.random())[2]
