@@ -46,17 +46,18 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    ray_train.connect()
-    ray_train.check_storage(sweep.storage, "sweep.storage")
     root = storage.absolute(sweep.storage)
     sweep_url = storage.join(root, sweep.name)
-    base = ray_train.with_absolute_paths(recipes.with_values(sweep.trial_base(), {
-        "run.storage": storage.join(sweep_url, "trials"), "run.storage_options": sweep.storage_options}, sweep.name))
+    base = recipes.with_values(sweep.trial_base(), {
+        "run.storage": storage.join(sweep_url, "trials"), "run.storage_options": sweep.storage_options}, sweep.name)
+    ray_train.connect(ray_train.secret_environment(base))  # trials get the recipe redacted
+    ray_train.check_storage(sweep.storage, "sweep.storage")
+    base = ray_train.with_absolute_paths(base)
     if fresh:
         RunDir(sweep_url, sweep.storage_options).set_aside()
     storage_path, filesystem = ray_train.storage_for_ray(root, sweep.storage_options)
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
-    trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=False)), {"cpu": 0, "memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=True)), {"cpu": 0, "memory": 1})
     param_space = {"params": sweeps.space(sweep)}
     experiment = storage.join(storage_path, sweep.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):

@@ -128,26 +128,59 @@ def route_sigterm(stop: StopSignals) -> None:
     ray_worker.raise_sys_exit_with_custom_error_message = on_sigterm
 
 
+class StorageHandler(pafs.FSSpecHandler):
+    """fsspec storage for Ray, pickled with its secrets redacted.
+
+    Ray ships the storage filesystem to its controller and Tune saves it in its experiment state
+    (``tuner.pkl``, in storage); an fsspec filesystem pickles its credentials. This one pickles
+    ``(url, options)`` with ``***`` for secrets, filled back in from ``SECRETS_ENV`` where it is opened.
+    """
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self.url, self.options = url, options
+        super().__init__(storage.filesystem(url, options)[0])
+
+    def __reduce__(self) -> tuple[Any, tuple[str, dict[str, Any]]]:
+        return _reopen, (self.url, storage.redacted_options(self.options))
+
+
+def _reopen(url: str, options: dict[str, Any]) -> StorageHandler:
+    secrets = json.loads(os.environ.get(SECRETS_ENV) or "{}").get("run", {})
+    return StorageHandler(url, {k: secrets.get(k, v) if v == "***" else v for k, v in options.items()})
+
+
 def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSystem | None]:
     """Ray's ``storage_path``/``storage_filesystem`` for a URL (fsspec-backed, so endpoints and credentials apply)."""
     fs, path = storage.filesystem(url, options)
     if storage.is_local(fs):
         return os.path.abspath(path), None
-    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return path, pafs.PyFileSystem(StorageHandler(url, options))
 
 
-def connect() -> None:
+def secret_environment(recipe: Recipe) -> dict[str, str]:
+    """``SECRETS_ENV`` for the recipe's inline storage secrets, to go into the Ray job's environment."""
+    secrets = secret_options(recipe)
+    return {SECRETS_ENV: json.dumps(secrets)} if any(secrets.values()) else {}
+
+
+def connect(env_vars: dict[str, str] | None = None) -> None:
     """Attach to the cluster of this Ray job (or ``RAY_ADDRESS``); otherwise start a local one on 127.0.0.1.
 
+    ``env_vars`` go into the environment of every process of this driver's job (Tune's trial actors
+    included); inside ``ray job submit`` the job's own environment holds them or nothing does.
     The local cluster gets its dashboard: Ray Train's placement-group cleaner asks the state API
     (served by the dashboard) whether the controller is alive, and without it warns every few
     seconds; Tune's stopped trials also kept their placement groups without it (Ray 2.60).
     """
+    if env_vars:
+        _check_job_environment(env_vars)
+        os.environ.update(env_vars)  # this driver opens what its job's processes open
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": env_vars} if env_vars else None
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
         # Ray turns token authentication on for a cluster it starts and warns that it did; on our own
         # 127.0.0.1 cluster that is the right default, so the warning is held back for this call.
@@ -155,10 +188,24 @@ def connect() -> None:
         level = auth.level
         auth.setLevel(logging.ERROR)
         try:
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING)
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING,
+                     runtime_env=runtime_env)
         finally:
             auth.setLevel(level)
     logs.setup()  # ray.init configures the "ray" logger; hold it at WARNING again
+
+
+def _check_job_environment(env_vars: dict[str, str]) -> None:
+    """Secrets go into the environment of this driver's Ray job, which is fixed once the job runs (inside
+    ``ray job submit``, or after ``ray.init``): refuse, naming the keys, when they are not already there."""
+    if not (ray.is_initialized() or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ):
+        return
+    if all(os.environ.get(k) == v for k, v in env_vars.items()):
+        return
+    keys = [f"{section}.storage_options.{k}" for section, opts in json.loads(env_vars[SECRETS_ENV]).items() for k in opts]
+    raise RecipeError(f"{', '.join(keys)}: secrets reach Ray's processes only through the job's environment, fixed "
+                      f"when the job was submitted; submit with --runtime-env-json '{{\"env_vars\": {{\"{SECRETS_ENV}\": "
+                      "...}}' or give credentials as AWS_* variables there instead of in the recipe")
 
 
 def _job_working_dir() -> str | None:
@@ -186,10 +233,7 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
     s = recipe.scaling
     storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
     gpus = {"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}
-    secrets = secret_options(recipe)
-    # Secrets reach the workers through their environment, not the pickled train_loop_config
-    # (Ray's state API shows a worker's runtime_env to those who may read the cluster's state).
-    env = {"env_vars": {SECRETS_ENV: json.dumps(secrets)}} if any(secrets.values()) else None
+    # The recipe goes redacted; secrets are in the job's environment (``connect(secret_environment(...))``).
     return TorchTrainer(
         worker,
         train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay},
@@ -197,14 +241,14 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
                                      resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
         run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=s.max_failures), callbacks=callbacks,
-                             logging_config=LoggingConfig(log_level="WARNING"), worker_runtime_env=env),
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
 
 
 def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     """Fit under Ray. SIGTERM or Ctrl-C to this driver: the workers checkpoint at the next step and
     return, then Interrupted says where the run resumes; a second signal stops at once."""
-    connect()
+    connect(secret_environment(recipe))
     recipe = with_absolute_paths(recipe)
     run_dir = RunDir.of(recipe)
     if fresh:

@@ -17,7 +17,7 @@ from orchestrator import sweep as sweeps
 from orchestrator import tune as sweep_runner
 from orchestrator.rundir import Checkpoint, RunDir
 from tests.conftest import ROOT
-from tests.services import RayCluster, poll
+from tests.services import RayCluster, S3Store, poll
 
 pytestmark = pytest.mark.timeout(300)  # a Tune failure tends to be a silent hang
 
@@ -82,3 +82,24 @@ def test_asha_stops_a_hopeless_trial_early(driver: RayCluster, synth_dir: Path, 
     assert not table.loc[4.0e-3, "stopped_early"] and table.loc[4.0e-3, "epochs"] == 3
     assert table.loc[5.0, "stopped_early"] and table.loc[5.0, "epochs"] == 1
     assert table.loc[5.0, "best_top1"] < table.loc[4.0e-3, "best_top1"]
+
+
+def test_inline_storage_secrets_reach_the_trials_through_the_environment_only(
+        ray_cluster: RayCluster, s3_store: S3Store, synth_dir: Path, tmp_path: Path) -> None:
+    """Key and secret in sweep.storage_options, the sweep on the S3 store: one trial trains and commits there,
+    and no object in the store (Tune's pickled state included) holds the secret."""
+    import s3fs
+
+    bucket = s3_store.bucket("sweeps")
+    sets = [*data_sets(synth_dir, tmp_path), f"sweep.storage={bucket}", "sweep.name=inline",
+            f"sweep.storage_options={json.dumps(s3_store.options)}", "sweep.scheduler=null",
+            "sweep.search={model.drop_path_rate: {grid: [0.1]}}", "sweep.proxy={schedule.epochs: 1}"]
+    command = [sys.executable, "-m", "orchestrator.tune", "recipes/sweeps/smoke.yaml", *(f"--set={s}" for s in sets)]
+    done = subprocess.run(command, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    fs = s3fs.S3FileSystem(**s3_store.options, skip_instance_cache=True)
+    files = fs.find(bucket.removeprefix("s3://"))
+    assert any(f.endswith("/COMMITTED") for f in files) and any(f.endswith("tuner.pkl") for f in files)
+    secret = s3_store.options["secret"].encode()
+    assert [f for f in files if secret in fs.cat_file(f)] == []

@@ -56,3 +56,35 @@ def test_recipe_overrides_reach_the_trials(tmp_path: Path) -> None:
     sweep = sweeps.load(SWEEPS / "smoke.yaml", [f"data.train={tmp_path}/train", "model.drop_path_rate=0.3"])
     assert sweep.trial_base().data.train == f"{tmp_path}/train"
     assert sweeps.space(sweep)["model.drop_path_rate"] == {"grid_search": [0.0, 0.2]}
+
+
+def test_inline_secrets_go_to_the_ray_job_environment_or_are_refused_once_it_is_fixed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import pickle
+
+    from orchestrator import recipe as recipes
+    from orchestrator.launch import ray_train
+
+    options = {"key": "K3Y", "secret": "S3CR3T", "endpoint_url": "http://127.0.0.1:9"}
+    sweep = sweeps.load(SWEEPS / "smoke.yaml", ["sweep.storage=s3://b", f"sweep.storage_options={json.dumps(options)}"])
+    base = recipes.with_values(sweep.trial_base(), {"run.storage_options": sweep.storage_options})
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv(recipes.SECRETS_ENV, raising=False)
+    env = ray_train.secret_environment(base)
+    assert json.loads(env[recipes.SECRETS_ENV])["run"] == {"key": "K3Y", "secret": "S3CR3T"}
+    assert ray_train.secret_environment(recipes.with_values(base, {"run.storage_options": {}})) == {}
+
+    # Ray's storage filesystem pickles without the secrets and reopens with them from the environment.
+    _, fs = ray_train.storage_for_ray("s3://b/runs", options)
+    data = pickle.dumps(fs)
+    assert b"S3CR3T" not in data and b"K3Y" not in data
+    monkeypatch.setenv(recipes.SECRETS_ENV, env[recipes.SECRETS_ENV])
+    assert pickle.loads(data).handler.fs.secret == "S3CR3T"
+
+    monkeypatch.delenv(recipes.SECRETS_ENV)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside `ray job submit`
+    with pytest.raises(RecipeError, match=r"run.storage_options.key, run.storage_options.secret: secrets reach Ray's"):
+        ray_train.connect(env)
+    monkeypatch.setenv(recipes.SECRETS_ENV, env[recipes.SECRETS_ENV])  # the job was submitted with them
+    ray_train._check_job_environment(env)
