@@ -82,49 +82,6 @@ def _shape_only(height: int, width: int) -> torch.Tensor:
     return torch.empty((1, 1, 1), dtype=torch.uint8).expand(1, height, width)
 
 
-def _warp(img: Image.Image, matrix: tuple[float, ...], kwargs: dict[str, Any]) -> Image.Image:
-    """Pillow's ``transform(AFFINE, matrix)`` with torch's ``grid_sample``: each output pixel centre maps to
-    ``matrix`` applied to it in the input; points outside the input take ``fillcolor``, edges clamp."""
-    auto_augment._check_args_tf(kwargs)  # timm's draw of the resampling filter, as its own ops do
-    mode = {Image.BICUBIC: "bicubic", Image.NEAREST: "nearest"}.get(kwargs["resample"], "bilinear")
-    w, h = img.size
-    a, b, c, d, e, f = matrix
-    xs, ys = torch.arange(w, dtype=torch.float32) + 0.5, torch.arange(h, dtype=torch.float32)[:, None] + 0.5
-    grid = torch.empty((1, h, w, 2))  # input points in grid_sample's [-1, 1] coordinates
-    torch.add(xs * (2 * a / w), ys * (2 * b / w) + (2 * c / w - 1), out=grid[0, :, :, 0])
-    torch.add(xs * (2 * d / h), ys * (2 * e / h) + (2 * f / h - 1), out=grid[0, :, :, 1])
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
-    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)[0]
-    fill = torch.tensor(kwargs.get("fillcolor") or (0, 0, 0), dtype=torch.float32).view(3, 1, 1)
-    inside = (grid[0] >= -1) & (grid[0] < 1)  # Pillow: 0 <= point < size
-    out = torch.where(inside[..., 0] & inside[..., 1], out, fill).clamp_(0, 255).add_(0.5).to(torch.uint8)  # rounded
-    return Image.merge("RGB", [Image.fromarray(channel) for channel in out.numpy()])  # cheaper than a transpose
-
-
-def _rotate(img: Image.Image, degrees: float, **kwargs: Any) -> Image.Image:
-    """timm's ``rotate``: Pillow's ``Image.rotate`` about the centre, same size."""
-    if degrees % 360.0 == 0:
-        auto_augment._check_args_tf(kwargs)
-        return img.copy()
-    angle = -math.radians(degrees % 360.0)
-    w, h = img.size
-    cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
-    cx, cy = w / 2.0, h / 2.0
-    return _warp(img, (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy), kwargs)
-
-
-# timm's geometric RandAugment ops, same arguments and magnitudes, warped by torch (2-3x less CPU than Pillow).
-TORCH_GEOMETRY: dict[Callable[..., Image.Image], Callable[..., Image.Image]] = {
-    auto_augment.rotate: _rotate,
-    auto_augment.shear_x: lambda img, factor, **kw: _warp(img, (1, factor, 0, 0, 1, 0), kw),
-    auto_augment.shear_y: lambda img, factor, **kw: _warp(img, (1, 0, 0, factor, 1, 0), kw),
-    auto_augment.translate_x_rel: lambda img, pct, **kw: _warp(img, (1, 0, pct * img.size[0], 0, 1, 0), kw),
-    auto_augment.translate_y_rel: lambda img, pct, **kw: _warp(img, (1, 0, 0, 0, 1, pct * img.size[1]), kw),
-    auto_augment.translate_x_abs: lambda img, px, **kw: _warp(img, (1, 0, px, 0, 1, 0), kw),
-    auto_augment.translate_y_abs: lambda img, px, **kw: _warp(img, (1, 0, 0, 0, 1, px), kw),
-}
-
-
 class TrainCrop:
     """RandomResizedCrop + flip + RandAugment (or colour jitter): bytes -> uint8 HWC ``size x size``."""
 
@@ -141,8 +98,6 @@ class TrainCrop:
             if interpolation != "random":
                 params["interpolation"] = str_to_pil_interp(interpolation)
             self.augment = rand_augment_transform(auto_augment_policy, params)
-            for op in self.augment.ops:
-                op.aug_fn = TORCH_GEOMETRY.get(op.aug_fn, op.aug_fn)
         elif color_jitter:
             self.augment = ColorJitter(*(color_jitter,) * 3)
 
