@@ -12,12 +12,14 @@ Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -96,9 +98,9 @@ def worker(config: dict[str, Any]) -> None:
                      launcher="ray")
     if config.get("relay"):
         ctx.relay = ray.get_actor(config["relay"])
-    route_sigterm(ctx.stop)
     try:
-        train(recipe, ctx)
+        with sigterm_stops(ctx.stop):
+            train(recipe, ctx)
     except StopRequested as stopped:
         # Every rank stops at the same step, checkpointed. A driver's request ends the run (the driver says
         # where it resumes); a worker's own SIGTERM (a node drain, a spot notice) is a failure of this worker
@@ -107,13 +109,14 @@ def worker(config: dict[str, Any]) -> None:
             raise interrupted(ctx.stop.received or signal.SIGTERM, stopped.args[0], ctx.run.url) from None
 
 
-def route_sigterm(stop: StopSignals) -> None:
-    """Make a SIGTERM to this Ray worker process a graceful stop request.
+@contextlib.contextmanager
+def sigterm_stops(stop: StopSignals) -> Iterator[None]:
+    """While training, a SIGTERM to this Ray worker process is a graceful stop request.
 
     The loop runs in a thread, where no handler can be installed; the process's main thread has
     Ray's handler, which calls ``raise_sys_exit_with_custom_error_message`` (looked up in
     ``ray._private.worker`` at call time) to exit at once. The first SIGTERM is routed to ``stop``
-    instead; a second one exits as Ray would.
+    instead; a second one exits as Ray would, and so does any after training (Ray's own shutdown).
     """
     import ray._private.worker as ray_worker
 
@@ -126,6 +129,10 @@ def route_sigterm(stop: StopSignals) -> None:
         log.warning("this Ray worker got SIGTERM: stopping at the next step to checkpoint it (a second one stops at once)")
 
     ray_worker.raise_sys_exit_with_custom_error_message = on_sigterm
+    try:
+        yield
+    finally:
+        ray_worker.raise_sys_exit_with_custom_error_message = exit_now
 
 
 class StorageHandler(pafs.FSSpecHandler):
