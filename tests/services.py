@@ -166,15 +166,47 @@ class RayCluster:
         return True
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # `ray start --block` drains the node and stops its processes
-        try:
-            self.proc.wait(timeout=40)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # then whatever is left in its session
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_ray_node(self.proc)
+        self.proc = None
+
+
+def stop_ray_node(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a ``ray start --block`` (it drains the node and stops its processes), then SIGKILL its group."""
+    if proc is None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=40)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # then whatever is left in its session
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@dataclass
+class RayWorkerNode:
+    """A second Ray node on this machine: ``ray start --address HEAD --block`` in its own process group."""
+
+    head: RayCluster
+    log_path: Path
+    num_cpus: int = 1
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from ray.util.state import list_nodes
+
+        ray = str(Path(sys.executable).parent / "ray")
+        args = [ray, "start", "--block", f"--address={self.head.address}", "--node-ip-address=127.0.0.1",
+                f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--object-store-memory={100 * 2**20}",
+                "--disable-usage-stats"]
+        env = {**{k: v for k, v in self.head.env.items() if k != "RAY_ADDRESS"}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        poll(lambda: sum(n.state == "ALIVE" for n in list_nodes(address=self.head.dashboard)) >= 2, 90,
+             f"a second Ray node joining {self.head.address} (log: {self.log_path})", interval=0.5)
+
+    def stop(self) -> None:
+        stop_ray_node(self.proc)
         self.proc = None
 
 

@@ -104,6 +104,7 @@ def test_a_relative_storage_inside_a_ray_job_is_refused(ray_cluster: RayCluster,
 
 def _grads_after_one_step(config: dict[str, Any]) -> None:
     """Ray Train worker: one training step of the loop on fixed data; rank 0 saves the (all-reduced) gradients."""
+    import ray
     import ray.train
 
     from orchestrator.train import loop
@@ -122,10 +123,12 @@ def _grads_after_one_step(config: dict[str, Any]) -> None:
     loop.train_step(c, recipe, ctx, {"step": 0, "nonfinite": 0}, micro)
     if ctx.rank == 0:
         torch.save({n: p.grad.clone() for n, p in c.model.named_parameters() if p.grad is not None}, config["out"])
+    Path(f"{config['out']}.node{ctx.rank}").write_text(ray.get_runtime_context().get_node_id())
 
 
-def test_two_worker_ddp_gives_the_single_worker_gradients(driver: RayCluster, synth_dir: Path, tmp_path: Path) -> None:
-    """Same global batch of 32: 1 worker x 2 micro-batches of 16 vs 2 workers x 16 (BatchNorm sees 16 either way)."""
+def ddp_gradients(synth_dir: Path, tmp_path: Path, placement: str = "PACK") -> tuple[dict[int, Any], set[str]]:
+    """One step's all-reduced gradients at global batch 32, by worker count (1 worker x 2 micro-batches of 16,
+    2 workers x 16: BatchNorm sees 16 either way), and the Ray nodes the 2 workers ran on."""
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -138,14 +141,23 @@ def test_two_worker_ddp_gives_the_single_worker_gradients(driver: RayCluster, sy
         TorchTrainer(
             _grads_after_one_step,
             train_loop_config={"recipe": recipe.to_dict(redact=False), "run_dir": str(tmp_path / "ddp"), "out": str(out)},
-            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}, placement_strategy=placement),
             run_config=RunConfig(name=unique(f"ddp{workers}"), storage_path=str(tmp_path / "ray")),
         ).fit()
         grads[workers] = torch.load(out)
+    return grads, {(tmp_path / f"grads-2.pt.node{rank}").read_text() for rank in range(2)}
+
+
+def assert_same_gradients(grads: dict[int, Any]) -> None:
     assert grads[1].keys() == grads[2].keys() and len(grads[1]) > 50
     for name, g1 in grads[1].items():
         torch.testing.assert_close(grads[2][name], g1, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert max(float(g.abs().max()) for g in grads[1].values()) > 1e-3  # a real step, not all-zero gradients
+
+
+def test_two_worker_ddp_gives_the_single_worker_gradients(driver: RayCluster, synth_dir: Path, tmp_path: Path) -> None:
+    grads, _ = ddp_gradients(synth_dir, tmp_path)
+    assert_same_gradients(grads)
 
 
 @pytest.mark.parametrize("kind", ["raise", "kill"])
