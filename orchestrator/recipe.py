@@ -24,7 +24,13 @@ from model.config import ModelConfig
 from orchestrator import overrides as overrides_
 from orchestrator.errors import RecipeError
 from orchestrator.overrides import Override
-from orchestrator.storage import absolute, is_secret, redacted_options, remember_secrets
+from orchestrator.storage import (
+    absolute,
+    fill_secrets,
+    redacted_options,
+    remember_secrets,
+    secret_values,
+)
 
 
 @dataclass
@@ -170,8 +176,7 @@ SECRETS_ENV = "INCEPTIONNEXT_STORAGE_SECRETS"
 
 def secret_options(recipe: Recipe) -> dict[str, dict[str, Any]]:
     """The secret storage options of ``recipe`` by section (what ``to_dict(redact=True)`` replaces by ``***``)."""
-    return {section: {k: v for k, v in getattr(recipe, section).storage_options.items() if is_secret(k)}
-            for section in ("data", "run")}
+    return {section: secret_values(getattr(recipe, section).storage_options) for section in ("data", "run")}
 
 
 @contextlib.contextmanager
@@ -193,11 +198,13 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     """A recipe from ``Recipe.to_dict()`` (how launchers ship it to workers). Redacted (``***``) storage
     options are filled in from ``SECRETS_ENV``."""
     secrets = json.loads(os.environ.get(SECRETS_ENV) or "{}")
-    data = {**data, **{section: {**data[section], "storage_options": {
-        k: secrets.get(section, {}).get(k, v) if v == "***" else v for k, v in data[section]["storage_options"].items()}}
-        for section in ("data", "run") if section in data}}
-    missing = [f"{s}.storage_options.{k}" for s in ("data", "run") for k, v in data.get(s, {}).get("storage_options", {}).items()
-               if v == "***"]
+    data, missing = dict(data), []
+    for section in ("data", "run"):
+        if section in data:
+            options, lost = fill_secrets(data[section]["storage_options"], secrets.get(section, {}),
+                                         f"{section}.storage_options.")
+            data[section] = {**data[section], "storage_options": options}
+            missing += lost
     if missing:
         raise RecipeError(f"recipe: {', '.join(missing)} arrived redacted and {SECRETS_ENV} does not hold them; "
                           "launch through this project's launchers, or pass credentials in the environment")

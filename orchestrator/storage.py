@@ -60,6 +60,37 @@ def redacted_options(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def secret_values(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the secrets of ``options``, nested dicts kept (what ``redacted_options`` hides)."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, Mapping):
+            if inner := secret_values(v):
+                out[k] = inner
+        elif is_secret(k):
+            out[k] = v
+    return out
+
+
+def fill_secrets(options: Mapping[str, Any], secrets: Mapping[str, Any], where: str = "") -> tuple[dict[str, Any], list[str]]:
+    """``options`` with each ``***`` replaced by the value at the same place in ``secrets``; and the
+    dotted names of those ``secrets`` does not hold."""
+    filled: dict[str, Any] = {}
+    missing: list[str] = []
+    for k, v in options.items():
+        if isinstance(v, Mapping):
+            inner = secrets.get(k)
+            filled[k], lost = fill_secrets(v, inner if isinstance(inner, Mapping) else {}, f"{where}{k}.")
+            missing += lost
+        elif v == "***" and k in secrets:
+            filled[k] = secrets[k]
+        else:
+            filled[k] = v
+            if v == "***":
+                missing.append(f"{where}{k}")
+    return filled, missing
+
+
 def _flatten(options: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
     for k, v in options.items():
         if isinstance(v, Mapping):

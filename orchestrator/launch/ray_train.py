@@ -152,8 +152,7 @@ class StorageHandler(pafs.FSSpecHandler):
 
 
 def _reopen(url: str, options: dict[str, Any]) -> StorageHandler:
-    secrets = json.loads(os.environ.get(SECRETS_ENV) or "{}").get("run", {})
-    return StorageHandler(url, {k: secrets.get(k, v) if v == "***" else v for k, v in options.items()})
+    return StorageHandler(url, storage.fill_secrets(options, json.loads(os.environ.get(SECRETS_ENV) or "{}").get("run", {}))[0])
 
 
 def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSystem | None]:

@@ -159,3 +159,17 @@ def test_secrets_never_reach_the_printed_config() -> None:
                   "--print-config")
     assert out.returncode == 0, out.stderr
     assert "verysecretvalue" not in out.stdout and "AKIAEXAMPLE" not in out.stdout
+
+
+def test_secrets_nested_in_storage_options_travel_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``to_dict(redact=True)`` hides nested secrets too; ``from_dict`` fills every one back from SECRETS_ENV,
+    or names the one it lacks."""
+    options = {"endpoint_url": "http://s3:9000", "client_kwargs": {"aws_secret_access_key": "N3ST3D-S3CR3T", "region_name": "x"}}
+    recipe = recipes.load(ROOT / "recipes" / "smoke.yaml", [f"run.storage_options={json.dumps(options)}"])
+    shipped = recipe.to_dict(redact=True)
+    assert "N3ST3D-S3CR3T" not in json.dumps(shipped)
+    monkeypatch.delenv(recipes.SECRETS_ENV, raising=False)
+    with pytest.raises(RecipeError, match=r"run\.storage_options\.client_kwargs\.aws_secret_access_key arrived redacted"):
+        recipes.from_dict(shipped)
+    with recipes.secrets_in_environment(recipe):
+        assert recipes.from_dict(shipped).run.storage_options == options
