@@ -42,7 +42,12 @@ class DataConfig:
     interpolation: str = "bicubic"  # eval resize
     train_interpolation: str = "random"  # RandomResizedCrop (timm's default: random bilinear/bicubic)
     num_workers: int = 8
-    shuffle_buffer: int = 2048
+    # Samples each partition shuffles over. Host memory: about partitions x (shuffle_buffer + rows per row
+    # group) encoded images, spread over the ranks, whatever the world size.
+    shuffle_buffer: int = 256
+    # The training order is defined over this many partitions (null: the largest of 1, 2, 4, 8, 12, 24, ... 768
+    # that leaves two row groups per partition). World sizes must divide it; see README "Many nodes".
+    partitions: int | None = None
     max_corrupt_fraction: float = 0.001
     retries: int = 6
     retry_base_delay: float = 0.5
@@ -115,7 +120,7 @@ class RunConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int | list[int] = 1  # [min, max]: elastic (Ray), every size in between must keep the order
     gpus_per_worker: int = 1
     cpus_per_worker: int = 8
     max_failures: int = 3
@@ -150,23 +155,41 @@ class BatchPlan:
 
     world_size: int
     per_device: int  # samples per device per optimizer step
-    micro_batch: int  # samples per forward/backward
+    micro_batch: int  # samples per forward/backward: the same on every world size
     accum_steps: int
+
+    @property
+    def micro_per_step(self) -> int:
+        return self.world_size * self.accum_steps
+
+
+def micro_batch(recipe: Recipe) -> int:
+    """Samples per forward/backward: the largest divisor of the global batch up to ``batch.per_device_max``.
+
+    Fixed by the recipe, not the world size, so BatchNorm sees the same micro-batches on any number of devices."""
+    gbs, cap = recipe.batch.global_batch_size, recipe.batch.per_device_max
+    return max(d for d in range(1, min(gbs, cap) + 1) if gbs % d == 0)
+
+
+def world_sizes(recipe: Recipe) -> list[int]:
+    """Scaling sizes the recipe asks for: one, or every size of an elastic ``[min, max]``."""
+    n = recipe.scaling.num_workers
+    return list(range(n[0], n[1] + 1)) if isinstance(n, list) else [n]
 
 
 def plan_batch(recipe: Recipe, world_size: int, source: str = "recipe") -> BatchPlan:
-    """Per-device batch and gradient accumulation that keep the global batch exactly the recipe's."""
-    gbs, cap = recipe.batch.global_batch_size, recipe.batch.per_device_max
-    if gbs % world_size:
-        raise RecipeError(f"{source}: batch.global_batch_size={gbs} is not divisible by world size {world_size}")
-    per_device = gbs // world_size
-    accum = -(-per_device // cap)
-    while per_device % accum:
-        accum += 1
-    plan = BatchPlan(world_size, per_device, per_device // accum, accum)
-    if uses_mixup(recipe) and plan.micro_batch % 2:
-        raise RecipeError(f"{source}: batch.global_batch_size={gbs} on {world_size} device(s) gives an odd micro-batch of "
-                          f"{plan.micro_batch}; timm's Mixup/CutMix pairs samples and needs it even")
+    """Per-device batch and gradient accumulation that keep the global batch and its micro-batches exactly the recipe's."""
+    gbs, m = recipe.batch.global_batch_size, micro_batch(recipe)
+    per_step = gbs // m
+    if per_step % world_size:
+        fits = [w for w in range(1, per_step + 1) if per_step % w == 0]
+        raise RecipeError(f"{source}: batch.global_batch_size={gbs} is {per_step} micro-batches of {m} (batch.per_device_max="
+                          f"{recipe.batch.per_device_max}), which world size {world_size} does not divide; world sizes "
+                          f"that fit: {', '.join(map(str, fits))}")
+    plan = BatchPlan(world_size, gbs // world_size, m, per_step // world_size)
+    if uses_mixup(recipe) and m % 2:
+        raise RecipeError(f"{source}: batch.global_batch_size={gbs} gives an odd micro-batch of {m}; timm's "
+                          "Mixup/CutMix pairs samples and needs it even")
     return plan
 
 
@@ -376,7 +399,8 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
     positive = [("optimizer.lr", r.optimizer.lr), ("optimizer.eps", r.optimizer.eps), ("schedule.epochs", r.schedule.epochs),
                 ("batch.global_batch_size", r.batch.global_batch_size), ("batch.per_device_max", r.batch.per_device_max),
                 ("data.input_size", r.data.input_size), ("data.crop_pct", r.data.crop_pct), ("model.num_classes", r.model.num_classes),
-                ("scaling.num_workers", r.scaling.num_workers), ("run.keep_checkpoints", r.run.keep_checkpoints)]
+                ("run.keep_checkpoints", r.run.keep_checkpoints), ("data.partitions", r.data.partitions or 1),
+                ("data.shuffle_buffer", r.data.shuffle_buffer)]
     for dotted, value in positive:
         if value <= 0:
             fail(dotted, f"must be positive, got {value}")
@@ -406,7 +430,11 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("data.train", "no training dataset given")
     if not r.run.name or "/" in r.run.name:
         fail("run.name", f"{r.run.name!r} must be a non-empty name without '/'")
-    plan_batch(recipe, r.scaling.num_workers, origin.get("batch.global_batch_size", path))
+    n = r.scaling.num_workers
+    if (isinstance(n, list) and not (len(n) == 2 and 0 < n[0] <= n[1])) or (isinstance(n, int) and n <= 0):
+        fail("scaling.num_workers", f"expected a positive number or [min, max] with 0 < min <= max, got {n}")
+    for world in world_sizes(recipe):
+        plan_batch(recipe, world, origin.get("batch.global_batch_size", path))
 
 
 def uses_mixup(recipe: Recipe) -> bool:

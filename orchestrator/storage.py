@@ -7,6 +7,7 @@ Storage options come from the environment first (fsspec's ``FSSPEC_S3_ENDPOINT_U
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -157,8 +158,12 @@ class RetryPolicy:
             yield min(self.max_delay, self.base_delay * 2**n) * (0.5 + random.random() / 2)
 
 
+@functools.cache
 def transient_errors() -> tuple[type[BaseException], ...]:
-    """Errors worth retrying: I/O and connection failures of any fsspec backend."""
+    """Errors worth retrying: I/O and connection failures of any fsspec backend.
+
+    Cached: the first call imports botocore/aiohttp, which must not happen in a checkpoint thread while the
+    main thread forks DataLoader workers (a child would inherit the held import lock and hang)."""
     errors: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
     try:
         import botocore.exceptions

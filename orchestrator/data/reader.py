@@ -1,20 +1,13 @@
-"""Streaming reader of Parquet shards: deterministic sharding, exact mid-epoch resume, fault tolerance.
+"""Streaming reader of Parquet shards: a world-size-independent order, exact mid-epoch resume, fault tolerance.
 
-How an epoch is laid out (train):
-  1. The row groups of all shards are permuted with ``(seed, epoch)`` and concatenated: the epoch's stream.
-  2. Rank r takes the contiguous slice ``[r*M, (r+1)*M)``, ``M = N // world_size``. The remainder
-     (fewer than world_size samples) is dropped for this epoch; the permutation changes which ones.
-  3. The rank's slice is split contiguously into one part per DataLoader worker (sizes differ by <= 1),
-     and each worker shuffles its part through a bounded buffer seeded by ``(seed, epoch, rank, worker)``.
-Every rank therefore yields the same number of batches, and reads whole row groups sequentially.
-Validation keeps the natural order and splits all N samples (no drop), so each image is seen once.
+Training epochs follow ``order.EpochOrder`` (partitions of a permuted row-group stream, read by the ranks and
+DataLoader workers that own them), so a run resumed on another world size or worker count reads the same
+micro-batches. Validation keeps the natural order and splits all N samples (no drop), so each image is seen once.
 
-Resume: the DataLoader takes one batch from each worker in turn, so the number of batches the
-training loop consumed determines how many samples each worker produced and whose turn is next;
-``ShardLoader`` records that count, a resumed worker skips exactly those samples without reading
-or decoding them, and worker roles are rotated so the round continues with the right one.
-Augmentation RNGs are seeded per sample from ``(seed, epoch, sample id)``, so a skipped prefix does
-not change what follows.
+Resume: the loader records how many micro-batches the whole world consumed this epoch; a resumed worker skips
+exactly those without reading or decoding them, and worker roles are rotated so the DataLoader's round robin
+continues with the right one. Augmentation RNGs are seeded per sample from ``(seed, epoch, sample id)``, so a
+skipped prefix does not change what follows.
 """
 
 from __future__ import annotations
@@ -36,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from orchestrator import storage
 from orchestrator.data.device import sample_seed
 from orchestrator.data.manifest import Manifest
+from orchestrator.data.order import EpochOrder, auto_partitions
 from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -70,25 +64,6 @@ def split_evenly(start: int, stop: int, parts: int, index: int) -> tuple[int, in
     return a, a + base + (1 if index < extra else 0)
 
 
-def round_robin_counts(consumed: int, per_worker: list[int]) -> tuple[list[int], int]:
-    """Batches each worker produced after the DataLoader yielded ``consumed``, and whose turn is next.
-
-    The DataLoader takes one batch from each worker in turn and skips exhausted workers.
-    """
-    produced = [0] * len(per_worker)
-    w = 0
-    for _ in range(consumed):
-        while produced[w] >= per_worker[w]:
-            w = (w + 1) % len(per_worker)
-        produced[w] += 1
-        w = (w + 1) % len(per_worker)
-    for _ in range(len(per_worker)):
-        if produced[w] < per_worker[w]:
-            break
-        w = (w + 1) % len(per_worker)
-    return produced, w
-
-
 def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     """The output order of a bounded shuffle buffer fed ``0..n-1`` (only indices: nothing is read)."""
     if buffer <= 1:
@@ -107,119 +82,144 @@ def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def select_groups(manifest: Manifest, fraction: float = 1.0) -> np.ndarray:
+    """The global row-group table ``[shard, row group, first sample id, rows]``; ``fraction < 1`` keeps the
+    first row groups (a fixed subset: the shard writer mixed the classes)."""
+    groups = []
+    offset = 0
+    for s, shard in enumerate(manifest.shards):
+        for g, rows in enumerate(shard.row_groups):
+            groups.append((s, g, offset, rows))
+            offset += rows
+    if fraction < 1.0:
+        groups = groups[:max(1, math.ceil(fraction * len(groups)))]
+    return np.asarray(groups, dtype=np.int64).reshape(-1, 4)
+
+
+def epoch_order(groups: np.ndarray, micro_batch: int, global_batch: int, partitions: int | None) -> EpochOrder:
+    """The training order of these row groups; ``partitions`` None picks ``auto_partitions``."""
+    num_samples = int(groups[:, 3].sum())
+    micro_per_step = global_batch // micro_batch
+    if partitions is None:
+        micro_batches = num_samples // global_batch * micro_per_step
+        partitions = auto_partitions(num_samples, num_samples / max(len(groups), 1), micro_batches)
+    return EpochOrder(num_samples, micro_batch, micro_per_step, partitions)
+
+
 class ShardDataset(IterableDataset):
     """Yields ``(transform(image bytes), label, sample_id, corrupt)`` for one rank; use it through ``ShardLoader``.
 
-    ``transform`` decodes too (``transforms.TrainCrop``/``EvalCrop``); a decode error marks the image corrupt."""
+    ``transform`` decodes too (``transforms.TrainCrop``/``EvalCrop``); a decode error marks the image corrupt.
+    ``global_batch`` (default: one micro-batch per rank) and ``partitions`` define the training order."""
 
     def __init__(self, manifest: Manifest, transform: Callable[[bytes], Any], *, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, options: ReaderOptions = ReaderOptions(),
-                 fraction: float = 1.0) -> None:
+                 fraction: float = 1.0, global_batch: int | None = None, partitions: int | None = None) -> None:
         self.manifest, self.transform, self.train = manifest, transform, train
         self.rank, self.world_size, self.seed, self.options = rank, world_size, seed, options
-        # The global row-group table: (shard, row group, first sample id, rows).
-        groups = []
-        offset = 0
-        for s, shard in enumerate(manifest.shards):
-            for g, rows in enumerate(shard.row_groups):
-                groups.append((s, g, offset, rows))
-                offset += rows
-        if fraction < 1.0:  # a fixed subset: the first row groups (the shard writer mixed the classes)
-            groups = groups[:max(1, math.ceil(fraction * len(groups)))]
-            offset = sum(g[3] for g in groups)
-        self.groups = np.asarray(groups, dtype=np.int64).reshape(-1, 4)
-        self.num_samples = offset
+        self.groups = select_groups(manifest, fraction)
+        self.num_samples = int(self.groups[:, 3].sum())
         if train and self.num_samples < world_size:
             raise DataError(f"{manifest.root}: {self.num_samples} samples cannot feed {world_size} ranks")
+        self.global_batch, self.partitions = global_batch, partitions
         self.epoch = 0
         self.batch_size = 1
-        self.drop_last = train
-        self.skip_batches = 0  # batches the loader already consumed this epoch (set by ShardLoader)
+        self.skip_batches = 0  # this rank's micro-batches the loader already consumed this epoch (set by ShardLoader)
+
+    @property
+    def order(self) -> EpochOrder:
+        if not self.train:
+            raise TypeError("validation has no training order")
+        gbs = self.global_batch or self.batch_size * self.world_size
+        order = epoch_order(self.groups, self.batch_size, gbs, self.partitions)
+        if order.steps == 0:
+            raise DataError(f"{self.manifest.root}: {self.num_samples} samples hold no global batch of {gbs}")
+        if (why := order.why_not(self.world_size)) is not None:
+            raise DataError(f"{self.manifest.root}: {why}")
+        return order
 
     # --- layout -------------------------------------------------------------------------------
-    def rank_range(self) -> tuple[int, int]:
-        if self.train:
-            per_rank = self.num_samples // self.world_size
-            return self.rank * per_rank, (self.rank + 1) * per_rank
-        return split_evenly(0, self.num_samples, self.world_size, self.rank)
-
-    def worker_sizes(self, num_workers: int) -> list[int]:
-        a, b = self.rank_range()
+    def val_worker_sizes(self, num_workers: int) -> list[int]:
+        a, b = split_evenly(0, self.num_samples, self.world_size, self.rank)
         return [hi - lo for lo, hi in (split_evenly(a, b, num_workers, w) for w in range(num_workers))]
 
-    def batches_per_worker(self, num_workers: int) -> list[int]:
-        sizes = self.worker_sizes(num_workers)
-        if self.drop_last:
-            return [n // self.batch_size for n in sizes]
-        return [-(-n // self.batch_size) for n in sizes]
-
-    def _stream_groups(self) -> np.ndarray:
-        if not self.train:
-            return self.groups
-        return self.groups[_rng(self.seed, self.epoch).permutation(len(self.groups))]
-
-    def worker_items(self, worker: int, num_workers: int) -> np.ndarray:
-        """``[n, 3]`` rows of (row-group index into self.groups, row in group, sample id) in yield order."""
-        groups = self._stream_groups()
-        a, b = split_evenly(*self.rank_range(), num_workers, worker)
+    def _stream_slice(self, groups: np.ndarray, a: int, b: int) -> np.ndarray:
+        """``[n, 3]`` rows of (row-group index into self.groups, row in group, sample id) for stream ``[a, b)``."""
         ends = np.cumsum(groups[:, 3])
         starts = ends - groups[:, 3]
         first, last = np.searchsorted(ends, a, side="right"), np.searchsorted(starts, b, side="left")
+        order_index = np.searchsorted(self.groups[:, 2], groups[first:last, 2])  # ids increase in self.groups
         parts = []
-        order_index = _row_group_index(self.groups, groups[first:last])
         for k, (s0, g) in enumerate(zip(starts[first:last], groups[first:last], strict=True)):
-            lo, hi = max(a - s0, 0), min(b - s0, g[3])
-            rows = np.arange(lo, hi)
+            rows = np.arange(max(a - s0, 0), min(b - s0, g[3]))
             parts.append(np.stack([np.full_like(rows, order_index[k]), rows, g[2] + rows], axis=1))
-        items = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
-        if self.train:
-            items = items[shuffle_order(len(items), self.options.shuffle_buffer, _rng(self.seed, self.epoch, self.rank, worker))]
-        return items
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
+
+    def partition_items(self, p: int, order: EpochOrder) -> np.ndarray:
+        """Partition ``p`` of this epoch in yield order (rows as in ``_stream_slice``)."""
+        stream = self.groups[_rng(self.seed, self.epoch).permutation(len(self.groups))]
+        items = self._stream_slice(stream, *order.partition_span(p))
+        return items[shuffle_order(len(items), self.options.shuffle_buffer, _rng(self.seed, self.epoch, p))]
+
+    def worker_items(self, role: int, num_workers: int, start: int = 0) -> np.ndarray:
+        """What worker ``role`` of ``num_workers`` yields, from this rank's micro-batch ``start`` on."""
+        if not self.train:
+            a, b = split_evenly(0, self.num_samples, self.world_size, self.rank)
+            return self._stream_slice(self.groups, *split_evenly(a, b, num_workers, role))
+        m, order = self.batch_size, self.order
+        parts: dict[int, np.ndarray] = {}
+        out = []
+        for p, t in order.schedule(self.rank, self.world_size, role, num_workers, start):
+            if p not in parts:
+                parts[p] = self.partition_items(p, order)
+            out.append(parts[p][t * m:(t + 1) * m])
+        return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
 
     # --- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        produced, next_turn = round_robin_counts(self.skip_batches, self.batches_per_worker(num_workers))
+        start = self.skip_batches if self.train else 0
         # A new DataLoader starts its round at process 0: rotate roles so the round continues where it stopped.
-        worker = (worker + next_turn) % num_workers
-        items = self.worker_items(worker, num_workers)
-        yield from _WorkerStream(self, items, skip=produced[worker] * self.batch_size)
-
-
-def _row_group_index(all_groups: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    """Position of each chosen (shard, group) row in ``all_groups`` (ids are increasing there)."""
-    return np.searchsorted(all_groups[:, 2], chosen[:, 2])
+        items = self.worker_items((worker + start) % num_workers, num_workers, start)
+        yield from _WorkerStream(self, items)
 
 
 class _WorkerStream:
-    """Reads row groups lazily, decodes, transforms; replaces corrupt images so batch counts never change."""
+    """Reads row groups lazily, decodes, transforms; replaces corrupt images so batch counts never change.
 
-    def __init__(self, ds: ShardDataset, items: np.ndarray, skip: int) -> None:
-        self.ds, self.items, self.skip = ds, items, skip
-        self.remaining = np.bincount(items[skip:, 0], minlength=len(ds.groups))
-        self.cache: dict[int, tuple[list[bytes], list[int]]] = {}
+    A corrupt image is replaced by a good one of its own micro-batch (the one before it, or the first), so
+    the replacement is the same on any world size or worker count."""
+
+    MAX_OPEN = 4  # open shards per worker: its partitions interleave, each reading its own shard
+
+    def __init__(self, ds: ShardDataset, items: np.ndarray) -> None:
+        self.ds, self.items = ds, items
+        self.remaining = np.bincount(items[:, 0], minlength=len(ds.groups))
+        self.cache: dict[int, tuple[list[bytes | None], list[int]]] = {}
         self.files: dict[int, pq.ParquetFile] = {}
         self.corrupt = 0
 
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
-        last_good: tuple[bytes, int, int] | None = None
-        pending = 0
-        for group, row, sample_id in self.items[self.skip :]:
-            data, label = self._row(int(group), int(row))
-            image = self._decode(data, int(sample_id))
-            if image is None:
-                self._count_corrupt(int(group), int(row))
-                if last_good is None:
-                    pending += 1
+        m = self.ds.batch_size
+        for lo in range(0, len(self.items), m):
+            batch = []
+            for group, row, sample_id in self.items[lo:lo + m]:
+                data, label = self._row(int(group), int(row))
+                image = self._decode(data, int(sample_id))
+                if image is None:
+                    self._count_corrupt(int(group), int(row))
+                batch.append((data, image, label, int(sample_id)))
+            good = [k for k, b in enumerate(batch) if b[1] is not None]
+            for k, (_, image, label, sample_id) in enumerate(batch):
+                if image is not None:
+                    yield image, label, sample_id, 0
                     continue
-                yield self._decode(last_good[0], last_good[2]), last_good[1], last_good[2], 1
-                continue
-            last_good = (data, label, int(sample_id))
-            yield image, label, int(sample_id), 0
-            for _ in range(pending):  # corrupt images before the first good one
-                yield self._decode(data, int(sample_id)), label, int(sample_id), 1
-            pending = 0
+                if not good:
+                    raise DataError(f"{self.ds.manifest.root}: a whole batch of corrupt images (sample ids "
+                                    f"{[b[3] for b in batch]}); the warnings above name each shard and row")
+                data, _, label, sample_id = batch[max((g for g in good if g < k), default=good[0])]
+                yield self._decode(data, sample_id), label, sample_id, 1
 
     def _decode(self, data: bytes, sample_id: int) -> Any:
         """The transform of the image's bytes (None when they do not decode), its RNGs seeded per image."""
@@ -251,6 +251,8 @@ class _WorkerStream:
             self.cache[group] = self._read_group(group)
         images, labels = self.cache[group]
         data, label = images[row], labels[row]
+        assert data is not None
+        images[row] = None  # each row is read once: free its bytes now, not when the whole group is done
         self.remaining[group] -= 1
         if self.remaining[group] == 0:
             del self.cache[group]
@@ -265,9 +267,11 @@ class _WorkerStream:
             try:
                 if shard not in self.files:
                     fs, path = storage.filesystem(url, opts.storage_options)
-                    # One open shard per worker. Row groups are read as coalesced byte ranges (pre_buffer)
-                    # straight from storage: fsspec's read-ahead cache only copied them once more.
-                    self.files = {shard: pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)}
+                    if len(self.files) >= self.MAX_OPEN:
+                        self.files.pop(next(iter(self.files)))
+                    # Row groups are read as coalesced byte ranges (pre_buffer) straight from storage:
+                    # fsspec's read-ahead cache only copied them once more.
+                    self.files[shard] = pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)
                 table = self.files[shard].read_row_group(g, columns=["image", "label"])
             except Exception:
                 self.files.pop(shard, None)  # reopen on retry: the old handle may be stale
@@ -287,33 +291,49 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 class ShardLoader:
-    """A DataLoader over a ShardDataset that remembers how many batches were consumed (for resume)."""
+    """A DataLoader over a ShardDataset that remembers how many micro-batches the world consumed (for resume).
+
+    Training uses as many of ``num_workers`` as divide the rank's partitions (``EpochOrder.workers``)."""
 
     def __init__(self, dataset: ShardDataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> None:
-        self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
+        self.dataset, self.pin_memory = dataset, pin_memory
         dataset.batch_size = batch_size
+        self.num_workers = dataset.order.workers(dataset.world_size, num_workers) if dataset.train else num_workers
+        if self.num_workers != num_workers:
+            log.info("data.num_workers=%d: using %d, the most that divide this rank's %d partitions",
+                     num_workers, self.num_workers, dataset.order.partitions // dataset.world_size)
         self.epoch = 0
-        self.consumed = 0
+        self.consumed = 0  # this rank's micro-batches
 
     def __len__(self) -> int:
-        return sum(self.dataset.batches_per_worker(max(1, self.num_workers)))
+        ds = self.dataset
+        if ds.train:
+            return ds.order.micro_batches // ds.world_size
+        return sum(-(-n // ds.batch_size) for n in ds.val_worker_sizes(max(1, self.num_workers)))
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.consumed}
+        """Where the epoch stands, in world-size-free terms, and the order it follows."""
+        order = self.dataset.order
+        return {"epoch": self.epoch, "micro_batches": self.consumed * self.dataset.world_size,
+                "partitions": order.partitions, "micro_batch": order.micro_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state["batches"])
+        world = self.dataset.world_size
+        if state["micro_batches"] % world:
+            raise DataError(f"the checkpoint stopped after {state['micro_batches']} micro-batches of epoch "
+                            f"{state['epoch']}, which {world} ranks cannot split")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["micro_batches"]) // world
 
     def __iter__(self) -> Iterator[Any]:
         ds = self.dataset
         if not ds.train:
             self.consumed = 0  # evaluation always reads the whole split
         ds.epoch, ds.skip_batches = self.epoch, self.consumed
-        loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=self.num_workers, drop_last=ds.drop_last,
+        loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=self.num_workers, drop_last=False,
                             pin_memory=self.pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals,
                             prefetch_factor=4 if self.num_workers else None)
         for batch in loader:

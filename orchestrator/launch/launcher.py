@@ -10,24 +10,29 @@ from typing import Any
 
 from orchestrator import storage, weights
 from orchestrator.data import manifest
+from orchestrator.data.reader import epoch_order, select_groups
 from orchestrator.errors import OrchestratorError, RecipeError
-from orchestrator.recipe import Recipe, plan_batch
+from orchestrator.recipe import Recipe, micro_batch, plan_batch, world_sizes
 
 LAUNCHERS = ("ray", "local")
 
 
-def world_size(recipe: Recipe, launcher: str) -> int:
-    """Ray: ``scaling.num_workers``; local: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+def world_size(recipe: Recipe, launcher: str) -> list[int]:
+    """The world sizes the run may have. Ray: ``scaling.num_workers`` (every size of an elastic ``[min, max]``);
+    local: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
     if launcher == "local":
-        return int(os.environ.get("WORLD_SIZE", 1))
-    return recipe.scaling.num_workers
+        return [int(os.environ.get("WORLD_SIZE", 1))]
+    return world_sizes(recipe)
 
 
-def preflight(recipe: Recipe, source: str, world: int, require_init: bool = False, check_init: bool = True) -> None:
+def preflight(recipe: Recipe, source: str, world: int | list[int], require_init: bool = False,
+              check_init: bool = True) -> None:
     """Every check that needs the launch plan or storage, before any process group or cluster starts:
-    the batch plan, the run storage, the datasets and ``model.init`` (unless ``check_init`` is off: an
-    earlier pipeline stage will produce it). Each failure is one line."""
-    plan_batch(recipe, world, f"{source} (on {world} device(s))")
+    the batch plan and sample order on each world size, the run storage, the datasets and ``model.init``
+    (unless ``check_init`` is off: an earlier pipeline stage will produce it). Each failure is one line."""
+    worlds = world if isinstance(world, list) else [world]
+    for w in worlds:
+        plan_batch(recipe, w, f"{source} (on {w} device(s))")
     if require_init and not recipe.model.init:
         raise RecipeError(f"{source}: model.init: fine-tuning needs a run name or checkpoint URL to start from")
     storage.check_reachable(recipe.run.storage, recipe.run.storage_options, "run.storage", "run.storage_options")
@@ -36,14 +41,28 @@ def preflight(recipe: Recipe, source: str, world: int, require_init: bool = Fals
         if url:
             storage.check_reachable(url, recipe.data.storage_options, f"data.{key}", "data.storage_options")
             try:
-                manifest.load(url, recipe.data.storage_options)
+                found = manifest.load(url, recipe.data.storage_options)
             except OrchestratorError as exc:
                 raise RecipeError(f"{source}: data.{key}={url}: {exc}") from exc
+            if key == "train":
+                check_order(recipe, found, worlds, source)
     if recipe.model.init and check_init:
         try:
             weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
         except OrchestratorError as exc:
             raise RecipeError(f"{source}: {exc}") from exc
+
+
+def check_order(recipe: Recipe, found: manifest.Manifest, worlds: list[int], source: str) -> None:
+    """The training order exists and every world size in ``worlds`` reads it exactly."""
+    order = epoch_order(select_groups(found, recipe.data.train_fraction), micro_batch(recipe),
+                        recipe.batch.global_batch_size, recipe.data.partitions)
+    if order.steps == 0:
+        raise RecipeError(f"{source}: data.train={recipe.data.train}: {order.num_samples} samples hold no global batch "
+                          f"of {recipe.batch.global_batch_size}")
+    for w in worlds:
+        if (why := order.why_not(w)) is not None:
+            raise RecipeError(f"{source}: {why}")
 
 
 def launch(recipe: Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:

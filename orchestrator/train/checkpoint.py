@@ -17,7 +17,7 @@ import torch
 
 from orchestrator.errors import CheckpointError
 from orchestrator.rundir import STATE, RunDir
-from orchestrator.storage import RetryPolicy, with_retries
+from orchestrator.storage import RetryPolicy, transient_errors, with_retries
 
 
 def encode(state: dict[str, Any]) -> dict[str, bytes]:
@@ -44,6 +44,7 @@ class BackgroundCommitter:
         self.run, self.keep, self.policy = run, keep, policy or RetryPolicy(attempts=4, base_delay=1.0)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        transient_errors()  # its imports happen here, not in the upload thread (see transient_errors)
 
     def submit(self, step: int, files: dict[str, bytes], meta: dict[str, Any]) -> None:
         self.wait()

@@ -37,6 +37,7 @@ def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan) -> tuple[S
         mf.load(d.train, d.storage_options),
         TrainCrop(d.input_size, recipe.augment.auto_augment, d.train_interpolation, recipe.augment.color_jitter),
         train=True, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts, fraction=d.train_fraction,
+        global_batch=recipe.batch.global_batch_size, partitions=d.partitions,
     )
     pin = ctx.device.type == "cuda"
     train = ShardLoader(train_ds, plan.micro_batch, d.num_workers, pin_memory=pin)

@@ -141,11 +141,13 @@ def log_header(c: Components, recipe: Recipe, ctx: TrainContext, step: int, stop
     train_images = c.train_loader.dataset.num_samples
     val_images = c.val_loader.dataset.num_samples if c.val_loader is not None else 0
     log.info("run %s  (%s, %s)", ctx.run.url, recipe.model.name, f"resuming at step {step}" if step else "from step 0")
-    log.info("world size %d  global batch %d = %d ranks x %d per device (%d x %d accumulation)",
+    order = c.train_loader.dataset.order
+    log.info("world size %d  global batch %d = %d ranks x %d per device (%d x %d accumulation)  same order on %s ranks",
              ctx.world_size, recipe.batch.global_batch_size, ctx.world_size, c.plan.per_device, c.plan.micro_batch,
-             c.plan.accum_steps)
+             c.plan.accum_steps, "/".join(map(str, order.world_sizes())))
     log.info("data %d train / %d val images at %d px  schedule %d epochs x %d steps = %d steps",
              train_images, val_images, recipe.data.input_size, recipe.schedule.epochs, c.steps_per_epoch, stop_at)
+
 
 
 def newest_state(ctx: TrainContext) -> tuple[str, dict[str, Any]] | None:
@@ -166,6 +168,7 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     epoch_end = (epoch + 1) * c.steps_per_epoch
     every = recipe.run.checkpoint_every_steps
     losses: list[float] = []
+    digest = 0
     window_start, window_images = time.monotonic(), 0
     heartbeat = time.monotonic()
     batches = iter(c.train_loader)
@@ -173,7 +176,8 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     metrics: dict[str, Any] = {}
     stop = False
     while state["step"] < min(epoch_end, stop_at):
-        loss = train_step(c, recipe, ctx, state, batches)
+        loss, step_digest = train_step(c, recipe, ctx, state, batches)
+        digest += step_digest
         state["step"] += 1
         losses.append(loss)
         window_images += c.plan.per_device * ctx.world_size
@@ -181,14 +185,15 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
         if state["step"] % recipe.run.log_every_steps == 0 or state["step"] in (epoch_end, stop_at):
             elapsed = time.monotonic() - window_start
             check_corrupt(recipe, ctx, state.get("corrupt", 0), state.get("read", 0), "training images read so far")
+            loss_mean, digest = _across_ranks(losses, digest, ctx)
             metrics = {"epoch": epoch, "step": state["step"], "lr": c.optimizer.param_groups[0]["lr"],
-                       "train_loss": _mean_across_ranks(losses, ctx), "images_per_sec": window_images / max(elapsed, 1e-9)}
-            writer.log({**metrics, "kind": "train"})
+                       "train_loss": loss_mean, "images_per_sec": window_images / max(elapsed, 1e-9)}
+            writer.log({**metrics, "kind": "train", "samples_digest": digest})
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
             if ctx.is_main and time.monotonic() - heartbeat > HEARTBEAT_S:  # for `orchestrator.runs`: still alive
                 ctx.run.write_status("running", step=state["step"])
                 heartbeat = time.monotonic()
-            losses, window_start, window_images = [], time.monotonic(), 0
+            losses, digest, window_start, window_images = [], 0, time.monotonic(), 0
         stop = ctx.stop_requested()
         if (stop or (every and state["step"] % every == 0)) and state["step"] not in (epoch_end, stop_at):
             save(c, recipe, ctx, state, {"epoch": epoch, "step": state["step"]})
@@ -198,16 +203,21 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     return {k: v for k, v in metrics.items() if k not in ("epoch", "step")}, stop
 
 
-def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], batches: Any) -> float:
-    """One optimizer step over ``accum_steps`` micro-batches (gradients synchronised only on the last)."""
+def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], batches: Any) -> tuple[float, int]:
+    """One optimizer step over ``accum_steps`` micro-batches (gradients synchronised only on the last).
+
+    Returns the loss and this rank's share of the samples digest (``sample_digest``)."""
     c.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=ctx.device)
+    digest = 0
     for micro in range(c.plan.accum_steps):
         images, targets, ids, corrupt = next(batches)
+        digest += sample_digest(ids)
         if corrupt is not None:  # counted per rank; the budget is checked on the sum over ranks
             state["corrupt"] = state.get("corrupt", 0) + int(corrupt.sum())
             state["read"] = state.get("read", 0) + len(corrupt)
-        seed_everything(recipe.run.seed, state["step"], micro, ctx.rank)
+        # Keyed by the micro-batch's place in the step (rank r computes r, r + W, ...): the same on any world size.
+        seed_everything(recipe.run.seed, state["step"], ctx.rank + micro * ctx.world_size)
         images = device.normalize(images, ctx.device, c.channels_last)
         epoch = state["step"] // c.steps_per_epoch
         device.random_erase(images, [device.sample_seed(recipe.run.seed, epoch, int(i)) for i in ids], recipe.augment.re_prob)
@@ -235,7 +245,13 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
         if c.ema is not None:
             c.ema.update(c.model, step=state["step"])
     c.scheduler.step_update(state["step"] + 1)
-    return float(total)
+    return float(total), digest
+
+
+def sample_digest(ids: torch.Tensor) -> int:
+    """A sum of hashed sample ids: ``samples_digest`` in metrics.jsonl is this over all ranks and the log
+    window, so two runs that read the same samples per window (on any world size) log the same numbers."""
+    return int((ids.to(torch.int64) * 2654435761 % 2**32).sum())
 
 
 def check_corrupt(recipe: Recipe, ctx: TrainContext | None, corrupt: int, read: int, what: str) -> None:
@@ -264,11 +280,12 @@ def _all_finite(loss: torch.Tensor, ctx: TrainContext) -> bool:
     return bool(flag.item())
 
 
-def _mean_across_ranks(values: list[float], ctx: TrainContext) -> float:
-    t = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=ctx.device)
+def _across_ranks(losses: list[float], digest: int, ctx: TrainContext) -> tuple[float, int]:
+    """The mean loss and the samples digest over all ranks, in one all-reduce (float64 holds the digest exactly)."""
+    t = torch.tensor([sum(losses), len(losses), digest], dtype=torch.float64, device=ctx.device)
     if ctx.world_size > 1:
         dist.all_reduce(t)
-    return float(t[0] / t[1]) if t[1] else float("nan")
+    return (float(t[0] / t[1]) if t[1] else float("nan")), int(t[2])
 
 
 @torch.no_grad()
@@ -325,11 +342,18 @@ def restore(c: Components, saved: tuple[str, dict[str, Any]], recipe: Recipe, ct
         c.ema.module.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     c.optimizer.load_state_dict(state["optimizer"])
     c.scheduler.load_state_dict(state["scheduler"])
-    c.train_loader.load_state_dict(state["loader"])
+    loader = state["loader"]
+    order = c.train_loader.dataset.order
+    for key, dotted, now in [("partitions", "data.partitions", order.partitions),
+                             ("micro_batch", "batch.per_device_max (the micro-batch)", order.micro_batch)]:
+        if loader.get(key) != now:
+            raise CheckpointError(f"{url}: the run's sample order used {dotted}={loader.get(key)}, the recipe now gives "
+                                  f"{now}; resuming would repeat or skip samples. Use the original value or another run.name")
+    c.train_loader.load_state_dict(loader)
     c.scheduler.step_update(state["state"]["step"])
     if ctx.is_main:
-        log.info("resumed from %s at step %d (epoch %d, %d batches into it)", url, state["state"]["step"],
-                 state["loader"]["epoch"], state["loader"]["batches"])
+        log.info("resumed from %s at step %d (epoch %d, %d of its %d micro-batches done)", url, state["state"]["step"],
+                 loader["epoch"], loader["micro_batches"], order.micro_batches)
     return dict(state["state"])
 
 

@@ -11,10 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from orchestrator.data import manifest as mf
-from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader, round_robin_counts
+from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.data.transforms import open_rgb
 from orchestrator.errors import DataError
 
@@ -25,9 +24,11 @@ def to_tensor(data: bytes) -> torch.Tensor:
 
 
 def loader(data: Path, split: str, rank: int, world: int, workers: int, batch: int = 8, seed: int = 0,
-           options: ReaderOptions | None = None) -> ShardLoader:
+           options: ReaderOptions | None = None, global_batch: int | None = None,
+           partitions: int | None = None) -> ShardLoader:
     ds = ShardDataset(mf.load(str(data / split)), to_tensor, train=split == "train", rank=rank, world_size=world,
-                      seed=seed, options=options or ReaderOptions(shuffle_buffer=32))
+                      seed=seed, options=options or ReaderOptions(shuffle_buffer=32), global_batch=global_batch,
+                      partitions=partitions)
     return ShardLoader(ds, batch, workers)
 
 
@@ -35,14 +36,73 @@ def ids(batches) -> list[int]:
     return [int(i) for b in batches for i in b[2]]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_every_rank_yields_the_same_number_of_batches_and_no_sample_twice(synth_dir: Path, world: int) -> None:
-    seen = [ids(loader(synth_dir, "train", r, world, workers=2)) for r in range(world)]
-    assert len({len(s) for s in seen}) == 1
-    flat = [i for s in seen for i in s]
-    assert len(flat) == len(set(flat))
-    assert len(flat) >= 320 - world * 2 * 8  # at most one partial batch per worker dropped
-    assert len(loader(synth_dir, "train", 0, world, workers=2)) * 8 == len(seen[0])
+def global_order(data: Path, world: int, workers: int, epoch: int = 0, done: int = 0,
+                 **kw: int) -> list[list[int]]:
+    """The epoch's global micro-batches (sample ids) as ``world`` ranks read them, from global micro-batch
+    ``done`` on (resumed through a checkpoint's loader state): rank r computes micro-batches r, r + W, ..."""
+    streams = []
+    for rank in range(world):
+        lo = loader(data, "train", rank, world, workers, global_batch=32, **kw)
+        lo.set_epoch(epoch)
+        if done:
+            state = json.loads(json.dumps(lo.state_dict() | {"micro_batches": done}))  # as in a checkpoint
+            lo.load_state_dict(state)
+        streams.append([[int(i) for i in b[2]] for b in lo])
+    return [streams[j % world][j // world] for j in range(sum(map(len, streams)))]
+
+
+def test_every_rank_yields_the_same_number_of_batches_and_no_sample_twice(synth_dir: Path) -> None:
+    for world in (1, 2, 4):
+        seen = [ids(loader(synth_dir, "train", r, world, workers=1)) for r in range(world)]
+        assert len({len(s) for s in seen}) == 1
+        flat = [i for s in seen for i in s]
+        assert len(flat) == len(set(flat)) == 320  # 320 samples: a whole number of global batches
+        assert len(loader(synth_dir, "train", 0, world, workers=1)) * 8 == len(seen[0])
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 1), (1, 2), (1, 4), (2, 0), (2, 2), (4, 2)])
+def test_the_global_batches_are_the_same_on_every_world_size_and_worker_count(synth_dir: Path, world: int,
+                                                                               workers: int) -> None:
+    """Micro-batches of 8, four per step, over 8 partitions: the same micro-batches in the same order,
+    each read by one rank, whatever the world size and DataLoader workers."""
+    reference = global_order(synth_dir, 1, 0, epoch=2)
+    assert len(reference) == 40 and sorted(i for b in reference for i in b) == list(range(320))
+    assert global_order(synth_dir, world, workers, epoch=2) == reference
+
+
+@pytest.mark.parametrize(("before", "after"), [((1, 0), (2, 2)), ((2, 1), (1, 0)), ((1, 1), (1, 2)), ((4, 1), (2, 1))])
+def test_resume_on_another_world_size_or_worker_count_continues_the_epoch_exactly(
+        synth_dir: Path, before: tuple[int, int], after: tuple[int, int]) -> None:
+    reference = global_order(synth_dir, 1, 0, epoch=3)
+    for done in (4, 12, 36):  # global micro-batches already consumed: whole steps of 4
+        assert global_order(synth_dir, *after, epoch=3, done=done) == reference[done:]
+    assert global_order(synth_dir, *before, epoch=3)[:12] == reference[:12]  # what the first run read
+
+
+def test_a_world_size_that_breaks_the_order_is_refused_with_the_sizes_that_fit(synth_dir: Path) -> None:
+    with pytest.raises(DataError, match=r"world size 3 cannot keep the sample order: each step is 6 micro-batches of 8 .* "
+                                        r"over 8 partitions .* World sizes that fit: 1, 2"):
+        loader(synth_dir, "train", 0, 3, 1, global_batch=48)
+    assert loader(synth_dir, "train", 0, 1, workers=3).num_workers == 2  # the most workers that divide 8 partitions
+    assert loader(synth_dir, "train", 0, 4, workers=3).num_workers == 2
+    assert loader(synth_dir, "train", 0, 1, workers=3, partitions=12).num_workers == 3
+
+
+def test_class_mixing_within_a_global_batch_matches_a_full_shuffle(synth_dir: Path) -> None:
+    """Total variation distance between each global batch's class histogram and the split's, averaged over
+    the epoch: the partitioned order must mix classes about as well as a uniform permutation of the split."""
+    labels = np.zeros(320, dtype=np.int64)
+    for _images, batch_labels, sample_ids, _corrupt in loader(synth_dir, "train", 0, 1, workers=0, batch=32):
+        labels[sample_ids.numpy()] = batch_labels.numpy()
+    overall = np.bincount(labels, minlength=10) / 320
+
+    def mean_tv(batches: list[np.ndarray]) -> float:
+        return float(np.mean([0.5 * np.abs(np.bincount(labels[b], minlength=10) / len(b) - overall).sum() for b in batches]))
+
+    order = [np.asarray(sum(step, [])) for step in zip(*[iter(global_order(synth_dir, 2, 1))] * 4, strict=True)]
+    rng = np.random.default_rng(0)
+    uniform = [mean_tv(list(rng.permutation(320).reshape(-1, 32))) for _ in range(50)]
+    assert mean_tv(order) <= 1.15 * float(np.mean(uniform)), (mean_tv(order), np.mean(uniform))
 
 
 def test_epochs_are_shuffled_differently_and_reproducibly(synth_dir: Path) -> None:
@@ -58,38 +118,6 @@ def test_epochs_are_shuffled_differently_and_reproducibly(synth_dir: Path) -> No
 def test_validation_sees_every_image_exactly_once_across_ranks(synth_dir: Path, world: int) -> None:
     seen = sorted(i for r in range(world) for i in ids(loader(synth_dir, "val", r, world, workers=2, batch=7)))
     assert seen == list(range(80))
-
-
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("stop_after", [1, 5, 11])
-def test_resume_mid_epoch_sees_each_sample_once(synth_dir: Path, world: int, stop_after: int) -> None:
-    for rank in range(world):
-        full = loader(synth_dir, "train", rank, world, workers=2)
-        full.set_epoch(3)
-        expected = ids(full)
-        first = loader(synth_dir, "train", rank, world, workers=2)
-        first.set_epoch(3)
-        it = iter(first)
-        head = ids(next(it) for _ in range(stop_after))
-        state = json.loads(json.dumps(first.state_dict()))  # as it travels through a checkpoint
-        resumed = loader(synth_dir, "train", rank, world, workers=2)
-        resumed.load_state_dict(state)
-        assert head + ids(resumed) == expected
-
-
-def test_round_robin_model_matches_the_real_dataloader() -> None:
-    class Tagged(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            info = torch.utils.data.get_worker_info()
-            yield from ((info.id, k) for k in range([5, 3, 4][info.id] * 2))
-
-    order = [int(b[0][0]) for b in DataLoader(Tagged(), batch_size=2, num_workers=3)]
-    for consumed in range(len(order) + 1):
-        expected = [order[:consumed].count(w) for w in range(3)]
-        produced, next_turn = round_robin_counts(consumed, [5, 3, 4])
-        assert produced == expected
-        if consumed < len(order):
-            assert next_turn == order[consumed]
 
 
 def corrupt_copy(src: Path, dest: Path, rows: dict[int, bytes]) -> Path:

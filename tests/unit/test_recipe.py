@@ -64,21 +64,33 @@ def test_official_finetune_variant_differs_only_where_the_script_does() -> None:
 def test_every_recipe_loads_and_plans_its_batch() -> None:
     for path in R.glob("*.yaml"):
         r = recipes.load(path)
-        plan = recipes.plan_batch(r, r.scaling.num_workers)
+        plan = recipes.plan_batch(r, recipes.world_sizes(r)[-1])
         assert plan.per_device * plan.world_size == r.batch.global_batch_size
         assert plan.micro_batch * plan.accum_steps == plan.per_device and plan.micro_batch <= r.batch.per_device_max
 
 
-@pytest.mark.parametrize("world, micro, accum", [(1, 128, 32), (8, 128, 4), (256, 16, 1), (32, 128, 1)])
-def test_global_batch_is_kept_exactly_on_any_world_size(world: int, micro: int, accum: int) -> None:
-    plan = recipes.plan_batch(recipes.load(R / "b.yaml"), world)
-    assert (plan.micro_batch, plan.accum_steps) == (micro, accum)
+@pytest.mark.parametrize("world, cap, accum", [(1, 128, 32), (8, 128, 4), (32, 128, 1), (1, 16, 256), (256, 16, 1)])
+def test_global_batch_and_micro_batch_are_kept_exactly_on_any_world_size(world: int, cap: int, accum: int) -> None:
+    """The micro-batch comes from the recipe alone (BatchNorm sees the same batches on any world size)."""
+    plan = recipes.plan_batch(recipes.load(R / "b.yaml", [f"batch.per_device_max={cap}"]), world)
+    assert (plan.micro_batch, plan.accum_steps) == (cap, accum)
     assert plan.micro_batch * plan.accum_steps * world == 4096
 
 
-def test_batch_not_divisible_by_world_size_is_refused() -> None:
-    with pytest.raises(RecipeError, match=r"global_batch_size=4096 is not divisible by world size 3"):
+def test_a_world_size_that_does_not_divide_the_micro_batches_is_refused() -> None:
+    with pytest.raises(RecipeError, match=r"global_batch_size=4096 is 32 micro-batches of 128 \(batch.per_device_max=128\), "
+                                          r"which world size 3 does not divide; world sizes that fit: 1, 2, 4, 8, 16, 32"):
         recipes.plan_batch(recipes.load(R / "b.yaml"), 3)
+    with pytest.raises(RecipeError, match=r"which world size 64 does not divide"):
+        recipes.plan_batch(recipes.load(R / "b.yaml"), 64)  # 64 GPUs need batch.per_device_max=64
+
+
+def test_an_elastic_range_must_keep_the_order_on_every_size() -> None:
+    assert recipes.world_sizes(recipes.load(R / "smoke.yaml", ["scaling.num_workers=[1, 2]", "batch.per_device_max=32"])) == [1, 2]
+    with pytest.raises(RecipeError, match=r"which world size 2 does not divide"):
+        recipes.load(R / "smoke.yaml", ["scaling.num_workers=[1, 2]"])  # 64 in one micro-batch of 64
+    with pytest.raises(RecipeError, match=r"scaling.num_workers: expected a positive number or \[min, max\]"):
+        recipes.load(R / "smoke.yaml", ["scaling.num_workers=[2, 1]"])
 
 
 def test_overrides_apply_and_are_typed() -> None:
