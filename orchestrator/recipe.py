@@ -124,6 +124,7 @@ class ScalingConfig:
     gpus_per_worker: int = 1
     cpus_per_worker: int = 8
     max_failures: int = 3
+    resize_check_s: float = 60.0  # elastic: how often Ray checks whether more workers fit
 
 
 @dataclass

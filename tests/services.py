@@ -209,6 +209,20 @@ class RayWorkerNode:
         stop_ray_node(self.proc)
         self.proc = None
 
+    def kill_raylet(self) -> int:
+        """SIGKILL this node's raylet (found by PID among ``ray start``'s children), as when a machine is lost;
+        the node's workers go with it. Returns once the head counts the node dead."""
+        import psutil
+        from ray.util.state import list_nodes
+
+        assert self.proc is not None
+        (raylet,) = [p for p in psutil.Process(self.proc.pid).children(recursive=True) if p.name() == "raylet"]
+        raylet.kill()
+        self.stop()  # whatever is left of the node (``ray start --block`` exits when its raylet dies)
+        poll(lambda: sum(n.state == "ALIVE" for n in list_nodes(address=self.head.dashboard)) == 1, 120,
+             "the head to count the second node dead", interval=0.5)
+        return raylet.pid
+
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:

@@ -319,7 +319,7 @@ class ShardLoader:
         """Where the epoch stands, in world-size-free terms, and the order it follows."""
         order = self.dataset.order
         return {"epoch": self.epoch, "micro_batches": self.consumed * self.dataset.world_size,
-                "partitions": order.partitions, "micro_batch": order.micro_batch}
+                "partitions": order.partitions, "micro_batch": order.micro_batch, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         world = self.dataset.world_size

@@ -243,7 +243,8 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
     return TorchTrainer(
         worker,
         train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay},
-        scaling_config=ScalingConfig(num_workers=tuple(s.num_workers) if isinstance(s.num_workers, list) else s.num_workers, use_gpu=s.gpus_per_worker > 0,
+        scaling_config=ScalingConfig(num_workers=tuple(s.num_workers) if isinstance(s.num_workers, list) else s.num_workers,
+                                     elastic_resize_monitor_interval_s=s.resize_check_s, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
         run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=s.max_failures), callbacks=callbacks,

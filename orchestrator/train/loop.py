@@ -90,7 +90,8 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
         state = restore(c, saved, recipe, ctx)
         writer.truncate_after(state["step"])
         writer.log({"kind": "resume", "step": state["step"], "epoch": state["step"] // c.steps_per_epoch,
-                    "world_size": ctx.world_size, "launcher": ctx.launcher})
+                    "world_size": ctx.world_size, "saved_on_world_size": saved[1]["loader"].get("world_size"),
+                    "launcher": ctx.launcher})
     total_steps = recipe.schedule.epochs * c.steps_per_epoch
     stop_at = min(total_steps, recipe.run.max_steps or total_steps)
     if ctx.is_main:
@@ -352,8 +353,9 @@ def restore(c: Components, saved: tuple[str, dict[str, Any]], recipe: Recipe, ct
     c.train_loader.load_state_dict(loader)
     c.scheduler.step_update(state["state"]["step"])
     if ctx.is_main:
-        log.info("resumed from %s at step %d (epoch %d, %d of its %d micro-batches done)", url, state["state"]["step"],
-                 loader["epoch"], loader["micro_batches"], order.micro_batches)
+        log.info("resumed from %s at step %d (epoch %d, %d of its %d micro-batches done) on %d ranks; it was saved on %s",
+                 url, state["state"]["step"], loader["epoch"], loader["micro_batches"], order.micro_batches,
+                 ctx.world_size, loader.get("world_size", "?"))
     return dict(state["state"])
 
 
