@@ -47,8 +47,13 @@ def install() -> str | None:
 class SlurmCluster:
     root: Path
     accounting: bool = True  # slurmdbd + MariaDB; without them sacct answers "accounting storage is disabled"
+    nodes: int = 1  # more than one: slurmd daemons n1, n2, ... on this host, each on its own port
     host: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     ports: dict[str, int] = field(default_factory=lambda: {k: free_port() for k in ("ctld", "slurmd", "dbd", "db")})
+
+    @property
+    def node_names(self) -> list[str]:
+        return [self.host] if self.nodes == 1 else [f"n{i + 1}" for i in range(self.nodes)]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -83,9 +88,10 @@ class SlurmCluster:
                  f"slurmdbd on port {self.ports['dbd']} ({self.log('slurmdbd')})")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
         poll(lambda: self.run("scontrol", "ping", check=False).count("UP"), 60, f"slurmctld ({self.log('slurmctld')})")
-        self._spawn("slurmd", ["slurmd", "-D", "-N", self.host])
+        for node in self.node_names:
+            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node])
         poll(lambda: self.run("sinfo", "-h", "-o", "%T").strip() == "idle", 60,
-             f"node {self.host} idle in sinfo ({self.log('slurmd')}, {self.log('slurmctld')})")
+             f"nodes {self.node_names} idle in sinfo ({self.log('slurmd-' + self.node_names[0])}, {self.log('slurmctld')})")
         if self.accounting:
             poll(lambda: self.run("sacct", "-n", "-X", "-S", "now-1hour", check=False) is not None, 30, "sacct")
 
@@ -134,21 +140,22 @@ class SlurmCluster:
             "ClusterName=testcluster", f"SlurmctldHost={self.host}(127.0.0.1)", f"SlurmctldPort={self.ports['ctld']}",
             f"SlurmdPort={self.ports['slurmd']}", "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", f"AuthInfo={auth},cred_expire=10", "CredType=cred/munge",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
-            f"SlurmctldLogFile={self.log('slurmctld-internal')}", f"SlurmdLogFile={self.log('slurmd-internal')}",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool' / '%n'}",
+            f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'run' / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={self.log('slurmctld-internal')}", f"SlurmdLogFile={r / 'log' / 'slurmd-%n-internal.log'}",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "SchedulerParameters=sched_interval=5,bf_interval=5", "ReturnToService=2", "KillWait=5", "MinJobAge=600",
             *(["AccountingStorageType=accounting_storage/slurmdbd", f"AccountingStorageHost={self.host}",
                f"AccountingStoragePort={self.ports['dbd']}", f"AccountingStoragePass={self.munge_socket}",
                "JobAcctGatherType=jobacct_gather/linux", "JobAcctGatherFrequency=30"] if self.accounting else []),
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN",
+            *self._node_lines(memory),
             # Preemption as clusters set it up: a job in "urgent" requeues one in "debug", which gets SIGTERM
             # and GraceTime seconds to checkpoint before SIGKILL.
             "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120",
-            f"PartitionName=urgent Nodes={self.host} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF",
+            f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 "
+            "GraceTime=120",
+            f"PartitionName=urgent Nodes={','.join(self.node_names)} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF",
         ]) + "\n")
         dbd = self.conf.parent / "slurmdbd.conf"
         dbd.write_text("\n".join([
@@ -159,6 +166,13 @@ class SlurmCluster:
             "StorageLoc=slurm_acct_db",
         ]) + "\n")
         dbd.chmod(0o600)
+
+    def _node_lines(self, memory: int) -> list[str]:
+        """One node: this host by name. More: ``NodeHostname`` this host, each slurmd on its own port."""
+        if self.nodes == 1:
+            return [f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory} State=UNKNOWN"]
+        return [f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={os.cpu_count()} "
+                f"RealMemory={memory // self.nodes} State=UNKNOWN" for n in self.node_names]
 
     # --- stop -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -173,11 +187,11 @@ class SlurmCluster:
                     proc.wait()
 
 
-def started(accounting: bool = True) -> Iterator[SlurmCluster]:
+def started(accounting: bool = True, nodes: int = 1) -> Iterator[SlurmCluster]:
     reason = install()
     if reason:
         pytest.skip(f"SLURM CANNOT BE INSTALLED HERE, the Slurm tests did not run: {reason}")
-    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")), accounting=accounting)
+    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")), accounting=accounting, nodes=nodes)
     try:
         cluster.start()
         yield cluster
@@ -194,6 +208,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 def slurm_without_accounting() -> Iterator[SlurmCluster]:
     """A second, smaller cluster: munged, slurmctld and slurmd, no slurmdbd."""
     yield from started(accounting=False)
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes() -> Iterator[SlurmCluster]:
+    """Two slurmd daemons (n1, n2) on this host, no accounting (states come from squeue/scontrol)."""
+    yield from started(accounting=False, nodes=2)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,13 @@ def preempted() -> bool:
     return bool(m) and m.group(1) not in ("None", "Unknown")
 
 
+def node_address(node: str) -> str:
+    """Slurm's ``NodeAddr`` for ``node`` (the rendezvous host): clusters whose node names do not resolve set it."""
+    out = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"NodeAddr=(\S+)", out)
+    return m.group(1) if m else node
+
+
 class SlurmStage:
     """The submitit callable: ``__call__`` trains; ``checkpoint`` (called by submitit on requeue) resubmits itself.
 
@@ -87,6 +94,7 @@ class SlurmStage:
     def __call__(self) -> dict[str, Any]:
         logs.setup()
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
         recipe = from_dict(self.recipe)
         requeue = signal.getsignal(PREEMPT_SIGNAL)  # submitit's: calls checkpoint(), requeues, exits
         ctx = context_from_env(recipe, launcher="slurm")

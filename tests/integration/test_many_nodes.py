@@ -1,8 +1,10 @@
-"""Two Ray nodes on this machine: the session's head (2 CPUs) and a second node (2 CPUs) joined to it with
-``ray start --address`` (its own processes, stopped by PID)."""
+"""Many nodes on this machine. Ray: the session's head (2 CPUs) and a second node (2 CPUs) joined to it with
+``ray start --address`` (its own processes, stopped by PID). Slurm: two slurmd daemons, n1 and n2."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,15 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from orchestrator.launch import local, ray_train
 from orchestrator.rundir import RunDir
-from tests.conftest import smoke_recipe
+from tests.conftest import smoke_recipe, steps_of
 from tests.integration.test_ray import assert_same_gradients, ddp_gradients
-from tests.integration.test_world_sizes import digests, parameter_distance
+from tests.integration.test_slurm import one_stage, submit, tiny, wait_done
+from tests.integration.test_world_sizes import digests, parameter_distance, torchrun
 from tests.services import RayCluster, RayWorkerNode, poll
+from tests.slurm import SlurmCluster
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(500)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +87,80 @@ def _result(fn: Any) -> Any:
         return fn()
     except BaseException as exc:  # noqa: BLE001 - handed to the test thread
         return exc
+
+
+# --- Slurm: two slurmd daemons (n1, n2) on this host -------------------------------------------------------
+@pytest.fixture
+def slurm2(slurm_two_nodes: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
+    monkeypatch.setenv("SLURM_CONF", str(slurm_two_nodes.conf))
+    return slurm_two_nodes
+
+
+def stage_sets(data: Path, epochs: int) -> list[str]:
+    """The smoke recipe in micro-batches of 16, two per step: one per node on two nodes."""
+    return [*tiny(data), "--set=batch.per_device_max=16", f"--set=schedule.epochs={epochs}", "--set=run.log_every_steps=1",
+            "--set=run.checkpoint_every_steps=5"]
+
+
+def submit_stage(tmp_path: Path, sets: list[str], nodes: int, capsys: pytest.CaptureFixture[str],
+                 storage: str = "runs") -> str:
+    (job,) = submit([str(one_stage(tmp_path)), "--gpus-per-node=0", f"--nodes={nodes}", "--time=00:05:00",
+                     f"--storage={tmp_path}/{storage}", f"--log-dir={tmp_path}/logs", *sets], capsys)
+    return job
+
+
+def torchrun_reference(tmp_path: Path, sets: list[str], processes: int) -> Path:
+    """The same stage (the smoke recipe with ``sets``) uninterrupted, under torchrun here (gloo, like the job)."""
+    storage = tmp_path / "reference"
+    torchrun(processes, [*(s.removeprefix("--set=") for s in sets), f"run.storage={storage}", "run.name=one-pretrain"],
+             tmp_path)
+    return storage / "one-pretrain"
+
+
+def test_a_two_node_slurm_stage_matches_one_process_with_two_micro_batches(
+        slurm2: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sets = stage_sets(synth_dir, epochs=1)
+    job = submit_stage(tmp_path, sets, 2, capsys)
+    assert wait_done(job) == "COMPLETED"
+    assert "NodeList=n[1-2]" in slurm2.run("scontrol", "show", "job", job)
+    run = tmp_path / "runs" / "one-pretrain"
+    reference = torchrun_reference(tmp_path, sets, 1)
+    assert digests(run) == digests(reference)
+    assert parameter_distance(run, reference) < 5e-3
+
+
+def test_a_usr2_requeue_of_a_two_node_job_resumes_both_ranks_at_one_step_and_is_bitwise_exact(
+        slurm2: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sets = stage_sets(synth_dir, epochs=3)
+    reference = submit_stage(tmp_path, sets, 2, capsys, storage="reference")  # uninterrupted, alongside
+    job = submit_stage(tmp_path, sets, 2, capsys)
+    run = tmp_path / "runs" / "one-pretrain"
+    poll(lambda: steps_of(run), 180, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm2.env, check=True)
+    assert wait_done(job, timeout=300) == "COMPLETED"
+    assert re.search(r"Restarts=1\b", slurm2.run("scontrol", "show", "job", job))
+    stops = {int(m) for rank in (0, 1)
+             for m in re.findall(r"stopping at step (\d+)", (tmp_path / "logs" / job / f"{job}_{rank}_log.err").read_text())}
+    (stopped,) = stops  # both ranks stopped at the same step
+    assert [(r["step"], r["world_size"]) for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [(stopped, 2)]
+    assert wait_done(reference, timeout=300) == "COMPLETED"
+    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_two_node_checkpoint_resumed_with_one_node_continues_exactly(
+        slurm2: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sets = stage_sets(synth_dir, epochs=3)
+    job = submit_stage(tmp_path, sets, 2, capsys)
+    run = tmp_path / "runs" / "one-pretrain"
+    poll(lambda: steps_of(run), 180, "the first checkpoint")
+    subprocess.run(["scancel", job], env=slurm2.env, check=True)  # the nodes are gone: no graceful stop
+    wait_done(job)
+    saved = steps_of(run)[-1]
+    again = submit_stage(tmp_path, sets, 1, capsys)
+    assert again != job and wait_done(again) == "COMPLETED"
+    resumes = [(r["step"], r["world_size"], r["saved_on_world_size"]) for r in RunDir(str(run)).records() if r["kind"] == "resume"]
+    assert resumes == [(saved, 1, 2)]
+    reference = torchrun_reference(tmp_path, sets, 1)
+    assert digests(run) == digests(reference)  # every step once, with its samples
+    assert parameter_distance(run, reference) < 5e-3

@@ -155,11 +155,6 @@ def assert_same_gradients(grads: dict[int, Any]) -> None:
     assert max(float(g.abs().max()) for g in grads[1].values()) > 1e-3  # a real step, not all-zero gradients
 
 
-def test_two_worker_ddp_gives_the_single_worker_gradients(driver: RayCluster, synth_dir: Path, tmp_path: Path) -> None:
-    grads, _ = ddp_gradients(synth_dir, tmp_path)
-    assert_same_gradients(grads)
-
-
 @pytest.mark.parametrize("kind", ["raise", "kill"])
 def test_worker_fault_restarts_from_the_latest_checkpoint(kind: str, driver: RayCluster, synth_dir: Path,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
