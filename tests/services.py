@@ -122,6 +122,7 @@ class RayCluster:
 
     temp_dir: Path
     log_path: Path
+    num_cpus: int = 2
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -146,10 +147,12 @@ class RayCluster:
         ray = str(Path(sys.executable).parent / "ray")
         args = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                 f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                "--num-cpus=2", "--num-gpus=0", f"--object-store-memory={200 * 2**20}", f"--temp-dir={self.temp_dir}",
+                f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--object-store-memory={200 * 2**20}", f"--temp-dir={self.temp_dir}",
                 f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
-        # No 30 s node drain on SIGTERM: that is for serving traffic, a test cluster just stops.
-        env = {**{k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        # No 30 s node drain on SIGTERM: that is for serving traffic, a test cluster just stops. A lost node
+        # counts as dead after 3 missed 1 s health checks (Ray's default: 5 of 3 s).
+        env = {**{k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+               "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         poll(self._ready, 90, f"Ray head on {self.address} with its job server on {self.dashboard} (log: {self.log_path})",
@@ -196,9 +199,12 @@ class RayWorkerNode:
         from ray.util.state import list_nodes
 
         ray = str(Path(sys.executable).parent / "ray")
+        # Its own agent ports: the defaults are the head's, on this same address.
+        ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "runtime-env-agent-port", "metrics-export-port")]
         args = [ray, "start", "--block", f"--address={self.head.address}", "--node-ip-address=127.0.0.1",
                 f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--object-store-memory={100 * 2**20}",
-                "--disable-usage-stats"]
+                "--disable-usage-stats", *ports]
         env = {**{k: v for k, v in self.head.env.items() if k != "RAY_ADDRESS"}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

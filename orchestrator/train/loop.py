@@ -143,9 +143,10 @@ def log_header(c: Components, recipe: Recipe, ctx: TrainContext, step: int, stop
     val_images = c.val_loader.dataset.num_samples if c.val_loader is not None else 0
     log.info("run %s  (%s, %s)", ctx.run.url, recipe.model.name, f"resuming at step {step}" if step else "from step 0")
     order = c.train_loader.dataset.order
-    log.info("world size %d  global batch %d = %d ranks x %d per device (%d x %d accumulation)  same order on %s ranks",
-             ctx.world_size, recipe.batch.global_batch_size, ctx.world_size, c.plan.per_device, c.plan.micro_batch,
-             c.plan.accum_steps, "/".join(map(str, order.world_sizes())))
+    log.info("world size %d  global batch %d = %d ranks x %d per device (%d x %d accumulation); %d partitions: "
+             "the same samples on world sizes %s", ctx.world_size, recipe.batch.global_batch_size, ctx.world_size,
+             c.plan.per_device, c.plan.micro_batch, c.plan.accum_steps, order.partitions,
+             ", ".join(map(str, order.world_sizes())))
     log.info("data %d train / %d val images at %d px  schedule %d epochs x %d steps = %d steps",
              train_images, val_images, recipe.data.input_size, recipe.schedule.epochs, c.steps_per_epoch, stop_at)
 
