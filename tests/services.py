@@ -150,9 +150,11 @@ class RayCluster:
                 f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--object-store-memory={200 * 2**20}", f"--temp-dir={self.temp_dir}",
                 f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
         # No 30 s node drain on SIGTERM: that is for serving traffic, a test cluster just stops. A lost node
-        # counts as dead after 3 missed 1 s health checks (Ray's default: 5 of 3 s).
+        # counts as dead after 3 missed 1 s health checks (Ray's default: 5 of 3 s), and Ray Train gives up
+        # starting workers on resources that are gone after 30 s (default 60).
         env = {**{k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-               "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+               "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         poll(self._ready, 90, f"Ray head on {self.address} with its job server on {self.dashboard} (log: {self.log_path})",

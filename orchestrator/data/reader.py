@@ -106,6 +106,18 @@ def epoch_order(groups: np.ndarray, micro_batch: int, global_batch: int, partiti
     return EpochOrder(num_samples, micro_batch, micro_per_step, partitions)
 
 
+def checked_order(groups: np.ndarray, micro_batch: int, global_batch: int, partitions: int | None,
+                  worlds: list[int], where: str) -> EpochOrder:
+    """``epoch_order``, refused (naming ``where``) when it holds no step or a world size cannot read it."""
+    order = epoch_order(groups, micro_batch, global_batch, partitions)
+    if order.steps == 0:
+        raise DataError(f"{where}: {order.num_samples} samples hold no global batch of {global_batch}")
+    for world in worlds:
+        if (why := order.why_not(world)) is not None:
+            raise DataError(f"{where}: {why}")
+    return order
+
+
 class ShardDataset(IterableDataset):
     """Yields ``(transform(image bytes), label, sample_id, corrupt)`` for one rank; use it through ``ShardLoader``.
 
@@ -119,8 +131,6 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size, self.seed, self.options = rank, world_size, seed, options
         self.groups = select_groups(manifest, fraction)
         self.num_samples = int(self.groups[:, 3].sum())
-        if train and self.num_samples < world_size:
-            raise DataError(f"{manifest.root}: {self.num_samples} samples cannot feed {world_size} ranks")
         self.global_batch, self.partitions = global_batch, partitions
         self.epoch = 0
         self.batch_size = 1
@@ -131,12 +141,7 @@ class ShardDataset(IterableDataset):
         if not self.train:
             raise TypeError("validation has no training order")
         gbs = self.global_batch or self.batch_size * self.world_size
-        order = epoch_order(self.groups, self.batch_size, gbs, self.partitions)
-        if order.steps == 0:
-            raise DataError(f"{self.manifest.root}: {self.num_samples} samples hold no global batch of {gbs}")
-        if (why := order.why_not(self.world_size)) is not None:
-            raise DataError(f"{self.manifest.root}: {why}")
-        return order
+        return checked_order(self.groups, self.batch_size, gbs, self.partitions, [self.world_size], self.manifest.root)
 
     # --- layout -------------------------------------------------------------------------------
     def val_worker_sizes(self, num_workers: int) -> list[int]:

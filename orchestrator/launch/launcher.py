@@ -10,7 +10,7 @@ from typing import Any
 
 from orchestrator import storage, weights
 from orchestrator.data import manifest
-from orchestrator.data.reader import epoch_order, select_groups
+from orchestrator.data.reader import checked_order, select_groups
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.recipe import Recipe, micro_batch, plan_batch, world_sizes
 
@@ -45,24 +45,16 @@ def preflight(recipe: Recipe, source: str, world: int | list[int], require_init:
             except OrchestratorError as exc:
                 raise RecipeError(f"{source}: data.{key}={url}: {exc}") from exc
             if key == "train":
-                check_order(recipe, found, worlds, source)
+                try:
+                    checked_order(select_groups(found, recipe.data.train_fraction), micro_batch(recipe),
+                                  recipe.batch.global_batch_size, recipe.data.partitions, worlds, f"data.train={url}")
+                except OrchestratorError as exc:
+                    raise RecipeError(f"{source}: {exc}") from exc
     if recipe.model.init and check_init:
         try:
             weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
         except OrchestratorError as exc:
             raise RecipeError(f"{source}: {exc}") from exc
-
-
-def check_order(recipe: Recipe, found: manifest.Manifest, worlds: list[int], source: str) -> None:
-    """The training order exists and every world size in ``worlds`` reads it exactly."""
-    order = epoch_order(select_groups(found, recipe.data.train_fraction), micro_batch(recipe),
-                        recipe.batch.global_batch_size, recipe.data.partitions)
-    if order.steps == 0:
-        raise RecipeError(f"{source}: data.train={recipe.data.train}: {order.num_samples} samples hold no global batch "
-                          f"of {recipe.batch.global_batch_size}")
-    for w in worlds:
-        if (why := order.why_not(w)) is not None:
-            raise RecipeError(f"{source}: {why}")
 
 
 def launch(recipe: Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:

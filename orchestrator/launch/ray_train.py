@@ -30,6 +30,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as ray_train_context
 from ray.train.v2.api.config import LoggingConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator import logs, storage
 from orchestrator.errors import OrchestratorError, RecipeError
@@ -261,7 +262,9 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     if fresh:
         run_dir.set_aside()
     name = f"stop-relay-{uuid.uuid4().hex}"
-    relay = StopRelay.options(name=name).remote()
+    # On the driver's node: the relay must not go down with a worker node (elastic runs lose nodes).
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    relay = StopRelay.options(name=name, scheduling_strategy=here).remote()
     stop = StopSignals(relay=lambda signum: relay.request.remote(signum)).install()
     try:
         result = trainer(recipe, relay=name).fit()

@@ -102,20 +102,6 @@ def assert_bitwise_uninterrupted(run: Path, sets: list[str], tmp_path: Path) -> 
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
-def test_a_preempted_stage_requeues_and_ends_like_an_uninterrupted_run(
-        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    job, run, sets = one_stage_job(synth_dir, tmp_path, capsys, epochs=10)
-    subprocess.run(["scancel", "--signal=USR2", job], env=slurm.env, check=True)  # what the time limit sends
-
-    assert wait_done(job, timeout=300) == "COMPLETED"
-    assert re.search(r"Restarts=1\b", slurm.run("scontrol", "show", "job", job))
-    log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
-    stopped = int(re.search(r"stopping at step (\d+)", log).group(1))
-    assert f"resumed from {run}/checkpoints/step-{stopped:08d} at step {stopped}" in log and 0 < stopped < 100
-    assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [stopped]
-    assert_bitwise_uninterrupted(run, sets, tmp_path)
-
-
 def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterrupted_run(
         slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """PreemptMode=REQUEUE: a job in a higher-priority partition preempts the stage, which gets SIGTERM,

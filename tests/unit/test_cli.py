@@ -201,3 +201,15 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     table = capsys.readouterr().out
     assert re.search(r"done\s+finished\s+local\s+1/1\s+10/10", table), table
     assert re.search(r"cut\s+stopped at step 3\s+", table), table
+
+
+def test_a_world_size_that_breaks_the_sample_order_is_refused_before_anything_starts(
+        synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two Ray workers, two micro-batches per step, but 3 partitions: refused before Ray starts."""
+    code, _out, err = run(pretrain_main, [str(R / "smoke.yaml"), "--set", f"data.train={synth_dir}/train",
+                                          f"data.val={synth_dir}/val", f"run.storage={tmp_path}/runs",
+                                          "batch.global_batch_size=32", "batch.per_device_max=16", "data.partitions=3",
+                                          "scaling.num_workers=2"], capsys)
+    assert_one_line(err, code, 2, f"data.train={synth_dir}/train: world size 2 cannot keep the sample order",
+                    "over 3 partitions (data.partitions)", "World sizes that fit: 1")
+    assert not (tmp_path / "runs").exists()
