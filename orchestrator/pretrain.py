@@ -8,7 +8,7 @@ import sys
 
 from orchestrator import cli
 from orchestrator import recipe as recipes
-from orchestrator.launch.launcher import LAUNCHERS, launch, preflight, world_size
+from orchestrator.launch.launcher import LAUNCHERS, launch, launch_world_sizes, preflight
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None, prog: str = "orchestrator.pretrain", req
         if args.print_config:
             print(recipe.to_json())
             return
-        preflight(recipe, args.recipe, world_size(recipe, args.launcher), require_init)
+        preflight(recipe, args.recipe, launch_world_sizes(recipe, args.launcher), require_init)
         result = launch(recipe, args.launcher, args.fresh)
         top1 = f", top-1 {result['top1']:.2f}%" if isinstance(result.get("top1"), float) else ""
         run = RunDir.of(recipe)

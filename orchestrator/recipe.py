@@ -159,10 +159,6 @@ class BatchPlan:
     micro_batch: int  # samples per forward/backward: the same on every world size
     accum_steps: int
 
-    @property
-    def micro_per_step(self) -> int:
-        return self.world_size * self.accum_steps
-
 
 def micro_batch(recipe: Recipe) -> int:
     """Samples per forward/backward: the largest divisor of the global batch up to ``batch.per_device_max``.

@@ -23,7 +23,7 @@ from orchestrator import recipe as recipes
 from orchestrator import sweep as sweeps
 from orchestrator.errors import Interrupted
 from orchestrator.launch import ray_train
-from orchestrator.launch.launcher import preflight, world_size
+from orchestrator.launch.launcher import launch_world_sizes, preflight
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator.tune")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump({"search": sweep.search}, sort_keys=False))
             return
         base = sweep.trial_base()
-        preflight(base, args.sweep, world_size(base, "ray"))
+        preflight(base, args.sweep, launch_world_sizes(base, "ray"))
         storage.check_reachable(sweep.storage, sweep.storage_options, "sweep.storage", "sweep.storage_options")
         run(sweep, args.fresh)
 

@@ -144,9 +144,9 @@ class ShardDataset(IterableDataset):
         return checked_order(self.groups, self.batch_size, gbs, self.partitions, [self.world_size], self.manifest.root)
 
     # --- layout -------------------------------------------------------------------------------
-    def val_worker_sizes(self, num_workers: int) -> list[int]:
-        a, b = split_evenly(0, self.num_samples, self.world_size, self.rank)
-        return [hi - lo for lo, hi in (split_evenly(a, b, num_workers, w) for w in range(num_workers))]
+    def val_span(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """Validation: this worker's contiguous part of this rank's contiguous part of all samples."""
+        return split_evenly(*split_evenly(0, self.num_samples, self.world_size, self.rank), num_workers, worker)
 
     def _stream_slice(self, groups: np.ndarray, a: int, b: int) -> np.ndarray:
         """``[n, 3]`` rows of (row-group index into self.groups, row in group, sample id) for stream ``[a, b)``."""
@@ -160,23 +160,23 @@ class ShardDataset(IterableDataset):
             parts.append(np.stack([np.full_like(rows, order_index[k]), rows, g[2] + rows], axis=1))
         return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
 
-    def partition_items(self, p: int, order: EpochOrder) -> np.ndarray:
-        """Partition ``p`` of this epoch in yield order (rows as in ``_stream_slice``)."""
-        stream = self.groups[_rng(self.seed, self.epoch).permutation(len(self.groups))]
+    def partition_items(self, p: int, order: EpochOrder, stream: np.ndarray) -> np.ndarray:
+        """Partition ``p`` of this epoch's ``stream`` (its permuted row groups) in yield order (rows as in
+        ``_stream_slice``)."""
         items = self._stream_slice(stream, *order.partition_span(p))
         return items[shuffle_order(len(items), self.options.shuffle_buffer, _rng(self.seed, self.epoch, p))]
 
     def worker_items(self, role: int, num_workers: int, start: int = 0) -> np.ndarray:
         """What worker ``role`` of ``num_workers`` yields, from this rank's micro-batch ``start`` on."""
         if not self.train:
-            a, b = split_evenly(0, self.num_samples, self.world_size, self.rank)
-            return self._stream_slice(self.groups, *split_evenly(a, b, num_workers, role))
+            return self._stream_slice(self.groups, *self.val_span(role, num_workers))
         m, order = self.batch_size, self.order
+        stream = self.groups[_rng(self.seed, self.epoch).permutation(len(self.groups))]
         parts: dict[int, np.ndarray] = {}
         out = []
         for p, t in order.schedule(self.rank, self.world_size, role, num_workers, start):
             if p not in parts:
-                parts[p] = self.partition_items(p, order)
+                parts[p] = self.partition_items(p, order, stream)
             out.append(parts[p][t * m:(t + 1) * m])
         return np.concatenate(out) if out else np.zeros((0, 3), dtype=np.int64)
 
@@ -314,7 +314,8 @@ class ShardLoader:
         ds = self.dataset
         if ds.train:
             return ds.order.micro_batches // ds.world_size
-        return sum(-(-n // ds.batch_size) for n in ds.val_worker_sizes(max(1, self.num_workers)))
+        workers = max(1, self.num_workers)
+        return sum(-(-(hi - lo) // ds.batch_size) for lo, hi in (ds.val_span(w, workers) for w in range(workers)))
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

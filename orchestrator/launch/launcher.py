@@ -17,7 +17,7 @@ from orchestrator.recipe import Recipe, micro_batch, plan_batch, world_sizes
 LAUNCHERS = ("ray", "local")
 
 
-def world_size(recipe: Recipe, launcher: str) -> list[int]:
+def launch_world_sizes(recipe: Recipe, launcher: str) -> list[int]:
     """The world sizes the run may have. Ray: ``scaling.num_workers`` (every size of an elastic ``[min, max]``);
     local: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
     if launcher == "local":

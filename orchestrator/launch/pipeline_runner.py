@@ -7,7 +7,7 @@ import logging
 
 from orchestrator import recipe as recipes
 from orchestrator.launch import slurm_cluster
-from orchestrator.launch.launcher import launch, preflight, world_size
+from orchestrator.launch.launcher import launch, launch_world_sizes, preflight
 from orchestrator.pipeline_file import Pipeline, Stage, read_state, record, stage_recipe
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def run_in_process(pipeline: Pipeline, launcher: str) -> None:
         if _skip_complete(pipeline, s):
             continue
         recipe = stage_recipe(pipeline, s)  # as orchestrator.pretrain would run it, under the same launcher
-        preflight(recipe, f"{pipeline.path}: stage {s.name}", world_size(recipe, launcher))
+        preflight(recipe, f"{pipeline.path}: stage {s.name}", launch_world_sizes(recipe, launcher))
         record(pipeline, s, launcher)
         log.info("%s: running %s", s.name, pipeline.run(s).url)
         launch(recipe, launcher)

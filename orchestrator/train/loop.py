@@ -151,7 +151,6 @@ def log_header(c: Components, recipe: Recipe, ctx: TrainContext, step: int, stop
              train_images, val_images, recipe.data.input_size, recipe.schedule.epochs, c.steps_per_epoch, stop_at)
 
 
-
 def newest_state(ctx: TrainContext) -> tuple[str, dict[str, Any]] | None:
     """(url, state) of the newest checkpoint that passes its commit check; older ones stand in for bad ones."""
     for found, data in ctx.run.newest_readable():
