@@ -24,9 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from orchestrator import recipe as recipes  # noqa: E402
-from orchestrator.recipe import plan_batch  # noqa: E402
 from orchestrator.rundir import RunDir  # noqa: E402
-from orchestrator.train import checkpoint, components  # noqa: E402
+from orchestrator.train import checkpoint, components, tasks  # noqa: E402
 from orchestrator.train.components import Components  # noqa: E402
 from orchestrator.train.context import TrainContext  # noqa: E402
 from orchestrator.train.loop import save, train_step  # noqa: E402
@@ -43,12 +42,9 @@ class Loader:
 def smoke_components(ctx: TrainContext, batch: int, size: int) -> tuple[Components, recipes.Recipe]:
     recipe = recipes.load(ROOT / "recipes" / "smoke.yaml", [
         f"data.input_size={size}", f"batch.global_batch_size={batch}", f"batch.per_device_max={batch}", "ema.decay=0.999"])
-    model = components.build_model(recipe, ctx, init=False)
-    optimizer = components.build_optimizer(recipe, model)
-    c = Components(model=model, step_model=model, ema=components.build_ema(recipe, model), optimizer=optimizer,
-                   scheduler=components.build_scheduler(recipe, optimizer, 1000), mixup=None,
-                   loss_fn=components.build_loss(recipe), train_loader=Loader(), val_loader=None,  # type: ignore[arg-type]
-                   plan=plan_batch(recipe, 1), steps_per_epoch=1000, autocast=None, channels_last=False)
+    task = tasks.for_recipe(recipe)
+    model = components.build_model(recipe, ctx, init=False, task=task)
+    c = components.assemble(recipe, ctx, task, model, model, (Loader(), None), 1000)
     return c, recipe
 
 

@@ -86,10 +86,10 @@ class Seeds:
             return transform(img)
         return seeded
 
-    def ours(self, transform: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-        def seeded(data: bytes) -> Any:
+    def ours(self, transform: Callable[[bytes], Any]) -> Callable[[bytes, int], Any]:
+        def seeded(data: bytes, label: int) -> Any:
             reseed(self.by_bytes[zlib.crc32(data)])
-            return transform(data)
+            return transform(data), label
         return seeded
 
 

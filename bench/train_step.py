@@ -23,10 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator import recipe as recipes  # noqa: E402
 from orchestrator.data.device import normalize  # noqa: E402
-from orchestrator.recipe import plan_batch  # noqa: E402
 from orchestrator.rundir import RunDir  # noqa: E402
-from orchestrator.train import components  # noqa: E402
-from orchestrator.train.components import Components  # noqa: E402
+from orchestrator.train import components, tasks  # noqa: E402
 from orchestrator.train.context import TrainContext  # noqa: E402
 from orchestrator.train.loop import train_step  # noqa: E402
 
@@ -73,13 +71,9 @@ def main() -> None:
     targets = torch.randint(0, 1000, (args.batch,), device=device)
     batch = (pixels, targets, torch.arange(args.batch), torch.zeros(args.batch))
 
-    model = components.build_model(recipe, ctx, init=False)
-    optimizer = components.build_optimizer(recipe, model)
-    c = Components(model=model, step_model=torch.compile(model) if args.compile else model, ema=None, optimizer=optimizer,
-                   scheduler=components.build_scheduler(recipe, optimizer, 1000), mixup=None,
-                   loss_fn=components.build_loss(recipe), train_loader=None, val_loader=None,  # type: ignore[arg-type]
-                   plan=plan_batch(recipe, 1), steps_per_epoch=1000, autocast=components.autocast_dtype(recipe, ctx),
-                   channels_last=components.channels_last(recipe, ctx))
+    task = tasks.for_recipe(recipe)
+    model = components.build_model(recipe, ctx, init=False, task=task)
+    c = components.assemble(recipe, ctx, task, model, torch.compile(model) if args.compile else model, (None, None), 1000)
     state = {"step": 0, "nonfinite": 0}
 
     def ours() -> None:

@@ -17,8 +17,9 @@ import sys
 from typing import Any
 
 from orchestrator import cli, storage
+from orchestrator import recipe as recipes
 from orchestrator.launch import slurm_cluster
-from orchestrator.pipeline_file import Pipeline, load, read_state
+from orchestrator.pipeline_file import Pipeline, load, read_state, stage_recipe
 
 SLURM_FLAGS = [("partition", str), ("nodes", int), ("gpus-per-node", int), ("time", str), ("account", str),
                ("qos", str), ("constraint", str), ("mem", str), ("cpus-per-gpu", int), ("exclude", str),
@@ -42,7 +43,8 @@ def status(pipeline: Pipeline) -> tuple[list[dict[str, Any]], str]:
             where = "incomplete"
         else:
             where = "not started"
-        metrics = {k: last[k] for k in ("top1", "ema_top1", "train_loss") if last.get(k) is not None}
+        headline = recipes.METRICS[stage_recipe(pipeline, s).task][0]
+        metrics = {k: last[k] for k in (headline, f"ema_{headline}", "train_loss") if last.get(k) is not None}
         rows.append({"stage": s.name, "state": where, "launcher": state["stages"].get(s.name, {}).get("launcher", ""),
                      "jobs": ",".join(jobs), "epoch": last.get("epoch"), "step": last.get("step"), "metrics": metrics,
                      "run": run.url})

@@ -31,6 +31,7 @@ class Stage:
     recipe: str  # relative to the pipeline file
     set: dict[str, Any] = field(default_factory=dict)  # recipe overrides, {"section.key": value}
     init_from: str | None = None  # an earlier stage: model.init = its result (EMA weights first)
+    slurm: dict[str, Any] = field(default_factory=dict)  # this stage's Slurm options over the pipeline's (nodes: 1)
 
 
 @dataclass
@@ -42,6 +43,11 @@ class Pipeline:
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     path: Path = Path(".")
     overrides: list[Override] = field(default_factory=list)  # --set, [STAGE:]section.key=value
+    stage_slurm: dict[str, SlurmOptions] = field(default_factory=dict)  # stages with their own slurm: options
+
+    def slurm_of(self, stage: Stage) -> SlurmOptions:
+        """The stage's Slurm options: the file's, then the stage's own, then the command line's."""
+        return self.stage_slurm.get(stage.name, self.slurm)
 
     def run_name(self, stage: Stage) -> str:
         return f"{self.name}-{stage.name}"
@@ -60,10 +66,11 @@ def load(path: str | Path, overrides: list[str | Override] | None = None, slurm:
     ``STAGE:section.key=value``; ``slurm``: command-line Slurm options, which win over the file's."""
     path = Path(path)
     raw = recipes.read_mapping(path, "pipeline")
-    known = {f.name for f in dataclasses.fields(Pipeline)} - {"path", "overrides"}
+    known = {f.name for f in dataclasses.fields(Pipeline)} - {"path", "overrides", "stage_slurm"}
     if set(raw) - known:
         raise RecipeError(f"{path}: unknown key(s) {sorted(set(raw) - known)} (known: {', '.join(sorted(known))})")
-    slurm_raw = {**(raw.get("slurm") or {}), **{k: v for k, v in (slurm or {}).items() if v is not None}}
+    cli_slurm = {k: v for k, v in (slurm or {}).items() if v is not None}
+    slurm_raw = {**(raw.get("slurm") or {}), **cli_slurm}
     slurm_fields = {f.name for f in dataclasses.fields(SlurmOptions)}
     if set(slurm_raw) - slurm_fields:
         raise RecipeError(f"{path}: slurm: unknown option(s) {sorted(set(slurm_raw) - slurm_fields)}")
@@ -75,6 +82,9 @@ def load(path: str | Path, overrides: list[str | Override] | None = None, slurm:
         if not isinstance(s, dict) or set(s) - {f.name for f in dataclasses.fields(Stage)} or not {"name", "recipe"} <= set(s):
             raise RecipeError(f"{path}: stages[{i}]: expected {{name, recipe, set, init_from}}, got {s!r}")
         stages.append(Stage(**s))
+        if not isinstance(stages[-1].slurm, dict) or set(stages[-1].slurm) - slurm_fields:
+            raise RecipeError(f"{path}: stages[{i}].slurm: expected Slurm options ({', '.join(sorted(slurm_fields))}), "
+                              f"got {stages[-1].slurm!r}")
     names = [s.name for s in stages]
     for s in stages:
         if names.count(s.name) > 1 or not s.name.replace("_", "").replace("-", "").isalnum():
@@ -88,8 +98,11 @@ def load(path: str | Path, overrides: list[str | Override] | None = None, slurm:
             options |= o.value
     storage.remember_secrets(options)
     pipeline = Pipeline(name=raw.get("name", path.stem), stages=stages, storage=storage_url or raw.get("storage", "runs"),
-                        storage_options=options, slurm=SlurmOptions(**slurm_raw), path=path, overrides=parsed)
-    minutes(pipeline.slurm.time)  # a malformed time fails here, not at submission
+                        storage_options=options, slurm=SlurmOptions(**slurm_raw), path=path, overrides=parsed,
+                        stage_slurm={s.name: SlurmOptions(**{**(raw.get("slurm") or {}), **s.slurm, **cli_slurm})
+                                     for s in stages if s.slurm})
+    for options_ in [pipeline.slurm, *pipeline.stage_slurm.values()]:
+        minutes(options_.time)  # a malformed time fails here, not at submission
     for o in pipeline.overrides:
         if o.scope and o.scope not in names:
             raise RecipeError(f"{o.origin} {o.scope}:{o.key}: no stage {o.scope!r} (stages: {', '.join(names)})")

@@ -8,15 +8,19 @@ import sys
 
 from orchestrator import cli
 from orchestrator import recipe as recipes
+from orchestrator.errors import RecipeError
 from orchestrator.launch.launcher import LAUNCHERS, launch, launch_world_sizes, preflight
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
 
 
+ENTRY = {"classification": "orchestrator.pretrain (or orchestrator.finetune)", "segmentation": "orchestrator.segment"}
+
+
 def main(argv: list[str] | None = None, prog: str = "orchestrator.pretrain", require_init: bool = False,
-         doc: str = "ImageNet pretraining of InceptionNeXt from a recipe.") -> int:
-    """The command line of every recipe-running entry point (pretrain, finetune)."""
+         doc: str = "ImageNet pretraining of InceptionNeXt from a recipe.", task: str = "classification") -> int:
+    """The command line of every recipe-running entry point (pretrain, finetune, segment)."""
     p = cli.parser(prog, doc)
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/b.yaml")
     cli.add_set(p)
@@ -28,14 +32,17 @@ def main(argv: list[str] | None = None, prog: str = "orchestrator.pretrain", req
 
     def body(args: argparse.Namespace) -> None:
         recipe = recipes.load(args.recipe, args.set)
+        if recipe.task != task:
+            raise RecipeError(f"{args.recipe}: task: {recipe.task} recipes run with python -m {ENTRY[recipe.task]}")
         if args.print_config:
             print(recipe.to_json())
             return
         preflight(recipe, args.recipe, launch_world_sizes(recipe, args.launcher), require_init)
         result = launch(recipe, args.launcher, args.fresh)
-        top1 = f", top-1 {result['top1']:.2f}%" if isinstance(result.get("top1"), float) else ""
+        metric = recipes.METRICS[task][0]
+        score = f", {metric} {result[metric]:.2f}%" if isinstance(result.get(metric), float) else ""
         run = RunDir.of(recipe)
-        log.info("done: %s at step %s%s; weights: %s", run.url, result.get("step"), top1, run.final_weights())
+        log.info("done: %s at step %s%s; weights: %s", run.url, result.get("step"), score, run.final_weights())
 
     return cli.run(body, p, argv)
 

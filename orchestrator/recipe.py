@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from model.config import ModelConfig
+from model.config import HeadConfig, ModelConfig
 from orchestrator import overrides as overrides_
 from orchestrator.errors import RecipeError
 from orchestrator.overrides import Override
@@ -84,9 +84,14 @@ class OptimizerConfig:
 class ScheduleConfig:
     epochs: int = 300
     warmup_epochs: float = 20
-    sched: str = "cosine"  # cosine | constant
+    sched: str = "cosine"  # cosine | constant | poly
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    power: float = 1.0  # poly: lr = min_lr + (lr - min_lr) * (1 - step / total) ** power
+    # Iteration-based schedules (segmentation, as mmseg's IterBasedRunner): the run is this many optimizer
+    # steps (epochs is then unused) and warms up over warmup_iterations (instead of warmup_epochs).
+    iterations: int | None = None
+    warmup_iterations: int | None = None
 
 
 @dataclass
@@ -109,7 +114,8 @@ class RunConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     max_steps: int | None = None
-    eval_every_epochs: int = 1
+    eval_every_epochs: int | None = 1  # null: evaluate only every run.eval_every_steps and at the end
+    eval_every_steps: int | None = None  # also evaluate (and checkpoint) every this many steps (mmseg: 16000)
     log_every_steps: int = 50
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     channels_last: bool | None = None  # null = on for CUDA
@@ -128,7 +134,31 @@ class ScalingConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """``task: segmentation``: mmseg's ADE20K data pipeline and evaluation (see ``data/seg_transforms.py``)."""
+
+    crop_size: int = 512
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # Resize img_scale (long side, short side)
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # training: scale x a ratio drawn from this
+    cat_max_ratio: float = 0.75  # RandomCrop: retry (10 times) while one class covers more of the crop than this
+    photometric: bool = True  # PhotoMetricDistortion
+    ignore_index: int = 255
+    test_mode: str = "whole"  # whole | slide
+    test_stride: int = 341  # slide: window stride (the window is crop_size)
+    test_size_divisor: int | None = None  # test sizes rounded up to a multiple of this (PVT's AlignResize: 32)
+    aug_test: bool = False  # the final evaluation also runs multi-scale with flip (ms_mIoU, ...)
+    aug_test_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+
+
+TASKS = ("classification", "segmentation")
+# Each task's validation metrics, the headline one first (summaries, plots, pipeline status, sweeps).
+METRICS = {"classification": ("top1", "top5"), "segmentation": ("mIoU", "mAcc", "aAcc")}
+SCALARS = ("task",)  # top-level recipe keys holding a value rather than a section
+
+
+@dataclass
 class Recipe:
+    task: str = "classification"  # classification | segmentation (a top-level key in the YAML)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -138,6 +168,8 @@ class Recipe:
     ema: EmaConfig = field(default_factory=EmaConfig)
     run: RunConfig = field(default_factory=RunConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -296,6 +328,10 @@ def _read_with_extends(path: Path, origin: dict[str, str], seen: tuple[Path, ...
     if "extends" in data:
         base = _read_with_extends(path.parent / str(data.pop("extends")), origin, (*seen, path.resolve()))
     for section, values in data.items():
+        if section in SCALARS:  # top-level keys that are values, not sections
+            base[section] = values
+            origin[section] = str(path)
+            continue
         if not isinstance(values, dict):
             raise RecipeError(f"{path}: {section}: expected a mapping of keys, got {values!r}")
         merged = base.setdefault(section, {})
@@ -312,6 +348,9 @@ def _build(raw: dict[str, Any], origin: dict[str, str], path: str) -> Recipe:
     hints = typing.get_type_hints(Recipe)
     built = {}
     for section, values in raw.items():
+        if section in SCALARS:
+            built[section] = _coerce(values, hints[section], f"{origin.get(section, path)}: {section}")
+            continue
         if section not in sections:
             raise RecipeError(f"{origin.get(f'{section}.' + next(iter(values), ''), path)}: unknown section {section!r} "
                               f"(known: {', '.join(sections)})")
@@ -380,6 +419,10 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         raise RecipeError(f"{origin.get(dotted, path)}: {dotted}: {message}")
 
     r = recipe
+    if r.task not in TASKS:
+        fail("task", f"{r.task!r} is not one of {', '.join(TASKS)}")
+    if r.task == "segmentation":
+        validate_segmentation(r, fail)
     if not r.model.name.startswith("inception_next_"):
         fail("model.name", f"{r.model.name!r} is not an InceptionNeXt model (inception_next_atto/_tiny/_small/_base)")
     for dotted, value in [("model.drop_path_rate", r.model.drop_path_rate), ("model.head_dropout", r.model.head_dropout),
@@ -411,8 +454,14 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("optimizer.betas", f"expected two values in [0, 1), got {r.optimizer.betas}")
     if r.optimizer.name not in ("adamw", "adam", "sgd", "lamb", "lion"):
         fail("optimizer.name", f"{r.optimizer.name!r} is not one of adamw, adam, sgd, lamb, lion")
-    if r.schedule.sched not in ("cosine", "constant"):
-        fail("schedule.sched", f"{r.schedule.sched!r} is not cosine or constant")
+    if r.schedule.sched not in ("cosine", "constant", "poly"):
+        fail("schedule.sched", f"{r.schedule.sched!r} is not cosine, constant or poly")
+    for dotted, value in [("schedule.iterations", r.schedule.iterations), ("run.eval_every_steps", r.run.eval_every_steps),
+                          ("run.eval_every_epochs", r.run.eval_every_epochs)]:
+        if value is not None and value <= 0:
+            fail(dotted, f"must be positive or null, got {value}")
+    if r.schedule.warmup_iterations is not None and r.schedule.warmup_iterations < 0:
+        fail("schedule.warmup_iterations", f"must not be negative, got {r.schedule.warmup_iterations}")
     if r.ema.decay is not None and not 0 < r.ema.decay < 1:
         fail("ema.decay", f"{r.ema.decay} is outside (0, 1)")
     if r.augment.repeated_aug:
@@ -434,5 +483,35 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         plan_batch(recipe, world, origin.get("batch.global_batch_size", path))
 
 
+def validate_segmentation(r: Recipe, fail: Any) -> None:
+    """The ``head`` and ``segment`` sections of a ``task: segmentation`` recipe."""
+    h, g = r.head, r.segment
+    if h.name not in ("upernet", "fpn"):
+        fail("head.name", f"{h.name!r} is not upernet or fpn")
+    for dotted, value in [("head.channels", h.channels), ("head.neck_channels", h.neck_channels),
+                          ("head.aux_channels", h.aux_channels), ("segment.crop_size", g.crop_size),
+                          ("segment.test_stride", g.test_stride), ("segment.test_size_divisor", g.test_size_divisor or 1)]:
+        if value <= 0:
+            fail(dotted, f"must be positive, got {value}")
+    if not 0 <= h.dropout < 1:
+        fail("head.dropout", f"{h.dropout} is outside [0, 1)")
+    if h.aux_weight < 0:
+        fail("head.aux_weight", f"must not be negative, got {h.aux_weight}")
+    if not h.pool_scales or min(h.pool_scales) <= 0:
+        fail("head.pool_scales", f"expected positive sizes, got {h.pool_scales}")
+    if len(g.scale) != 2 or min(g.scale) <= 0:
+        fail("segment.scale", f"expected [long side, short side], got {g.scale}")
+    if len(g.ratio_range) != 2 or not 0 < g.ratio_range[0] <= g.ratio_range[1]:
+        fail("segment.ratio_range", f"expected [low, high] with 0 < low <= high, got {g.ratio_range}")
+    if not 0 < g.cat_max_ratio <= 1:
+        fail("segment.cat_max_ratio", f"{g.cat_max_ratio} is not in (0, 1]")
+    if not 0 <= g.ignore_index <= 255:
+        fail("segment.ignore_index", f"{g.ignore_index} is not a mask value (0-255)")
+    if g.test_mode not in ("whole", "slide"):
+        fail("segment.test_mode", f"{g.test_mode!r} is not whole or slide")
+    if not g.aug_test_ratios or min(g.aug_test_ratios) <= 0:
+        fail("segment.aug_test_ratios", f"expected positive ratios, got {g.aug_test_ratios}")
+
+
 def uses_mixup(recipe: Recipe) -> bool:
-    return recipe.augment.mixup > 0 or recipe.augment.cutmix > 0
+    return recipe.task == "classification" and (recipe.augment.mixup > 0 or recipe.augment.cutmix > 0)

@@ -3,7 +3,7 @@
 State: finished (final weights written), running (its heartbeat in ``status.json`` is fresh),
 failed at step N (the loop raised; ``status.json`` has the error), stopped at step N (checkpoints,
 no final weights, no fresh heartbeat), or not started. Also the
-launcher, epochs and steps done, best and last top-1, the newest committed checkpoint (its marker
+launcher, epochs and steps done, best and last of the task's headline metric (top-1, or mIoU), the newest committed checkpoint (its marker
 and file sizes checked) and where the final weights are.
 """
 
@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from orchestrator import cli, storage
+from orchestrator.recipe import METRICS
 from orchestrator.rundir import RunDir
 
 STALE_AFTER_S = 15 * 60  # a running run writes status.json at least every minute and at every checkpoint
@@ -25,7 +26,8 @@ def summary(run: RunDir) -> dict[str, Any]:
     config, status, records = run.config() or {}, run.status(), run.records()
     latest = run.latest()
     epochs = [r for r in records if r.get("kind") in ("epoch", "stop")]
-    top1 = [r["top1"] for r in epochs if isinstance(r.get("top1"), int | float)]
+    metric = METRICS.get(config.get("task", "classification"), ("top1",))[0]
+    scores = [r[metric] for r in epochs if isinstance(r.get(metric), int | float)]
     step = max([status.get("step") or 0, latest.step if latest else 0, *(r.get("step") or 0 for r in records)])
     if run.complete:
         state = "finished"
@@ -41,7 +43,7 @@ def summary(run: RunDir) -> dict[str, Any]:
         "name": run.name, "state": state, "launcher": status.get("launcher", ""),
         "epochs_done": max((r.get("epochs_done") or r.get("epoch", -1) + 1 for r in epochs), default=0),
         "epochs": (config.get("schedule") or {}).get("epochs"), "step": step, "total_steps": status.get("total_steps"),
-        "best_top1": max(top1) if top1 else None, "last_top1": top1[-1] if top1 else None,
+        "metric": metric, "best": max(scores) if scores else None, "last": scores[-1] if scores else None,
         "checkpoint": latest.url if latest else None, "weights": run.final_weights(), "url": run.url,
         "error": status.get("error") if state.startswith("failed") else None,
     }
@@ -53,13 +55,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     width = max(len(r["name"]) for r in rows)
     print(f"{'run':{width}s} {'state':22s} {'launcher':8s} {'epochs':>9s} {'steps':>13s} {'best':>6s} {'last':>6s}  "
-          "checkpoint / weights")
+          "checkpoint / weights   (best, last: top-1 or mIoU)")
     for r in rows:
         epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
         steps = f"{r['step']}/{r['total_steps'] if r['total_steps'] is not None else '?'}"
         where = r["weights"] or r["checkpoint"] or "-"
         print(f"{r['name']:{width}s} {r['state']:22s} {r['launcher'] or '-':8s} {epochs:>9s} {steps:>13s} "
-              f"{pct(r['best_top1']):>6s} {pct(r['last_top1']):>6s}  {where}")
+              f"{pct(r['best']):>6s} {pct(r['last']):>6s}  {where}")
 
 
 def main(argv: list[str] | None = None) -> int:

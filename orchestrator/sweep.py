@@ -8,9 +8,10 @@ so a bad key or value fails before anything is launched.
       optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}   # also: uniform, choice, randint
     proxy: {schedule.epochs: 30, data.train_fraction: 0.1, batch.global_batch_size: 1024}
     lr_rule: linear                        # optimizer.lr follows a proxy batch size: linear | sqrt | none
-    metric: top1                           # or ema_top1 (needs ema.decay), top5, ema_top5
+    metric: top1                           # or ema_top1 (needs ema.decay), top5; segmentation: mIoU, mAcc, aAcc
     mode: max
-    scheduler: {grace_period: 5, reduction_factor: 3}   # ASHA over epochs; null runs every trial to the end
+    scheduler: {grace_period: 5, reduction_factor: 3}   # ASHA over epochs (iteration schedules: steps);
+                                                        # null runs every trial to the end
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from orchestrator import storage
 from orchestrator.errors import RecipeError
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
-METRICS = ("top1", "top5", "ema_top1", "ema_top5")
 
 
 @dataclass
 class Asha:
-    grace_period: int = 1  # epochs every trial runs before it can be stopped
+    grace_period: int = 1  # epochs (iteration schedules: steps) every trial runs before it can be stopped
     reduction_factor: float = 3.0
 
 
@@ -65,8 +65,17 @@ class Sweep:
         proxy = dict(self.proxy)
         if "optimizer.lr" not in proxy and self.lr_factor() != 1.0:
             proxy["optimizer.lr"] = self.base.optimizer.lr * self.lr_factor()
-        proxy |= {"run.eval_every_epochs": 1, "run.max_steps": None}
+        proxy["run.max_steps"] = None
+        if not (proxy.get("schedule.iterations") or self.base.schedule.iterations):
+            proxy["run.eval_every_epochs"] = 1  # iteration schedules report every run.eval_every_steps instead
         return recipes.with_values(self.base, proxy, f"{self.name}: proxy")
+
+    def progress(self, trial: recipes.Recipe) -> tuple[str, int]:
+        """What ASHA counts and the trials' length in it: optimizer steps for iteration schedules (segmentation,
+        reported every ``run.eval_every_steps``), else epochs (the loop's ``epochs_done``)."""
+        if trial.schedule.iterations:
+            return "step", trial.schedule.iterations
+        return "epochs_done", trial.schedule.epochs
 
     def full_recipe(self, params: dict[str, Any], run_name: str) -> recipes.Recipe:
         """The base recipe (full length, no proxy) with a trial's parameters: what to train for real.
@@ -116,8 +125,11 @@ def check(sweep: Sweep, where: str) -> None:
         raise RecipeError(f"{where}: lr_rule: {sweep.lr_rule!r} is not linear, sqrt or none")
     if sweep.mode not in ("max", "min"):
         raise RecipeError(f"{where}: mode: {sweep.mode!r} is not max or min")
-    if sweep.metric not in METRICS:
-        raise RecipeError(f"{where}: metric: {sweep.metric!r} is not one of {', '.join(METRICS)}")
+    assert sweep.base is not None
+    metrics = recipes.METRICS[sweep.base.task]
+    if sweep.metric.removeprefix("ema_") not in metrics:
+        raise RecipeError(f"{where}: metric: {sweep.metric!r} is not one of {', '.join(metrics)} (or ema_ of one) "
+                          f"for a {sweep.base.task} recipe")
     if sweep.num_samples < 1 or sweep.max_concurrent_trials < 1:
         raise RecipeError(f"{where}: num_samples and max_concurrent_trials must be at least 1")
     if not isinstance(sweep.search, dict) or not sweep.search:
@@ -128,9 +140,14 @@ def check(sweep: Sweep, where: str) -> None:
         raise RecipeError(f"{where}: metric: {sweep.metric} needs EMA, but the recipe has ema.decay null")
     if not trial.data.val:
         raise RecipeError(f"{where}: metric: {sweep.metric} needs validation data, but the recipe has no data.val")
-    if sweep.scheduler and not 1 <= sweep.scheduler.grace_period < trial.schedule.epochs:
+    unit, length = sweep.progress(trial)
+    if unit == "step" and not trial.run.eval_every_steps:
+        raise RecipeError(f"{where}: proxy: an iteration schedule reports only every run.eval_every_steps; set it "
+                          f"(e.g. run.eval_every_steps: {max(length // 10, 1)})")
+    if sweep.scheduler and not 1 <= sweep.scheduler.grace_period < length:
+        what = "iterations (proxy schedule.iterations)" if unit == "step" else "epochs (proxy schedule.epochs)"
         raise RecipeError(f"{where}: scheduler.grace_period: {sweep.scheduler.grace_period} must be at least 1 and less "
-                          f"than the trials' {trial.schedule.epochs} epochs (proxy schedule.epochs)")
+                          f"than the trials' {length} {what}")
     if sweep.scheduler and sweep.scheduler.reduction_factor <= 1:
         raise RecipeError(f"{where}: scheduler.reduction_factor: must be more than 1, got {sweep.scheduler.reduction_factor}")
     for dotted, domain in sweep.search.items():

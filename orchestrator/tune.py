@@ -27,6 +27,7 @@ from orchestrator.launch.launcher import launch_world_sizes, preflight
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator.tune")
+COLUMN = {"epochs_done": "epochs", "step": "steps"}  # results.csv's column for what ASHA counts
 
 
 def trial(config: dict[str, Any], recipe: dict[str, Any]) -> None:
@@ -59,6 +60,7 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
     trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=True)), {"cpu": 0, "memory": 1})
     param_space = {"params": sweeps.space(sweep)}
+    unit, length = sweep.progress(base)
     experiment = storage.join(storage_path, sweep.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("continuing the sweep in %s", sweep_url)
@@ -67,10 +69,10 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     else:
         scheduler = None
         if sweep.scheduler:
-            # Epochs as the loop counts them (a resumed trial does not restart the count). max_t is one past
-            # the last epoch: at max_t ASHA stops the trial itself, which would cut off its final weights.
-            scheduler = ASHAScheduler(time_attr="epochs_done", grace_period=sweep.scheduler.grace_period,
-                                      reduction_factor=sweep.scheduler.reduction_factor, max_t=base.schedule.epochs + 1)
+            # Progress as the loop counts it (a resumed trial does not restart the count). max_t is one past
+            # the end: at max_t ASHA stops the trial itself, which would cut off its final weights.
+            scheduler = ASHAScheduler(time_attr=unit, grace_period=sweep.scheduler.grace_period,
+                                      reduction_factor=sweep.scheduler.reduction_factor, max_t=length + 1)
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
@@ -78,44 +80,45 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem),
         )
     grid = tuner.fit()
-    table = summarise(grid, sweep, base.schedule.epochs)
+    table = summarise(grid, sweep, unit, length)
     # After Ctrl-C the returned grid calls every trial terminated; the saved state (what a re-run continues) does not.
     saved = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
     unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
-    write_outputs(table, grid, sweep, sweep_url, best=unfinished == 0)
+    write_outputs(table, grid, sweep, sweep_url, unit, best=unfinished == 0)
     if unfinished:
         raise Interrupted(f"sweep {sweep.name} stopped with {unfinished} unfinished trial(s); run the same "
                                f"command again to continue it (state in {sweep_url})")
     return table
 
 
-def summarise(grid: Any, sweep: sweeps.Sweep, epochs: int) -> pd.DataFrame:
-    """One row per trial: parameters, best and last metric, epochs run, stopped early or not, error."""
+def summarise(grid: Any, sweep: sweeps.Sweep, unit: str, length: int) -> pd.DataFrame:
+    """One row per trial: parameters, best and last metric, epochs (or steps) run, stopped early or not, error."""
     rows = []
     for result in grid:
         df = result.metrics_dataframe
         values = df[sweep.metric].dropna() if df is not None and sweep.metric in df else pd.Series(dtype=float)
-        ran = int(df["epochs_done"].max()) if df is not None and "epochs_done" in df else 0
+        ran = int(df[unit].max()) if df is not None and unit in df else 0
         best = (values.max() if sweep.mode == "max" else values.min()) if len(values) else None
         rows.append({
             "trial": (result.metrics or {}).get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
             **result.config["params"],
             f"best_{sweep.metric}": best, f"last_{sweep.metric}": values.iloc[-1] if len(values) else None,
-            "epochs": ran, "stopped_early": result.error is None and ran < epochs,
+            COLUMN[unit]: ran, "stopped_early": result.error is None and ran < length,
             "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
         })
     table = pd.DataFrame(rows)
     return table.sort_values(f"best_{sweep.metric}", ascending=sweep.mode == "min", na_position="last", ignore_index=True)
 
 
-def write_outputs(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep, sweep_url: str, best: bool = True) -> None:
+def write_outputs(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep, sweep_url: str, unit: str = "epochs_done",
+                  best: bool = True) -> None:
     """results.csv, results.png and (once every trial has finished) best_recipe.yaml in the sweep folder."""
     fs, path = storage.filesystem(sweep_url, sweep.storage_options)
     fs.makedirs(path, exist_ok=True)
     with fs.open(storage.join(path, "results.csv"), "w") as f:
         table.to_csv(f, index=False)
     with fs.open(storage.join(path, "results.png"), "wb") as f:
-        f.write(plot(table, grid, sweep))
+        f.write(plot(table, grid, sweep, unit))
     done = table[table["error"] == ""].dropna(subset=[f"best_{sweep.metric}"])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if not best:
@@ -127,14 +130,14 @@ def write_outputs(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep, sweep_url
     params = {k: _plain(best[k]) for k in sweep.search}
     full = sweep.full_recipe(params, f"{sweep.base.run.name}-{sweep.name}-best")
     header = (f"# Best trial of sweep {sweep.name}: {best['trial']}, best {sweep.metric}={best[f'best_{sweep.metric}']:.4g} "
-              f"after {best['epochs']} proxy epochs.\n# Parameters: {params}\n# Proxy settings: {sweep.proxy} "
+              f"after {best[COLUMN[unit]]} proxy {COLUMN[unit]}.\n# Parameters: {params}\n# Proxy settings: {sweep.proxy} "
               f"(lr rule: {sweep.lr_rule}). Below: the full-length recipe with these parameters.\n")
     with fs.open(storage.join(path, "best_recipe.yaml"), "w") as f:
         f.write(header + yaml.safe_dump(full.to_dict(redact=True), sort_keys=False))
     log.info("sweep %s: best %s; results.csv, results.png and best_recipe.yaml in %s", sweep.name, params, sweep_url)
 
 
-def plot(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep) -> bytes:
+def plot(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep, unit: str = "epochs_done") -> bytes:
     """The metric against each swept parameter (x: stopped early), and every trial's learning curve."""
     import matplotlib
 
@@ -158,11 +161,11 @@ def plot(table: pd.DataFrame, grid: Any, sweep: sweeps.Sweep) -> bytes:
     curves = axes[0][-1]
     for result in grid:
         df = result.metrics_dataframe
-        if df is not None and sweep.metric in df and "epochs_done" in df:
+        if df is not None and sweep.metric in df and unit in df:
             label = ", ".join(f"{k.split('.')[-1]}={_plain(v):.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                               for k, v in result.config["params"].items())
-            curves.plot(df["epochs_done"], df[sweep.metric], marker=".", label=label)
-    curves.set_xlabel("epoch")
+            curves.plot(df[unit], df[sweep.metric], marker=".", label=label)
+    curves.set_xlabel(COLUMN[unit].rstrip("s"))
     curves.set_ylabel(sweep.metric)
     curves.set_title("learning curves")
     curves.grid(alpha=0.3)

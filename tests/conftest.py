@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from orchestrator import recipe as recipes
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
-from orchestrator.data.synth import SynthSource
+from orchestrator.data.synth import SynthSegSource, SynthSource
 from orchestrator.rundir import RunDir
 from orchestrator.train.context import TrainContext
 from tests.services import poll
@@ -39,6 +41,43 @@ def smoke_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
         "data.shuffle_buffer=64", "batch.global_batch_size=32", "batch.per_device_max=32", "schedule.epochs=2",
         f"run.storage={tmp_path}/runs", "run.log_every_steps=2", *overrides,
     ])
+
+
+@pytest.fixture(scope="session")
+def seg_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated segmentation set (4 shapes + background, 64x48 images, ADE20K's label convention):
+    192 train / 30 val images in 16-row groups."""
+    dest = tmp_path_factory.mktemp("synth_seg")
+    write_dataset(SynthSegSource(shapes=4, train=192, val=30, size=64), str(dest),
+                  WriteOptions(shard_size_mb=0.1, rows_per_group=16, seed=0))
+    return dest
+
+
+def seg_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
+    """The shipped segmentation smoke recipe on the test set, with a run folder under ``tmp_path``."""
+    return recipes.load(ROOT / "recipes" / "seg" / "smoke.yaml", [
+        f"data.train={data}/train", f"data.val={data}/val", "data.num_workers=0", "data.shuffle_buffer=32",
+        "schedule.iterations=24", "schedule.warmup_iterations=4", "run.eval_every_steps=null", "run.log_every_steps=4",
+        "segment.aug_test=false", f"run.storage={tmp_path}/runs", *overrides,
+    ])
+
+
+def seg_tiny(seg_dir: Path, stage: str = "upernet") -> list[str]:
+    """The segmentation stage on the test set: a few iterations, evaluated once at the end."""
+    return [f"--set={stage}:{kv}" for kv in (f"data.train={seg_dir}/train", f"data.val={seg_dir}/val",
+                                              "data.num_workers=0", "schedule.iterations=4", "schedule.warmup_iterations=0",
+                                              "run.eval_every_steps=null", "segment.aug_test=false", "optimizer.lr=1e-7")]
+
+
+def assert_backbone_from(seg_run: Path, pretrain_run: Path) -> None:
+    """The segmentation stage started from the pretraining stage's weights (4 steps at lr 1e-7 move a weight by
+    ~1e-6; a fresh initialisation differs by ~1e-1) and evaluated its validation set."""
+    pretrained, segmented = load_file(pretrain_run / "model.safetensors"), load_file(seg_run / "model.safetensors")
+    conv = "stages.2.blocks.0.token_mixer.dwconv_hw.weight"
+    torch.testing.assert_close(segmented[f"backbone.{conv}"], pretrained[conv], atol=1e-4, rtol=0)
+    last = RunDir(str(seg_run)).last_record()
+    assert last["step"] == 4 and last["val_images"] == 30 and 0 <= last["mIoU"] <= 100
+    assert (seg_run / "per_class_iou.csv").exists()
 
 
 def sigterm_after_step(command: list[str], run: Path, step: int, timeout: float, group: bool = False,

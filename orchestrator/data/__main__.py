@@ -1,15 +1,18 @@
-"""``python -m orchestrator.data shard SRC DEST`` and ``python -m orchestrator.data synth DEST``."""
+"""``python -m orchestrator.data shard SRC DEST`` and ``python -m orchestrator.data synth DEST``
+(``--task segmentation``: ADE20K-style images with PNG masks)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Any
 
 from orchestrator import cli, storage
+from orchestrator.data.seg_sources import open_segmentation_source
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.sources import open_source
-from orchestrator.data.synth import SynthSource
+from orchestrator.data.synth import SynthSegSource, SynthSource
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     shard.add_argument("--max-side", type=int, help="re-encode images whose shorter side exceeds this many pixels")
     synth = sub.add_parser("synth", help="generate the embedded learnable dataset")
     synth.add_argument("dest")
-    synth.add_argument("--classes", type=int, default=10)
-    synth.add_argument("--train", type=int, default=2000)
-    synth.add_argument("--val", type=int, default=500)
+    synth.add_argument("--classes", type=int, help="classes (default 10); segmentation: shapes besides the background (default 4)")
+    synth.add_argument("--train", type=int, help="training images (default 2000; segmentation 600)")
+    synth.add_argument("--val", type=int, help="validation images (default 500; segmentation 100)")
     synth.add_argument("--size", type=int, default=64)
+    shard.add_argument("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
+                       help="segmentation: mask value 0 is a class (default: 0 is 'other' and ignored, as ADE20K)")
     for p in (shard, synth):
+        p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                       help="segmentation: SRC is ADEChallengeData2016 (images/, annotations/) or Parquet with a mask column")
         p.add_argument("--shard-size-mb", type=float, default=256.0 if p is shard else 1.0)
         p.add_argument("--rows-per-group", type=int, default=128 if p is shard else 64)
         p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if p is shard else 1)
@@ -41,10 +48,16 @@ def write(args: argparse.Namespace) -> None:
         if getattr(args, name, None):
             storage.check_reachable(getattr(args, name), options, name.upper(), "--storage-option")
     if args.command == "synth":
-        source = SynthSource(args.classes, args.train, args.val, args.size, args.seed)
+        seg = args.task == "segmentation"
+        train, val = args.train or (600 if seg else 2000), args.val if args.val is not None else (100 if seg else 500)
+        if seg:
+            source: Any = SynthSegSource(args.classes or 4, train, val, args.size, args.seed)
+        else:
+            source = SynthSource(args.classes or 10, train, val, args.size, args.seed)
         opts = WriteOptions(args.shard_size_mb, args.rows_per_group, None, args.seed, args.workers)
     else:
-        source = open_source(args.src, options, args.val_labels)
+        source = open_segmentation_source(args.src, options, args.reduce_zero_label) if args.task == "segmentation" \
+            else open_source(args.src, options, args.val_labels)
         opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers)
     report = write_dataset(source, args.dest, opts, options)
     print(f"done: {report.written} shards written, {report.reused} verified shards kept, "

@@ -24,6 +24,10 @@ FORMAT = "inceptionnext-shards/1"
 MANIFEST = "manifest.json"
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SCHEMA = pa.schema([("image", IMAGE_TYPE), ("label", pa.int64())])
+# Segmentation shards add the PNG mask (one byte per pixel: the class, 0 = "other" when reduce_zero_label);
+# their label column holds -1.
+SEG_SCHEMA = pa.schema([("image", IMAGE_TYPE), ("mask", IMAGE_TYPE), ("label", pa.int64())])
+TASKS = ("classification", "segmentation")
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Manifest:
     root: str = ""  # folder the relative shard URLs resolve against (not serialised)
     seed: int | None = None
     source: str | None = None
+    task: str = "classification"  # or segmentation: the shards hold a mask column
+    reduce_zero_label: bool = False  # segmentation: mask value 0 is "other" (ignored), class k is value k + 1 (ADE20K)
     tool_version: str = __version__
     format: str = FORMAT
 
@@ -81,6 +87,7 @@ class Manifest:
             manifest = cls(
                 split=data["split"], shards=shards, classes=classes, root=root, seed=data.get("seed"),
                 source=data.get("source"), tool_version=data.get("tool_version", "?"),
+                task=data.get("task", "classification"), reduce_zero_label=bool(data.get("reduce_zero_label", False)),
             )
         except (KeyError, TypeError) as exc:
             raise DataError(f"{where}: manifest is missing or has a malformed field ({exc})") from exc
@@ -89,16 +96,20 @@ class Manifest:
                 raise DataError(f"{where}: shard {i} ({shard.url}) row groups sum to {sum(shard.row_groups)}, rows={shard.rows}")
         if not shards:
             raise DataError(f"{where}: manifest lists no shards")
+        if manifest.task not in TASKS:
+            raise DataError(f"{where}: task {manifest.task!r} is not one of {', '.join(TASKS)}")
         return manifest
 
 
-def check_schema(schema: pa.Schema, where: str) -> None:
-    """Fail unless ``schema`` has ``image: struct<bytes, path>`` and an integer ``label``."""
+def check_schema(schema: pa.Schema, where: str, task: str = "classification") -> None:
+    """Fail unless ``schema`` has ``image: struct<bytes, path>`` and an integer ``label`` (and, for
+    segmentation, a ``mask`` like ``image``)."""
     problems = []
-    if "image" not in schema.names or not pa.types.is_struct(schema.field("image").type):
-        problems.append("column 'image' (struct<bytes: binary, path: string>) is missing")
-    elif schema.field("image").type.get_field_index("bytes") < 0:
-        problems.append(f"column 'image' has no 'bytes' field (type {schema.field('image').type})")
+    for column in ("image", "mask") if task == "segmentation" else ("image",):
+        if column not in schema.names or not pa.types.is_struct(schema.field(column).type):
+            problems.append(f"column {column!r} (struct<bytes: binary, path: string>) is missing")
+        elif schema.field(column).type.get_field_index("bytes") < 0:
+            problems.append(f"column {column!r} has no 'bytes' field (type {schema.field(column).type})")
     if "label" not in schema.names or not pa.types.is_integer(schema.field("label").type):
         problems.append("integer column 'label' is missing")
     if problems:
@@ -137,14 +148,17 @@ def _manifest_from_parquet(fs: Any, path: str, url: str, options: dict[str, Any]
     files = sorted(fs.glob(pattern))
     if not files:
         raise DataError(f"{url}: no {MANIFEST} and no .parquet files found (expected a shard folder or Parquet files)")
-    shards = []
+    shards, task = [], "classification"
     for f in files:
-        meta = pq.ParquetFile(fs.open(f, "rb")).metadata
+        pf = pq.ParquetFile(fs.open(f, "rb"))
+        meta = pf.metadata
+        if "mask" in pf.schema_arrow.names:
+            task = "segmentation"
         rgs = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         shards.append(ShardInfo(url=storage.unstrip(fs, f), rows=meta.num_rows, row_groups=rgs, bytes=fs.size(f)))
     split = files[0].rsplit("/", 1)[-1].split("-")[0]
     log.info("%s: read %d Parquet files in place (%d rows)", url, len(files), sum(s.rows for s in shards))
-    return Manifest(split=split, shards=shards, root=url, source=url)
+    return Manifest(split=split, shards=shards, root=url, source=url, task=task)
 
 
 def _verify_shards(manifest: Manifest, options: dict[str, Any] | None) -> None:
@@ -160,7 +174,7 @@ def _verify_shards(manifest: Manifest, options: dict[str, Any] | None) -> None:
                 pf = pq.ParquetFile(f)
             except (pa.ArrowException, OSError) as exc:
                 raise DataError(f"shard {i}: {url} is not a readable Parquet file ({exc})") from exc
-            check_schema(pf.schema_arrow, f"shard {i}: {url}")
+            check_schema(pf.schema_arrow, f"shard {i}: {url}", manifest.task)
             rgs = [pf.metadata.row_group(j).num_rows for j in range(pf.metadata.num_row_groups)]
         if rgs != manifest.shards[i].row_groups:
             raise DataError(f"shard {i}: {url} has row groups {rgs[:8]}..., the manifest says {manifest.shards[i].row_groups[:8]}...")

@@ -119,12 +119,13 @@ def checked_order(groups: np.ndarray, micro_batch: int, global_batch: int, parti
 
 
 class ShardDataset(IterableDataset):
-    """Yields ``(transform(image bytes), label, sample_id, corrupt)`` for one rank; use it through ``ShardLoader``.
+    """Yields ``(*transform(image bytes, target), sample_id, corrupt)`` for one rank; use it through ``ShardLoader``.
 
-    ``transform`` decodes too (``transforms.TrainCrop``/``EvalCrop``); a decode error marks the image corrupt.
+    The target is the label, or for a segmentation manifest the mask's PNG bytes. ``transform`` decodes too
+    (``WithLabel(transforms.TrainCrop)``, ``seg_transforms.SegTrain``, ...); a decode error marks the sample corrupt.
     ``global_batch`` (default: one micro-batch per rank) and ``partitions`` define the training order."""
 
-    def __init__(self, manifest: Manifest, transform: Callable[[bytes], Any], *, train: bool,
+    def __init__(self, manifest: Manifest, transform: Callable[[bytes, Any], tuple[Any, Any]], *, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, options: ReaderOptions = ReaderOptions(),
                  fraction: float = 1.0, global_batch: int | None = None, partitions: int | None = None) -> None:
         self.manifest, self.transform, self.train = manifest, transform, train
@@ -210,31 +211,31 @@ class _WorkerStream:
         for lo in range(0, len(self.items), m):
             batch = []
             for group, row, sample_id in self.items[lo:lo + m]:
-                data, label = self._row(int(group), int(row))
-                image = self._decode(data, int(sample_id))
-                if image is None:
+                data, target = self._row(int(group), int(row))
+                out = self._decode(data, target, int(sample_id))
+                if out is None:
                     self._count_corrupt(int(group), int(row))
-                batch.append((data, image, label, int(sample_id)))
-            good = [k for k, b in enumerate(batch) if b[1] is not None]
-            for k, (_, image, label, sample_id) in enumerate(batch):
-                if image is not None:
-                    yield image, label, sample_id, 0
+                batch.append((data, target, out, int(sample_id)))
+            good = [k for k, b in enumerate(batch) if b[2] is not None]
+            for k, (_, _, out, sample_id) in enumerate(batch):
+                if out is not None:
+                    yield *out, sample_id, 0
                     continue
                 if not good:
                     raise DataError(f"{self.ds.manifest.root}: a whole batch of corrupt images (sample ids "
                                     f"{[b[3] for b in batch]}); the warnings above name each shard and row")
-                data, _, label, sample_id = batch[max((g for g in good if g < k), default=good[0])]
-                yield self._decode(data, sample_id), label, sample_id, 1
+                data, target, _, sample_id = batch[max((g for g in good if g < k), default=good[0])]
+                yield *self._decode(data, target, sample_id), sample_id, 1
 
-    def _decode(self, data: bytes, sample_id: int) -> Any:
-        """The transform of the image's bytes (None when they do not decode), its RNGs seeded per image."""
+    def _decode(self, data: bytes, target: Any, sample_id: int) -> tuple[Any, Any] | None:
+        """The transform of the sample (None when it does not decode), its RNGs seeded per sample."""
         seed = sample_seed(self.ds.seed, self.ds.epoch, sample_id)
         random.seed(seed)
         np.random.seed(seed)
         # CPU generator only: torch.manual_seed also queues a CUDA seeding that records a stack trace (~0.5 ms).
         torch.default_generator.manual_seed(seed)
         try:
-            return self.ds.transform(data)
+            return self.ds.transform(data, target)
         except DECODE_ERRORS:
             return None
 
@@ -251,7 +252,7 @@ class _WorkerStream:
                 f"one worker alone, more than data.max_corrupt_fraction={self.ds.options.max_corrupt_fraction}"
             )
 
-    def _row(self, group: int, row: int) -> tuple[bytes, int]:
+    def _row(self, group: int, row: int) -> tuple[bytes, Any]:
         if group not in self.cache:
             self.cache[group] = self._read_group(group)
         images, labels = self.cache[group]
@@ -263,12 +264,13 @@ class _WorkerStream:
             del self.cache[group]
         return data, label
 
-    def _read_group(self, group: int) -> tuple[list[bytes], list[int]]:
+    def _read_group(self, group: int) -> tuple[list[bytes], list[Any]]:
         shard, g = int(self.ds.groups[group, 0]), int(self.ds.groups[group, 1])
         url = self.ds.manifest.shard_url(shard)
         opts = self.ds.options
+        segmentation = self.ds.manifest.task == "segmentation"
 
-        def read() -> tuple[list[bytes], list[int]]:
+        def read() -> tuple[list[bytes], list[Any]]:
             try:
                 if shard not in self.files:
                     fs, path = storage.filesystem(url, opts.storage_options)
@@ -277,13 +279,26 @@ class _WorkerStream:
                     # Row groups are read as coalesced byte ranges (pre_buffer) straight from storage:
                     # fsspec's read-ahead cache only copied them once more.
                     self.files[shard] = pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)
-                table = self.files[shard].read_row_group(g, columns=["image", "label"])
+                table = self.files[shard].read_row_group(g, columns=["image", "mask" if segmentation else "label"])
             except Exception:
                 self.files.pop(shard, None)  # reopen on retry: the old handle may be stale
                 raise
-            return table.column("image").combine_chunks().field("bytes").to_pylist(), table.column("label").to_pylist()
+            images = table.column("image").combine_chunks().field("bytes").to_pylist()
+            if segmentation:
+                return images, table.column("mask").combine_chunks().field("bytes").to_pylist()
+            return images, table.column("label").to_pylist()
 
         return storage.with_retries(read, f"reading {url} row group {g}", opts.retry, opts.storage_options)
+
+
+class WithLabel:
+    """A classification transform (bytes -> image) as a reader transform: ``(bytes, label) -> (image, label)``."""
+
+    def __init__(self, transform: Callable[[bytes], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, data: bytes, label: Any) -> tuple[Any, Any]:
+        return self.transform(data), label
 
 
 def ignore_stop_signals(_worker_id: int) -> None:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from orchestrator import storage
 from orchestrator.data import manifest as mf
+from orchestrator.data.seg_sources import mask_size_mismatch
 from orchestrator.data.sources import Item, Source
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,26 @@ def is_image(data: bytes) -> bool:
 def _write_shard(source: Source, items: list[Item], url: str, opts: WriteOptions, options: dict[str, Any]) -> dict[str, Any]:
     """Write one shard (local temp file, then upload or rename) and return its progress record."""
     rows = source.read(items)
-    images, labels, skipped = [], [], 0
-    for (data, label, path), item in zip(rows, items, strict=True):
-        if not is_image(data):
-            log.warning("skipping unreadable image %s", item.key)
+    segmentation = getattr(source, "task", "classification") == "segmentation"
+    images, targets, skipped = [], [], 0
+    for (data, target, path), item in zip(rows, items, strict=True):
+        problem = mask_size_mismatch(data, target) if segmentation else None if is_image(data) else "unreadable"
+        if problem:
+            log.warning("skipping %s: %s", item.key, problem)
             skipped += 1
             continue
-        images.append({"bytes": reencode(data, opts.max_side) if opts.max_side else data, "path": path})
-        labels.append(label)
-    table = pa.table({"image": pa.array(images, type=mf.IMAGE_TYPE), "label": pa.array(labels, type=pa.int64())})
+        if segmentation:  # masks are stored as read; the image is kept as is too (resizing would misalign them)
+            images.append({"bytes": data, "path": path})
+            targets.append({"bytes": target, "path": path.rsplit(".", 1)[0] + ".png"})
+        else:
+            images.append({"bytes": reencode(data, opts.max_side) if opts.max_side else data, "path": path})
+            targets.append(target)
+    columns = {"image": pa.array(images, type=mf.IMAGE_TYPE)}
+    if segmentation:
+        columns |= {"mask": pa.array(targets, type=mf.IMAGE_TYPE), "label": pa.array([-1] * len(targets), type=pa.int64())}
+    else:
+        columns["label"] = pa.array(targets, type=pa.int64())
+    table = pa.table(columns)
     fs, path = storage.filesystem(url, options)
     with tempfile.NamedTemporaryFile(suffix=".parquet", delete=False) as tmp:
         local = tmp.name
@@ -188,7 +200,9 @@ def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str,
     shards = [mf.ShardInfo(url=shard_name(i), rows=r["rows"], row_groups=r["row_groups"], bytes=r["bytes"], sha256=r["sha256"])
               for i, r in sorted(records.items())]
     manifest = mf.Manifest(split=split, shards=shards, classes=source.classes, root=split_url, seed=opts.seed,
-                           source=storage.redact(getattr(source, "url", type(source).__name__), options))
+                           source=storage.redact(getattr(source, "url", type(source).__name__), options),
+                           task=getattr(source, "task", "classification"),
+                           reduce_zero_label=getattr(source, "reduce_zero_label", False))
     mf.write(manifest, split_url, options)
     return manifest
 

@@ -37,8 +37,8 @@ class Source(Protocol):
 
     def splits(self) -> dict[str, list[list[Item]]]: ...
 
-    def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
-        """Encoded bytes, label and stored path of each item."""
+    def read(self, items: list[Item]) -> list[tuple[bytes, Any, str]]:
+        """Encoded bytes, target (a label; segmentation sources: the PNG mask's bytes) and stored path of each item."""
         ...
 
 

@@ -44,6 +44,7 @@ def preflight(recipe: Recipe, source: str, world: int | list[int], require_init:
                 found = manifest.load(url, recipe.data.storage_options)
             except OrchestratorError as exc:
                 raise RecipeError(f"{source}: data.{key}={url}: {exc}") from exc
+            check_task(recipe, found, f"{source}: data.{key}={url}")
             if key == "train":
                 try:
                     checked_order(select_groups(found, recipe.data.train_fraction), micro_batch(recipe),
@@ -55,6 +56,16 @@ def preflight(recipe: Recipe, source: str, world: int | list[int], require_init:
             weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
         except OrchestratorError as exc:
             raise RecipeError(f"{source}: {exc}") from exc
+
+
+def check_task(recipe: Recipe, found: manifest.Manifest, where: str) -> None:
+    """The dataset is of the recipe's task, and a segmentation head has one output per class of the dataset."""
+    if found.task != recipe.task:
+        hint = " (shard it with --task segmentation)" if recipe.task == "segmentation" else ""
+        raise RecipeError(f"{where}: holds {found.task} shards, the recipe's task is {recipe.task}{hint}")
+    if recipe.task == "segmentation" and found.classes and len(found.classes) != recipe.model.num_classes:
+        raise RecipeError(f"{where}: the dataset has {len(found.classes)} classes, model.num_classes is "
+                          f"{recipe.model.num_classes}")
 
 
 def launch(recipe: Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:

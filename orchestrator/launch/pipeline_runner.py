@@ -17,16 +17,19 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
     """Submit every incomplete stage, chained with afterok; a stage whose job is still queued or running is kept."""
     from orchestrator.launch import slurm
 
-    options = pipeline.slurm
     todo = [s for s in pipeline.stages if not _skip_complete(pipeline, s)]
     if not todo:
         return []
-    recipes_ = {s.name: recipes.absolute_paths(stage_recipe(pipeline, s, options.world_size, gpus=options.gpus_per_node > 0))
-                for s in todo}
-    slurm_cluster.check_cluster(options, recipes_[todo[0].name])
+    recipes_ = {}
+    for s in todo:
+        options = pipeline.slurm_of(s)
+        recipes_[s.name] = recipes.absolute_paths(stage_recipe(pipeline, s, options.world_size,
+                                                               gpus=options.gpus_per_node > 0))
+        slurm_cluster.check_cluster(options, recipes_[s.name])
     for s in todo:
         produced_later = s.init_from in {t.name for t in todo}  # its init is made by a stage submitted now
-        preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", options.world_size, check_init=not produced_later)
+        preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", pipeline.slurm_of(s).world_size,
+                  check_init=not produced_later)
     state, submitted, after = read_state(pipeline), [], None
     for s in todo:
         jobs = state["stages"].get(s.name, {}).get("jobs", [])
@@ -34,7 +37,7 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
             log.info("%s: Slurm job %s is still queued or running, kept", s.name, jobs[-1])
             after = jobs[-1]
             continue
-        after = slurm.submit(s.name, recipes_[s.name], options, after)
+        after = slurm.submit(s.name, recipes_[s.name], pipeline.slurm_of(s), after)
         record(pipeline, s, "slurm", after)
         submitted.append(after)
     return submitted

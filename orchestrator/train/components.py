@@ -1,4 +1,5 @@
-"""Build what the loop composes from the recipe: model, optimizer, schedule, mixup, loss, EMA, data."""
+"""Build what the loop composes from the recipe: model, optimizer, schedule, EMA, data (the task gives model,
+transforms and loss)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 
-from model.factory import create_model
 from orchestrator import storage, weights
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
-from orchestrator.data.transforms import EvalCrop, TrainCrop
-from orchestrator.recipe import BatchPlan, Recipe, uses_mixup
+from orchestrator.recipe import BatchPlan, Recipe, plan_batch
 from orchestrator.train.context import TrainContext
+from orchestrator.train.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +29,30 @@ def reader_options(recipe: Recipe) -> ReaderOptions:
     return ReaderOptions(d.shuffle_buffer, d.max_corrupt_fraction, retry, d.storage_options)
 
 
-def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan) -> tuple[ShardLoader, ShardLoader | None]:
+def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan, task: Task) -> tuple[ShardLoader, ShardLoader | None]:
     d, opts = recipe.data, reader_options(recipe)
+    manifest = mf.load(d.train, d.storage_options)
     train_ds = ShardDataset(
-        mf.load(d.train, d.storage_options),
-        TrainCrop(d.input_size, recipe.augment.auto_augment, d.train_interpolation, recipe.augment.color_jitter),
-        train=True, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts, fraction=d.train_fraction,
-        global_batch=recipe.batch.global_batch_size, partitions=d.partitions,
+        manifest, task.transform(manifest, train=True), train=True, rank=ctx.rank, world_size=ctx.world_size,
+        seed=recipe.run.seed, options=opts, fraction=d.train_fraction, global_batch=recipe.batch.global_batch_size,
+        partitions=d.partitions,
     )
     pin = ctx.device.type == "cuda"
     train = ShardLoader(train_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
     val = None
     if d.val:
-        val_ds = ShardDataset(mf.load(d.val, d.storage_options), EvalCrop(d.input_size, d.crop_pct, d.interpolation),
-                              train=False, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.run.seed, options=opts,
-                              fraction=d.val_fraction)
-        val = ShardLoader(val_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
+        manifest = mf.load(d.val, d.storage_options)
+        val_ds = ShardDataset(manifest, task.transform(manifest, train=False), train=False, rank=ctx.rank,
+                              world_size=ctx.world_size, seed=recipe.run.seed, options=opts, fraction=d.val_fraction)
+        val = ShardLoader(val_ds, task.val_batch(plan.micro_batch), d.num_workers, pin_memory=pin)
     return train, val
 
 
-def build_model(recipe: Recipe, ctx: TrainContext, init: bool) -> torch.nn.Module:
-    """The recipe's model on ``ctx.device``; ``init`` loads ``model.init`` (only when not resuming)."""
-    model = create_model(recipe.model)
+def build_model(recipe: Recipe, ctx: TrainContext, init: bool, task: Task) -> torch.nn.Module:
+    """The task's model on ``ctx.device``; ``init`` loads ``model.init`` (only when not resuming)."""
+    model = task.create_model(ctx)
     if init and recipe.model.init:
-        url = weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
-        weights.load_into(model, url, recipe.run.storage_options)
+        task.load_init(model, weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options))
     model.to(ctx.device)
     if channels_last(recipe, ctx):
         model.to(memory_format=torch.channels_last)
@@ -81,29 +78,21 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optim
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
-    """Per-step schedule: linear warmup, then cosine to ``min_lr`` (or constant)."""
+    """Per-step schedule: linear warmup, then cosine to ``min_lr``, poly (mmseg's) or constant."""
     s = recipe.schedule
-    total, warmup = s.epochs * steps_per_epoch, round(s.warmup_epochs * steps_per_epoch)
+    total = total_steps(recipe, steps_per_epoch)
+    warmup = s.warmup_iterations if s.warmup_iterations is not None else round(s.warmup_epochs * steps_per_epoch)
     common = dict(warmup_t=warmup, warmup_lr_init=s.warmup_lr, t_in_epochs=False)
     if s.sched == "cosine":
         return CosineLRScheduler(optimizer, t_initial=total, lr_min=s.min_lr, **common)
+    if s.sched == "poly":
+        return PolyLRScheduler(optimizer, t_initial=total, power=s.power, lr_min=s.min_lr, **common)
     return StepLRScheduler(optimizer, decay_t=max(total, 1) * 10, decay_rate=1.0, **common)
 
 
-def build_mixup(recipe: Recipe) -> Mixup | None:
-    a = recipe.augment
-    if not uses_mixup(recipe):
-        return None
-    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
-                 label_smoothing=a.label_smoothing, num_classes=recipe.model.num_classes)
-
-
-def build_loss(recipe: Recipe) -> torch.nn.Module:
-    if uses_mixup(recipe):
-        return SoftTargetCrossEntropy()  # mixup already smooths the targets
-    if recipe.augment.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(recipe.augment.label_smoothing)
-    return torch.nn.CrossEntropyLoss()
+def total_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    """The schedule's length in optimizer steps: ``schedule.iterations``, else epochs x steps per epoch."""
+    return recipe.schedule.iterations or recipe.schedule.epochs * steps_per_epoch
 
 
 def build_ema(recipe: Recipe, model: torch.nn.Module) -> ModelEmaV3 | None:
@@ -117,11 +106,22 @@ class Components:
     ema: ModelEmaV3 | None
     optimizer: torch.optim.Optimizer
     scheduler: Scheduler
-    mixup: Mixup | None
-    loss_fn: torch.nn.Module
+    task: Task
     train_loader: ShardLoader
     val_loader: ShardLoader | None
     plan: BatchPlan
     steps_per_epoch: int
     autocast: torch.dtype | None
     channels_last: bool
+
+
+def assemble(recipe: Recipe, ctx: TrainContext, task: Task, model: torch.nn.Module, step_model: torch.nn.Module,
+             loaders: tuple[Any, Any], steps_per_epoch: int) -> Components:
+    """Components around a built model: optimizer, schedule, EMA, precision (benchmarks pass no loaders)."""
+    optimizer = build_optimizer(recipe, model)
+    return Components(
+        model=model, step_model=step_model, ema=build_ema(recipe, model), optimizer=optimizer,
+        scheduler=build_scheduler(recipe, optimizer, steps_per_epoch), task=task, train_loader=loaders[0],
+        val_loader=loaders[1], plan=plan_batch(recipe, ctx.world_size), steps_per_epoch=steps_per_epoch,
+        autocast=autocast_dtype(recipe, ctx), channels_last=channels_last(recipe, ctx),
+    )

@@ -28,7 +28,7 @@ from orchestrator.data.reader import corrupt_budget
 from orchestrator.errors import CheckpointError, DataError, TrainingError
 from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
-from orchestrator.train import checkpoint, components
+from orchestrator.train import checkpoint, components, tasks
 from orchestrator.train.components import Components
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.metrics import MetricsWriter, interactive
@@ -47,25 +47,19 @@ def seed_everything(*key: int) -> None:
 
 def build(recipe: Recipe, ctx: TrainContext, resuming: bool) -> Components:
     plan = plan_batch(recipe, ctx.world_size)
+    task = tasks.for_recipe(recipe)
     seed_everything(recipe.run.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = components.build_model(recipe, ctx, init=not resuming)
+    model = components.build_model(recipe, ctx, init=not resuming, task=task)
     step_model = torch.compile(model) if recipe.run.compile else model
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
-    train_loader, val_loader = components.build_loaders(recipe, ctx, plan)
+    train_loader, val_loader = components.build_loaders(recipe, ctx, plan, task)
     steps_per_epoch = len(train_loader) // plan.accum_steps
     if steps_per_epoch == 0:
         raise TrainingError(f"{recipe.data.train}: one epoch holds fewer samples per rank than one optimizer step "
                             f"({plan.per_device} samples on each of {ctx.world_size} ranks)")
-    optimizer = components.build_optimizer(recipe, model)
-    return Components(
-        model=model, step_model=step_model, ema=components.build_ema(recipe, model), optimizer=optimizer,
-        scheduler=components.build_scheduler(recipe, optimizer, steps_per_epoch), mixup=components.build_mixup(recipe),
-        loss_fn=components.build_loss(recipe), train_loader=train_loader, val_loader=val_loader, plan=plan,
-        steps_per_epoch=steps_per_epoch, autocast=components.autocast_dtype(recipe, ctx),
-        channels_last=components.channels_last(recipe, ctx),
-    )
+    return components.assemble(recipe, ctx, task, model, step_model, (train_loader, val_loader), steps_per_epoch)
 
 
 def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
@@ -85,14 +79,14 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     saved = newest_state(ctx)
     c = build(recipe, ctx, resuming=saved is not None)
     state = {"step": 0, "epoch": 0, "nonfinite": 0}
-    writer = MetricsWriter(ctx.run, enabled=ctx.is_main)
+    writer = MetricsWriter(ctx.run, enabled=ctx.is_main, metrics=c.task.metrics)
     if saved:
         state = restore(c, saved, recipe, ctx)
         writer.truncate_after(state["step"])
         writer.log({"kind": "resume", "step": state["step"], "epoch": state["step"] // c.steps_per_epoch,
                     "world_size": ctx.world_size, "saved_on_world_size": saved[1]["loader"].get("world_size"),
                     "launcher": ctx.launcher})
-    total_steps = recipe.schedule.epochs * c.steps_per_epoch
+    total_steps = components.total_steps(recipe, c.steps_per_epoch)
     stop_at = min(total_steps, recipe.run.max_steps or total_steps)
     if ctx.is_main:
         ctx.run.write_bytes(CONFIG, recipe.to_json().encode())
@@ -109,18 +103,23 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
         c.train_loader.set_epoch(epoch)
         train_metrics, stop = train_one_epoch(c, recipe, ctx, state, stop_at, writer, epoch)
         epoch_done = state["step"] % c.steps_per_epoch == 0
+        step_eval = bool(recipe.run.eval_every_steps) and state["step"] % (recipe.run.eval_every_steps or 1) == 0
         last = {"epoch": epoch, "step": state["step"], "epochs_done": state["step"] // c.steps_per_epoch, **train_metrics}
-        if epoch_done and ((epoch + 1) % recipe.run.eval_every_epochs == 0 or state["step"] >= total_steps):
-            last |= evaluate_all(c, recipe, ctx)
-        if epoch_done or state["step"] >= stop_at:
+        final = state["step"] >= total_steps
+        every_epochs = recipe.run.eval_every_epochs
+        evaluated = final or step_eval or bool(epoch_done and every_epochs and (epoch + 1) % every_epochs == 0)
+        if evaluated:
+            last |= evaluate_all(c, recipe, ctx, final)
+        if epoch_done or step_eval or state["step"] >= stop_at:
             per_step = (time.monotonic() - started) / max(state["step"] - first_step, 1)
             eta = per_step * (stop_at - state["step"])
             if ctx.is_main:
                 log.info("epoch %d  step %d/%d  %s  ETA %s", epoch, state["step"], stop_at, _fmt(last), _duration(eta))
-            writer.log({**last, "kind": "epoch" if epoch_done else "stop"})
+            writer.log({**last, "kind": "epoch" if epoch_done or step_eval else "stop"})
             save(c, recipe, ctx, state, last)
             writer.flush(plots=True)
-            ctx.report(last)
+            if evaluated or state["step"] >= stop_at:  # Tune requires its metric in every report
+                ctx.report(last)
         if stop and state["step"] < stop_at:
             ctx.flush()
             writer.close()
@@ -147,8 +146,9 @@ def log_header(c: Components, recipe: Recipe, ctx: TrainContext, step: int, stop
              "the same samples on world sizes %s", ctx.world_size, recipe.batch.global_batch_size, ctx.world_size,
              c.plan.per_device, c.plan.micro_batch, c.plan.accum_steps, order.partitions,
              ", ".join(map(str, order.world_sizes())))
-    log.info("data %d train / %d val images at %d px  schedule %d epochs x %d steps = %d steps",
-             train_images, val_images, recipe.data.input_size, recipe.schedule.epochs, c.steps_per_epoch, stop_at)
+    log.info("data %d train / %d val images at %d px  schedule %s = %d steps (%d per epoch)", train_images, val_images,
+             c.task.input_size, f"{recipe.schedule.iterations} iterations" if recipe.schedule.iterations
+             else f"{recipe.schedule.epochs} epochs", stop_at, c.steps_per_epoch)
 
 
 def newest_state(ctx: TrainContext) -> tuple[str, dict[str, Any]] | None:
@@ -167,6 +167,8 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     """
     c.step_model.train()
     epoch_end = (epoch + 1) * c.steps_per_epoch
+    if recipe.run.eval_every_steps:  # return at the next evaluation step, where the caller evaluates and checkpoints
+        epoch_end = min(epoch_end, (state["step"] // recipe.run.eval_every_steps + 1) * recipe.run.eval_every_steps)
     every = recipe.run.checkpoint_every_steps
     losses: list[float] = []
     digest = 0
@@ -220,16 +222,12 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
         # Keyed by the micro-batch's place in the step (rank r computes r, r + W, ...): the same on any world size.
         seed_everything(recipe.run.seed, state["step"], ctx.rank + micro * ctx.world_size)
         images = device.normalize(images, ctx.device, c.channels_last)
-        epoch = state["step"] // c.steps_per_epoch
-        device.random_erase(images, [device.sample_seed(recipe.run.seed, epoch, int(i)) for i in ids], recipe.augment.re_prob)
-        targets = targets.to(ctx.device, non_blocking=True)
-        if c.mixup is not None:
-            images, targets = c.mixup(images, targets)
+        images, targets = c.task.train_batch(images, targets, ids, state["step"] // c.steps_per_epoch, ctx)
         last = micro == c.plan.accum_steps - 1
         # DDP all-reduces on every backward; skip it until the last micro-batch of the step.
         sync = contextlib.nullcontext() if last or ctx.world_size == 1 else c.step_model.no_sync()
-        with sync, _autocast(c, ctx):
-            loss = c.loss_fn(c.step_model(images), targets) / c.plan.accum_steps
+        with sync, tasks.autocast(c.autocast, ctx):
+            loss = c.task.loss(c.step_model(images), targets) / c.plan.accum_steps
             loss.backward()
         total += loss.detach()
     if not _all_finite(total, ctx):
@@ -267,12 +265,6 @@ def check_corrupt(recipe: Recipe, ctx: TrainContext | None, corrupt: int, read: 
                         f"{recipe.data.max_corrupt_fraction}; the warnings above name each shard and row")
 
 
-def _autocast(c: Components, ctx: TrainContext) -> contextlib.AbstractContextManager[Any]:
-    if c.autocast is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=ctx.device.type, dtype=c.autocast)
-
-
 def _all_finite(loss: torch.Tensor, ctx: TrainContext) -> bool:
     """Every rank must agree to skip a step, or DDP replicas would diverge."""
     flag = torch.isfinite(loss).to(torch.float32)
@@ -289,33 +281,16 @@ def _across_ranks(losses: list[float], digest: int, ctx: TrainContext) -> tuple[
     return (float(t[0] / t[1]) if t[1] else float("nan")), int(t[2])
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, c: Components, recipe: Recipe, ctx: TrainContext) -> dict[str, float]:
-    """Top-1/top-5 over the whole validation split; each image counted once across ranks (corrupt excluded)."""
-    assert c.val_loader is not None
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for images, targets, _ids, corrupt in c.val_loader:
-        images, targets = device.normalize(images, ctx.device, c.channels_last), targets.to(ctx.device)
-        with _autocast(c, ctx):
-            logits = model(images)
-        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-        valid = (corrupt == 0).to(ctx.device)
-        hits = top5.eq(targets[:, None])
-        counts += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(1) & valid).sum(), valid.sum()]).double()
-    if ctx.world_size > 1:
-        dist.all_reduce(counts)
-    return {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2]), "val_images": int(counts[2])}
-
-
-def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
+def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext, final: bool = False) -> dict[str, Any]:
+    """The task's evaluation of the model and its EMA (``ema_`` keys), BatchNorm statistics first made equal across ranks."""
     if c.val_loader is None:
         return {}
     if ctx.world_size > 1 and recipe.run.dist_bn != "none":
         distribute_bn(c.model, ctx.world_size, reduce=recipe.run.dist_bn == "reduce")
-    out: dict[str, Any] = evaluate(c.model, c, recipe, ctx)
+    out: dict[str, Any] = c.task.evaluate(c.model, c, ctx, final=final)
     if c.ema is not None:
-        out |= {f"ema_{k}": v for k, v in evaluate(c.ema.module, c, recipe, ctx).items() if k != "val_images"}
+        ema = c.task.evaluate(c.ema.module, c, ctx, tag="ema", final=final)
+        out |= {f"ema_{k}": v for k, v in ema.items() if k != "val_images"}
     c.step_model.train()
     return out
 

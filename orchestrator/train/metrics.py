@@ -18,12 +18,16 @@ from typing import Any
 from orchestrator.rundir import METRICS, RunDir
 
 log = logging.getLogger(__name__)
-KEYS = ("epoch", "step", "lr", "train_loss", "top1", "top5", "images_per_sec")
+KEYS = ("epoch", "step", "lr", "train_loss", "images_per_sec")
 
 
 class MetricsWriter:
-    def __init__(self, run: RunDir, enabled: bool = True) -> None:
-        self.run, self.enabled = run, enabled
+    """``metrics``: the task's validation metrics, the first plotted (with its EMA) in curves.png; every
+    record carries them (null where not evaluated) with the common ``KEYS``."""
+
+    def __init__(self, run: RunDir, enabled: bool = True, metrics: tuple[str, ...] = ("top1", "top5")) -> None:
+        self.run, self.enabled, self.metrics = run, enabled, metrics
+        self.keys = KEYS[:4] + metrics + KEYS[4:]
         self.local = run.is_local
         self.dir = Path(run.path if self.local else tempfile.mkdtemp(prefix="inceptionnext-run-"))
         self.records: list[dict[str, Any]] = []
@@ -47,7 +51,7 @@ class MetricsWriter:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        full = {k: record.get(k) for k in KEYS} | record | {"time": round(time.time(), 3)}
+        full = {k: record.get(k) for k in self.keys} | record | {"time": round(time.time(), 3)}
         full = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in full.items()}
         self.records.append(full)
         with open(self.dir / METRICS, "a") as f:
@@ -75,14 +79,15 @@ class MetricsWriter:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, key in zip(axes, ("train_loss", "top1", "lr"), strict=True):
+        metric = self.metrics[0]
+        for ax, key in zip(axes, ("train_loss", metric, "lr"), strict=True):
             points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
-            if key == "top1":
-                ema = [(r["step"], r["ema_top1"]) for r in self.records if r.get("ema_top1") is not None]
+            if key == metric:
+                ema = [(r["step"], r[f"ema_{key}"]) for r in self.records if r.get(f"ema_{key}") is not None]
                 if ema:
-                    ax.plot(*zip(*ema, strict=True), marker=".", label="EMA top-1")
+                    ax.plot(*zip(*ema, strict=True), marker=".", label=f"EMA {key}")
             if points:
-                ax.plot(*zip(*points, strict=True), marker="." if key == "top1" else None, label=key)
+                ax.plot(*zip(*points, strict=True), marker="." if key == metric else None, label=key)
             ax.set_xlabel("step")
             ax.set_title(key)
             ax.grid(alpha=0.3)

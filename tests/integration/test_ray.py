@@ -21,7 +21,7 @@ from orchestrator import recipe as recipes
 from orchestrator.launch import faults, ray_train
 from orchestrator.rundir import MARKER, RunDir
 from orchestrator.train.context import TrainContext
-from tests.conftest import ROOT, smoke_recipe
+from tests.conftest import ROOT, assert_backbone_from, seg_tiny, smoke_recipe
 from tests.services import ACCESS_KEY, SECRET_KEY, RayCluster, S3Store
 
 pytestmark = pytest.mark.timeout(300)
@@ -230,3 +230,16 @@ def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: Ray
         assert (tmp_path / "runs" / stage / "model.safetensors").exists()
     rows, _ = pipeline.status(p)
     assert rows[1]["state"] == "complete" and rows[1]["launcher"] == "ray"
+
+
+def test_ade20k_smoke_pipeline_under_ray_segments_after_pretraining(driver: RayCluster, synth_dir: Path, seg_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    from orchestrator import pipeline
+
+    sets = [f"pretrain:{kv}" for kv in (f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0",
+                                        "data.input_size=32", "batch.global_batch_size=32", "batch.per_device_max=32",
+                                        "schedule.epochs=1")]
+    smoke = ROOT / "recipes" / "pipelines" / "smoke_ade20k.yaml"
+    assert pipeline.main([str(smoke), "--launcher=ray", f"--storage={tmp_path}/runs", *(f"--set={s}" for s in sets),
+                          *seg_tiny(seg_dir)]) == 0
+    assert_backbone_from(tmp_path / "runs" / "smoke-ade20k-upernet", tmp_path / "runs" / "smoke-ade20k-pretrain")

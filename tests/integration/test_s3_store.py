@@ -22,13 +22,13 @@ from tests.services import S3Store
 pytestmark = pytest.mark.integration
 
 
-def to_tensor(data: bytes):
+def to_tensor(data: bytes, label: int):
     import torch
 
     from orchestrator.data.transforms import open_rgb
 
     open_rgb(data)
-    return torch.zeros(1)
+    return torch.zeros(1), label
 
 
 @pytest.fixture(scope="module")

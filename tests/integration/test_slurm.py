@@ -16,7 +16,7 @@ from orchestrator import pipeline_file
 from orchestrator.launch import local
 from orchestrator.launch.slurm_cluster import job_states
 from orchestrator.rundir import RunDir
-from tests.conftest import ROOT, steps_of
+from tests.conftest import ROOT, assert_backbone_from, seg_tiny, steps_of
 from tests.services import poll
 from tests.slurm import SlurmCluster
 
@@ -76,6 +76,21 @@ def test_smoke_pipeline_runs_stage_after_stage_then_resubmission_skips_it(
     jobs_before = slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour")
     assert submit(args, capsys) == []  # both stages complete: nothing submitted
     assert slurm.run("sacct", "-n", "-X", "-o", "JobID", "-S", "now-1hour") == jobs_before
+
+
+def test_ade20k_smoke_pipeline_segments_after_pretraining(
+        slurm: SlurmCluster, synth_dir: Path, seg_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(ROOT / "recipes" / "pipelines" / "smoke_ade20k.yaml"), "--launcher=slurm", "--gpus-per-node=0",
+            "--time=00:05:00", f"--storage={tmp_path}/runs", f"--log-dir={tmp_path}/logs",
+            *(s.replace("--set=", "--set=pretrain:") for s in tiny(synth_dir)), "--set=pretrain:schedule.epochs=1",
+            *seg_tiny(seg_dir)]
+    first, second = submit(args, capsys)
+    assert f"Dependency=afterok:{first}" in slurm.run("scontrol", "show", "job", second)
+    assert wait_done(first) == "COMPLETED" and wait_done(second) == "COMPLETED"
+    runs = tmp_path / "runs"
+    assert_backbone_from(runs / "smoke-ade20k-upernet", runs / "smoke-ade20k-pretrain")
+    assert pipelines.main([*args[:1], f"--storage={tmp_path}/runs", "--status"]) == 0
+    assert re.search(rf"upernet\s+complete\s+slurm\s+{second}\s+\S+\s+4\s+mIoU=", capsys.readouterr().out)
 
 
 def one_stage_job(synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], epochs: int) -> tuple[str, Path, list[str]]:

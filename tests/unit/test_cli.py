@@ -193,7 +193,7 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert rows["done"]["state"] == "finished" and rows["done"]["step"] == 10 and rows["done"]["epochs_done"] == 1
     assert rows["done"]["weights"].endswith("done/model.safetensors") and rows["done"]["launcher"] == "local"
-    assert rows["done"]["best_top1"] is not None
+    assert rows["done"]["best"] is not None and rows["done"]["metric"] == "top1"
     assert rows["cut"]["state"] == "stopped at step 3" and rows["cut"]["checkpoint"].endswith("step-00000003")
     assert rows["cut"]["weights"] is None
     assert rows["nan"]["state"].startswith("failed at step") and "non-finite loss" in rows["nan"]["error"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import pipeline_file as pipelines
+from orchestrator import recipe as recipes
 from orchestrator.errors import RecipeError
 from orchestrator.launch.slurm import sbatch_options
 from orchestrator.launch.slurm_cluster import minutes
@@ -15,7 +16,7 @@ from tests.conftest import ROOT
 PIPELINES = ROOT / "recipes" / "pipelines"
 
 
-@pytest.mark.parametrize("name", ["smoke", "b", "t"])
+@pytest.mark.parametrize("name", ["smoke", "b", "t", "smoke_ade20k", "t_ade20k", "s_ade20k", "b_ade20k"])
 def test_shipped_pipelines_load_and_chain_the_fine_tune_to_the_pretraining(name: str) -> None:
     p = pipelines.load(PIPELINES / f"{name}.yaml")
     first, second = p.stages
@@ -31,6 +32,18 @@ def test_b_pipeline_is_the_paper_recipe_on_32_gpus() -> None:
     assert (pre.batch.global_batch_size, pre.schedule.epochs, tune.data.input_size, tune.ema.decay) == (4096, 300, 384, 0.9999)
     params = sbatch_options(p.slurm, pre)
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"], params["timeout_min"]) == (4, 8, 8, 1440)
+
+
+@pytest.mark.parametrize("size", ["t", "s", "b"])
+def test_ade20k_pipelines_segment_on_one_node_after_pretraining_on_four(size: str) -> None:
+    """The UperNet stage has its own Slurm shape (8 GPUs: the Swin config's 8 x 2 images); the command line wins."""
+    p = pipelines.load(PIPELINES / f"{size}_ade20k.yaml")
+    pre, seg = p.stages
+    assert (p.slurm_of(pre).world_size, p.slurm_of(seg).world_size, p.slurm_of(seg).time) == (32, 8, "48:00:00")
+    recipe = pipelines.stage_recipe(p, seg, p.slurm_of(seg).world_size, gpus=True)
+    assert recipe.task == "segmentation" and recipe.model.init == p.run_name(pre) and recipe.head.name == "upernet"
+    assert recipes.plan_batch(recipe, 8).accum_steps == 1
+    assert pipelines.load(PIPELINES / f"{size}_ade20k.yaml", slurm={"nodes": 2}).slurm_of(seg).nodes == 2
 
 
 def test_command_line_overrides_win_over_the_file_and_can_name_a_stage() -> None:
@@ -50,6 +63,8 @@ def test_command_line_overrides_win_over_the_file_and_can_name_a_stage() -> None
     ("stages: [{name: a, recipe: R/smoke.yaml, set: {model.drop_path_rate: 2}}]", "model.drop_path_rate: 2"),
     ("slurm: {gpus: 8}\nstages: [{name: a, recipe: R/smoke.yaml}]", "slurm: unknown option(s) ['gpus']"),
     ("slurm: {time: soon}\nstages: [{name: a, recipe: R/smoke.yaml}]", "slurm time 'soon'"),
+    ("stages: [{name: a, recipe: R/smoke.yaml, slurm: {gpu: 1}}]", "stages[0].slurm: expected Slurm options"),
+    ("stages: [{name: a, recipe: R/smoke.yaml, slurm: {time: later}}]", "slurm time 'later'"),
 ])
 def test_bad_pipelines_name_the_problem(text: str, message: str, tmp_path: Path) -> None:
     path = tmp_path / "pipeline.yaml"

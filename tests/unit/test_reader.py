@@ -18,9 +18,9 @@ from orchestrator.data.transforms import open_rgb
 from orchestrator.errors import DataError
 
 
-def to_tensor(data: bytes) -> torch.Tensor:
+def to_tensor(data: bytes, label: int) -> tuple[torch.Tensor, int]:
     open_rgb(data)  # decoding is what finds a corrupt image
-    return torch.zeros(1)  # ids are what these tests compare; skip the rest of the image work
+    return torch.zeros(1), label  # ids are what these tests compare; skip the rest of the image work
 
 
 def loader(data: Path, split: str, rank: int, world: int, workers: int, batch: int = 8, seed: int = 0,

@@ -57,7 +57,7 @@ def test_recipe_matches_table_1(name: str) -> None:
 
 def test_official_finetune_variant_differs_only_where_the_script_does() -> None:
     table, official = recipes.load(R / "b_384.yaml").to_dict(), recipes.load(R / "b_384_official.yaml").to_dict()
-    diffs = {f"{s}.{k}" for s in table for k in table[s] if table[s][k] != official[s][k]}
+    diffs = {f"{s}.{k}" for s in table if isinstance(table[s], dict) for k in table[s] if table[s][k] != official[s][k]}
     assert diffs == {"augment.mixup", "augment.cutmix", "schedule.sched", "run.name"}
 
 

@@ -13,10 +13,26 @@ from tests.conftest import ROOT
 SWEEPS = ROOT / "recipes" / "sweeps"
 
 
-@pytest.mark.parametrize("name", ["smoke", "drop_path_t", "lr_t"])
+@pytest.mark.parametrize("name", ["smoke", "drop_path_t", "lr_t", "seg_smoke", "drop_path_upernet_t"])
 def test_shipped_sweeps_load(name: str) -> None:
     sweep = sweeps.load(SWEEPS / f"{name}.yaml")
-    assert sweep.search and sweep.trial_base().run.eval_every_epochs == 1
+    trial = sweep.trial_base()
+    assert sweep.search and (trial.run.eval_every_steps if trial.schedule.iterations else trial.run.eval_every_epochs == 1)
+
+
+def test_the_segmentation_sweep_counts_iterations_and_reports_every_eval() -> None:
+    sweep = sweeps.load(SWEEPS / "drop_path_upernet_t.yaml")
+    trial = sweep.trial_base()
+    assert sweep.progress(trial) == ("step", 16000) and sweep.metric == "mIoU"
+    assert (trial.task, trial.run.eval_every_steps, trial.run.eval_every_epochs, trial.model.drop_path_rate) == \
+        ("segmentation", 4000, None, 0.2)
+    assert trial.optimizer.lr == pytest.approx(6e-5)  # the proxy keeps the batch, so the lr
+    for override, message in [("sweep.proxy={schedule.iterations: 16000}", "set it (e.g. run.eval_every_steps: 1600)"),
+                              ("sweep.scheduler={grace_period: 16000}", "less than the trials' 16000 iterations"),
+                              ("sweep.metric=top1", "metric: 'top1' is not one of mIoU, mAcc, aAcc (or ema_ of one)")]:
+        with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            sweeps.load(SWEEPS / "drop_path_upernet_t.yaml", [override, "run.eval_every_steps=null"]
+                        if "proxy" in override else [override])
 
 
 def test_proxy_batch_scales_lr_and_the_best_recipe_scales_it_back() -> None:
