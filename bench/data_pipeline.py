@@ -44,7 +44,7 @@ from orchestrator.data import manifest as mf  # noqa: E402
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader  # noqa: E402
 from orchestrator.data.shard_writer import WriteOptions, write_dataset  # noqa: E402
 from orchestrator.data.sources import open_source  # noqa: E402
-from orchestrator.data.transforms import TrainCrop, _resize, open_rgb, timm_train_transform  # noqa: E402
+from orchestrator.data.transforms import TrainCrop, open_rgb, resize_hwc, timm_train_transform  # noqa: E402
 from tests.services import S3Store  # noqa: E402
 
 POLICY, RE_PROB = "rand-m9-mstd0.5-inc1", 0.25
@@ -128,7 +128,7 @@ def stages(jpegs: list[bytes], size: int) -> None:
     decoded = [torch.from_numpy(simplejpeg.decode_jpeg(j)) for j in jpegs]
     reseed(0)
     boxes = [crop.box(*d.shape[:2]) for d in decoded]
-    crops = [_resize(d[t:t + h, le:le + w], (size, size), m) for d, (t, le, h, w, m) in zip(decoded, boxes, strict=True)]
+    crops = [resize_hwc(d[t:t + h, le:le + w], (size, size), m) for d, (t, le, h, w, m) in zip(decoded, boxes, strict=True)]
     pil = [Image.fromarray(c.numpy()) for c in crops]
     batch = torch.stack(crops[:32])
     timm_tf = timm_train_transform(size, POLICY, RE_PROB, "random")
@@ -140,7 +140,7 @@ def stages(jpegs: list[bytes], size: int) -> None:
     ours_ms = {
         "decode (simplejpeg)": per_image_ms(lambda j: simplejpeg.decode_jpeg(j, colorspace="RGB"), jpegs),
         "crop + resize (torch uint8)": per_image_ms(
-            lambda i: _resize(decoded[i][boxes[i][0]:boxes[i][0] + boxes[i][2], boxes[i][1]:boxes[i][1] + boxes[i][3]],
+            lambda i: resize_hwc(decoded[i][boxes[i][0]:boxes[i][0] + boxes[i][2], boxes[i][1]:boxes[i][1] + boxes[i][3]],
                               (size, size), boxes[i][4]), list(range(len(jpegs)))),
         "RandAugment (timm's ops)": per_image_ms(crop.augment, pil),
         "to and from PIL": per_image_ms(lambda c: torch.from_numpy(np.array(Image.fromarray(c.numpy()))), crops),

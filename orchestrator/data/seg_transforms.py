@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN
 
-from orchestrator.data.transforms import _resize, open_rgb
+from orchestrator.data.transforms import open_rgb, resize_hwc
 
 MEAN_PIXEL = np.array([round(255 * m) for m in IMAGENET_DEFAULT_MEAN], dtype=np.uint8)  # pads to ~0 after normalising
 
@@ -67,7 +67,7 @@ class SegTrain:
         lo, hi = self.ratio_range
         ratio = np.random.random_sample() * (hi - lo) + lo
         size = rescale_size(*mask.shape, (int(self.scale[0] * ratio), int(self.scale[1] * ratio)))
-        image_t = _resize(torch.from_numpy(image), size, "bilinear")
+        image_t = resize_hwc(torch.from_numpy(image), size, "bilinear")
         mask_t = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None], size=size, mode="nearest")[0, 0]
         top, left = self.crop_box(mask_t.numpy())
         image_t = image_t[top:top + self.crop, left:left + self.crop]

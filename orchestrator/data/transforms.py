@@ -70,7 +70,7 @@ def _header(data: bytes) -> tuple[int, int] | None:
     return (h, w) if colorspace in ("Gray", "YCbCr", "RGB") else None
 
 
-def _resize(hwc: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+def resize_hwc(hwc: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """uint8 HWC -> uint8 HWC at ``size`` (h, w), antialiased (Pillow's kernels)."""
     # Channels-last in (a copy of just the crop) takes torch's vectorised uint8 path and comes out HWC.
     x = hwc.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
@@ -115,7 +115,7 @@ class TrainCrop:
         else:
             top, left, h, w, mode = self.box(*header)
             img, (top, left, h, w) = self._decode_box(data, header, (top, left, h, w))
-        out = _resize(img[top:top + h, left:left + w], (self.size, self.size), mode)
+        out = resize_hwc(img[top:top + h, left:left + w], (self.size, self.size), mode)
         if torch.rand(1) < self.hflip:  # torchvision's RandomHorizontalFlip draw
             out = out.flip(1)
         if self.augment is not None:
@@ -153,7 +153,7 @@ class EvalCrop:
         h, w = img.shape[:2]
         # torchvision's Resize(int): the shorter side to ``scale``, the other int(scale * long / short).
         size = (self.scale, int(self.scale * w / h)) if h <= w else (int(self.scale * h / w), self.scale)
-        out = _resize(img, size, self.mode)
+        out = resize_hwc(img, size, self.mode)
         top, left = int(round((size[0] - self.size) / 2.0)), int(round((size[1] - self.size) / 2.0))
         return out[top:top + self.size, left:left + self.size].contiguous()
 
