@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections import defaultdict
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -17,7 +16,7 @@ from PIL import Image
 
 from orchestrator import storage
 from orchestrator.data.manifest import ClassInfo
-from orchestrator.data.sources import IMAGE_EXTENSIONS, Item
+from orchestrator.data.sources import IMAGE_EXTENSIONS, Item, row_group_blocks
 from orchestrator.errors import DataError
 
 ADE20K_CLASSES = (
@@ -132,16 +131,7 @@ class SegParquetSource:
         self.classes = class_list(ADE20K_CLASSES)
 
     def splits(self) -> dict[str, list[list[Item]]]:
-        out: dict[str, list[list[Item]]] = defaultdict(list)
-        for f in self.files:
-            prefix = f.rsplit("/", 1)[-1].split("-")[0].split("_")[0].split(".")[0]
-            split = {"validation": "val", "valid": "val", "training": "train"}.get(prefix, prefix)
-            meta = pq.ParquetFile(self.fs.open(f, "rb")).metadata
-            for g in range(meta.num_row_groups):
-                rg = meta.row_group(g)
-                size = rg.total_byte_size // max(rg.num_rows, 1)
-                out[split].append([Item(key=f"{f}#{g}#{r}", label=-1, path="", size=size) for r in range(rg.num_rows)])
-        return dict(out)
+        return row_group_blocks(self.fs, self.files)
 
     def read(self, items: list[Item]) -> list[tuple[bytes, bytes, str]]:
         groups: dict[tuple[str, int], tuple[list[Any], list[Any]]] = {}

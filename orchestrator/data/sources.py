@@ -167,17 +167,7 @@ class ParquetSource:
         self.classes = class_infos([f"class_{i}" for i in range(n)])
 
     def splits(self) -> dict[str, list[list[Item]]]:
-        out: dict[str, list[list[Item]]] = defaultdict(list)
-        for f in self.files:
-            prefix = f.rsplit("/", 1)[-1].split("-")[0].split("_")[0].split(".")[0]
-            split = {"validation": "val", "valid": "val"}.get(prefix, prefix)
-            meta = pq.ParquetFile(self.fs.open(f, "rb")).metadata
-            for g in range(meta.num_row_groups):
-                rg = meta.row_group(g)
-                size = rg.total_byte_size // max(rg.num_rows, 1)
-                # Labels are filled in by read(); the block keeps a row group together.
-                out[split].append([Item(key=f"{f}#{g}#{r}", label=-1, path="", size=size) for r in range(rg.num_rows)])
-        return dict(out)
+        return row_group_blocks(self.fs, self.files)
 
     def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
         """Reads each needed row group once (labels and paths come from the file, not the item)."""
@@ -200,3 +190,18 @@ def open_source(url: str, options: dict[str, Any] | None = None, val_labels: str
     if any(c in path for c in "*?[") or (fs.isdir(path) and fs.glob(storage.join(path, "**/*.parquet"))):
         return ParquetSource(url, options)
     return FolderSource(url, options, val_labels)
+
+
+def row_group_blocks(fs: Any, files: list[str]) -> dict[str, list[list[Item]]]:
+    """Parquet files as splits (the file name's prefix: ``train-*``, ``validation-*``), one block per row
+    group, so a row group is read once; items are ``file#group#row`` and ``read`` fills in their contents."""
+    out: dict[str, list[list[Item]]] = defaultdict(list)
+    for f in files:
+        prefix = f.rsplit("/", 1)[-1].split("-")[0].split("_")[0].split(".")[0]
+        split = {"validation": "val", "valid": "val", "training": "train"}.get(prefix, prefix)
+        meta = pq.ParquetFile(fs.open(f, "rb")).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            size = rg.total_byte_size // max(rg.num_rows, 1)
+            out[split].append([Item(key=f"{f}#{g}#{r}", label=-1, path="", size=size) for r in range(rg.num_rows)])
+    return dict(out)
