@@ -6,6 +6,7 @@ them to ``model.weights``, which knows the formats.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,10 +62,12 @@ def state_dict(url: str, options: dict[str, Any] | None = None) -> tuple[dict[st
         raise CheckpointError(str(exc)) from exc
 
 
-def load_into(model: torch.nn.Module, url: str, options: dict[str, Any] | None = None) -> str:
-    """Load the weights at ``url`` into ``model`` (a classifier of another size is re-initialised)."""
+def load_into(model: torch.nn.Module, url: str, options: dict[str, Any] | None = None,
+              load: Callable[[Any, dict[str, torch.Tensor], str], str] = load_state_dict) -> str:
+    """Load the weights at ``url`` into ``model`` with ``load`` (default: strict, a classifier of another size
+    re-initialised; segmentation passes ``model.segmentation.load_pretrained``)."""
     sd, what = state_dict(url, options)
     try:
-        return load_state_dict(model, sd, what)
+        return load(model, sd, what)
     except WeightsError as exc:
         raise CheckpointError(str(exc)) from exc

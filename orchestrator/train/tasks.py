@@ -21,14 +21,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from model.factory import create_model
 from model.segmentation import create_segmentation_model, load_pretrained, resize
-from model.weights import WeightsError
 from orchestrator import weights
 from orchestrator.data import device
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.reader import WithLabel
 from orchestrator.data.seg_transforms import SegEval, SegTrain, rescale_size
 from orchestrator.data.transforms import EvalCrop, TrainCrop
-from orchestrator.errors import CheckpointError
 from orchestrator.recipe import METRICS, Recipe, uses_mixup
 from orchestrator.train.context import TrainContext
 
@@ -165,11 +163,7 @@ class Segmentation(Task):
         return model
 
     def load_init(self, model: torch.nn.Module, url: str) -> None:
-        sd, what = weights.state_dict(url, self.recipe.run.storage_options)
-        try:
-            load_pretrained(model, sd, what)  # type: ignore[arg-type]
-        except WeightsError as exc:
-            raise CheckpointError(str(exc)) from exc
+        weights.load_into(model, url, self.recipe.run.storage_options, load=load_pretrained)
 
     def transform(self, manifest: Manifest, train: bool) -> Any:
         s = self.recipe.segment
