@@ -7,7 +7,8 @@ Both sides decode the same ~100 KB 500x375 JPEGs in this process (num_workers=0)
 paper's augmentation (RandomResizedCrop with random bilinear/bicubic, flip, rand-m9-mstd0.5-inc1,
 normalise, random erasing 0.25) with the same seed per image (see ``Seeds``), so both do the same
 augmentation work. Process CPU time counts every thread (s3fs's I/O thread too); each figure is the
-best of 3 alternating passes. Printed, in order:
+best of 3 passes, in which the sides take turns batch by batch (this machine's speed drifts by 10-20%
+from minute to minute; turns make the drift cost both sides alike). Printed, in order:
 
 - decode only (Pillow and libjpeg-turbo via simplejpeg): the floor on this CPU;
 - CPU ms per image of each stage of this reader's transform, and of timm's;
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import simplejpeg
 import torch
 from PIL import Image, ImageFilter
@@ -39,6 +41,7 @@ from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator import storage  # noqa: E402
 from orchestrator.data import device  # noqa: E402
 from orchestrator.data import manifest as mf  # noqa: E402
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader  # noqa: E402
@@ -73,8 +76,12 @@ class Seeds:
     def __init__(self) -> None:
         self.by_bytes: dict[int, int] = {}
 
+    @staticmethod
+    def of_bytes(data: bytes) -> int:
+        return zlib.crc32(data[-4096:])  # the tail is entropy-coded data: unique, and as cheap as timm's key
+
     def add(self, data: bytes) -> None:
-        self.by_bytes[zlib.crc32(data)] = self.of_pixels(open_rgb(data))
+        self.by_bytes[self.of_bytes(data)] = self.of_pixels(open_rgb(data))
 
     @staticmethod
     def of_pixels(img: Image.Image) -> int:
@@ -88,21 +95,36 @@ class Seeds:
 
     def ours(self, transform: Callable[[bytes], Any]) -> Callable[[bytes, int], Any]:
         def seeded(data: bytes, label: int) -> Any:
-            reseed(self.by_bytes[zlib.crc32(data)])
+            reseed(self.by_bytes[self.of_bytes(data)])
             return transform(data), label
         return seeded
 
 
-def cpu_rate(loader: Iterable[Any], count: int, after: Callable[[Any], Any] = lambda b: b) -> float:
-    """Images per CPU-second over one pass (after the first batch, which pays start-up costs)."""
-    it = iter(loader)
-    seen = len(after(next(it))[0])
-    start = time.process_time()
-    n = 0
-    for batch in it:
-        n += len(after(batch)[0])
-    assert seen + n == count, f"expected {count} images, got {seen + n}"
-    return n / (time.process_time() - start)
+def paired_rates(sides: dict[str, tuple[Iterable[Any], Callable[[Any], Any]]], passes: int) -> dict[str, float]:
+    """Images per CPU-second of each ``(loader, after)`` side, best of ``passes``. Within a pass the sides take
+    turns batch by batch, so a slow or busy stretch of this shared machine costs them alike; each pass's first
+    batch (start-up) is not counted."""
+    best = dict.fromkeys(sides, 0.0)
+    for epoch in range(passes):
+        for loader, _ in sides.values():
+            if isinstance(loader, ShardLoader):
+                loader.set_epoch(epoch)  # a new epoch: the loader would resume the finished one (and read nothing)
+        iters = {k: iter(loader) for k, (loader, _) in sides.items()}
+        cpu, seen = dict.fromkeys(sides, 0.0), dict.fromkeys(sides, 0)
+        for k, it in iters.items():
+            sides[k][1](next(it))
+        while iters:
+            for k, (_, after) in sides.items():
+                start = time.process_time()
+                batch = next(iters[k], None)
+                if batch is None:  # the loaders hold the same number of batches
+                    assert all(next(it, None) is None for it in iters.values()), f"{k} ended before the others"
+                    iters = {}
+                    break
+                seen[k] += len(after(batch)[0])
+                cpu[k] += time.process_time() - start
+        best = {k: max(best[k], seen[k] / cpu[k]) for k in sides}
+    return best
 
 
 def on_device(batch: Any) -> Any:
@@ -122,6 +144,22 @@ def per_image_ms(fn: Callable[[Any], Any], items: list[Any]) -> float:
     return 1e3 * best / len(items)
 
 
+def interleaved_ms(stages: dict[str, tuple[Callable[[Any], Any], list[Any]]]) -> dict[str, float]:
+    """CPU ms per item of each ``(fn, items)`` stage (equal-length items), best of 3 passes; within a pass the
+    stages take turns item by item, as the loaders do in ``paired_rates``."""
+    n = len(next(iter(stages.values()))[1])
+    best = dict.fromkeys(stages, float("inf"))
+    for _ in range(3):
+        spent = dict.fromkeys(stages, 0.0)
+        for i in range(n):
+            for name, (fn, items) in stages.items():
+                start = time.process_time()
+                fn(items[i])
+                spent[name] += time.process_time() - start
+        best = {k: min(best[k], 1e3 * spent[k] / n) for k in stages}
+    return best
+
+
 def stages(jpegs: list[bytes], size: int) -> None:
     """CPU ms per image of each stage, on the same images (crop boxes and ops drawn as in training)."""
     crop = TrainCrop(size, POLICY, "random")
@@ -137,29 +175,45 @@ def stages(jpegs: list[bytes], size: int) -> None:
     reseed(0)
     cropped = [rrc(im) for im in images]
     tensors = [to_tensor(c) for c in cropped]
-    ours_ms = {
-        "decode (simplejpeg)": per_image_ms(lambda j: simplejpeg.decode_jpeg(j, colorspace="RGB"), jpegs),
-        "crop + resize (torch uint8)": per_image_ms(
-            lambda i: resize_hwc(decoded[i][boxes[i][0]:boxes[i][0] + boxes[i][2], boxes[i][1]:boxes[i][1] + boxes[i][3]],
-                              (size, size), boxes[i][4]), list(range(len(jpegs)))),
-        "RandAugment (timm's ops)": per_image_ms(crop.augment, pil),
-        "to and from PIL": per_image_ms(lambda c: torch.from_numpy(np.array(Image.fromarray(c.numpy()))), crops),
-        "normalize (device)": per_image_ms(lambda b: device.normalize(b, torch.device("cpu"), False), [batch]) / 32,
-        "random erasing (device)": per_image_ms(lambda x: device.random_erase(x, list(range(32)), RE_PROB),
-                                                [device.normalize(batch, torch.device("cpu"), False)]) / 32,
+    ours = {
+        "decode (simplejpeg)": (lambda j: simplejpeg.decode_jpeg(j, colorspace="RGB"), jpegs),
+        "crop + resize (torch uint8)": (lambda i: resize_hwc(decoded[i][boxes[i][0]:boxes[i][0] + boxes[i][2],
+                                                                        boxes[i][1]:boxes[i][1] + boxes[i][3]],
+                                                             (size, size), boxes[i][4]), list(range(len(jpegs)))),
+        "RandAugment (timm's ops)": (crop.augment, pil),
+        "to and from PIL": (lambda c: torch.from_numpy(np.array(Image.fromarray(c.numpy()))), crops),
     }
-    timm_ms = {
-        "decode (Pillow)": per_image_ms(lambda j: open_rgb(j), jpegs),
-        "RandomResizedCrop (Pillow)": per_image_ms(rrc, images),
-        "flip": per_image_ms(flip, cropped),
-        "RandAugment": per_image_ms(aa, cropped),
-        "ToTensor": per_image_ms(to_tensor, cropped),
-        "Normalize": per_image_ms(norm, tensors),
-        "RandomErasing": per_image_ms(erase, [norm(t) for t in tensors]),
+    timm_stages = {
+        "decode (Pillow)": (open_rgb, jpegs),
+        "RandomResizedCrop (Pillow)": (rrc, images),
+        "flip": (flip, cropped),
+        "RandAugment": (aa, cropped),
+        "ToTensor": (to_tensor, cropped),
+        "Normalize": (norm, tensors),
+        "RandomErasing": (erase, [norm(t) for t in tensors]),
     }
+    ms = interleaved_ms({**{("ours", k): v for k, v in ours.items()}, **{("timm", k): v for k, v in timm_stages.items()}})
+    ours_ms = {k: ms[("ours", k)] for k in ours}
+    ours_ms["normalize (device)"] = per_image_ms(lambda b: device.normalize(b, torch.device("cpu"), False), [batch]) / 32
+    ours_ms["random erasing (device)"] = per_image_ms(lambda x: device.random_erase(x, list(range(32)), RE_PROB),
+                                                      [device.normalize(batch, torch.device("cpu"), False)]) / 32
+    timm_ms = {k: ms[("timm", k)] for k in timm_stages}
     for name, ms in (("this reader", ours_ms), ("timm", timm_ms)):
         print(f"{name} CPU ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
               + f"; sum {sum(ms.values()):.2f}")
+
+
+def read_ms(manifest: mf.Manifest, options: dict[str, Any]) -> float:
+    """CPU ms per image to read every row group's images and labels as the reader does (each shard opened once,
+    each row group's columns read as coalesced ranges)."""
+    def read_all(_: None) -> None:
+        for s in range(len(manifest.shards)):
+            fs, path = storage.filesystem(manifest.shard_url(s), options)
+            file = pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)
+            for g in range(file.num_row_groups):
+                file.read_row_group(g, ["image", "label"]).column("image").combine_chunks().field("bytes").to_pylist()
+
+    return per_image_ms(read_all, [None]) / manifest.num_samples
 
 
 def main() -> None:
@@ -180,8 +234,9 @@ def main() -> None:
         seeds.add(data)
         (folder / f"class{i % 10}" / f"{i:05d}.jpg").write_bytes(data)
     print(f"{args.images} JPEGs 500x375, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB, output {args.size} px")
-    print(f"decode only: Pillow {1e3 / per_image_ms(open_rgb, jpegs):.0f} images/CPU-s, "
-          f"simplejpeg {1e3 / per_image_ms(simplejpeg.decode_jpeg, jpegs):.0f} images/CPU-s")
+    decode = interleaved_ms({"Pillow": (open_rgb, jpegs), "simplejpeg": (simplejpeg.decode_jpeg, jpegs)})
+    print(f"decode only: Pillow {1e3 / decode['Pillow']:.0f} images/CPU-s, "
+          f"simplejpeg {1e3 / decode['simplejpeg']:.0f} images/CPU-s")
     stages(jpegs[:100], args.size)
 
     store = S3Store(data_dir=tmp / "s3", log_path=tmp / "weed.log")
@@ -191,27 +246,29 @@ def main() -> None:
         url = f"{store.bucket('bench')}/shards"
         write_dataset(open_source(str(folder)), url, WriteOptions(shard_size_mb=8, rows_per_group=64), store.options)
         manifest = mf.load(f"{url}/train", store.options)
+        print(f"this reader CPU ms per image: S3 read (s3fs, pyarrow) {read_ms(manifest, store.options):.2f}")
         full = timm_train_transform(args.size, POLICY, RE_PROB, "random")
         workers_only = timm_train_transform(args.size, POLICY, RE_PROB, "random", use_prefetcher=True)
-        loaders = {
-            "timm": DataLoader(ImageDataset(str(folder), transform=seeds.timm(full)), batch_size=args.batch),
-            "timm_workers": DataLoader(ImageDataset(str(folder), transform=seeds.timm(workers_only)),
-                                       batch_size=args.batch, collate_fn=fast_collate),
-            "reader": ShardLoader(ShardDataset(manifest, seeds.ours(TrainCrop(args.size, POLICY, "random")), train=True,
-                                               options=ReaderOptions(storage_options=store.options)), args.batch, 0),
-        }
-        count = args.images // args.batch * args.batch
-        rates: dict[str, list[float]] = {"timm": [], "timm_workers": [], "reader": [], "reader_workers": []}
-        for epoch in range(3):  # alternate, keep the best of each, so neither side profits from warm-up order
-            rates["timm"].append(cpu_rate(loaders["timm"], args.images))
-            rates["timm_workers"].append(cpu_rate(loaders["timm_workers"], args.images))
-            loaders["reader"].set_epoch(2 * epoch)
-            rates["reader"].append(cpu_rate(loaders["reader"], count, on_device))
-            loaders["reader"].set_epoch(2 * epoch + 1)
-            rates["reader_workers"].append(cpu_rate(loaders["reader"], count))
+        def reader() -> ShardLoader:
+            ds = ShardDataset(manifest, seeds.ours(TrainCrop(args.size, POLICY, "random")), train=True,
+                              options=ReaderOptions(storage_options=store.options))
+            return ShardLoader(ds, args.batch, 0)
+
+        def timm_side(transform: Any, **kw: Any) -> DataLoader:
+            return DataLoader(ImageDataset(str(folder), transform=seeds.timm(transform)), batch_size=args.batch,
+                              drop_last=True, **kw)
+
+        def fetched(batch: Any) -> Any:  # the loader's work alone: the batch as the DataLoader yields it
+            return batch
+
+        best = paired_rates({
+            "timm": (timm_side(full), fetched),
+            "reader": (reader(), on_device),
+            "timm_workers": (timm_side(workers_only, collate_fn=fast_collate), fetched),
+            "reader_workers": (reader(), fetched),
+        }, passes=3)
     finally:
         store.stop()
-    best = {k: max(v) for k, v in rates.items()}
     print(f"timm ImageFolder (local disk), whole pipeline:  {best['timm']:.1f} images/CPU-s")
     print(f"this reader (loopback S3), whole pipeline:      {best['reader']:.1f} images/CPU-s")
     print(f"workers only: timm (use_prefetcher) {best['timm_workers']:.1f}, this reader {best['reader_workers']:.1f} images/CPU-s")
