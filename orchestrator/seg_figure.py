@@ -22,7 +22,6 @@ from orchestrator import cli
 from orchestrator import recipe as recipes
 from orchestrator.data import device, manifest
 from orchestrator.data.reader import ShardDataset, ShardLoader
-from orchestrator.data.seg_transforms import SegEval
 from orchestrator.errors import RecipeError
 from orchestrator.rundir import RunDir
 from orchestrator.train.tasks import Segmentation
@@ -61,8 +60,7 @@ def predictions(recipe: recipes.Recipe, weights: str, split: str, num: int, dev:
     model = create_segmentation_model(recipe.model, recipe.head)
     task.load_init(model, weights)
     model.eval().to(dev)
-    loader = ShardLoader(ShardDataset(found, SegEval(found.reduce_zero_label, recipe.segment.ignore_index), train=False),
-                         1, num_workers=0)
+    loader = ShardLoader(ShardDataset(found, task.transform(found, train=False), train=False), 1, num_workers=0)
     rows = []
     with torch.no_grad():
         for images, masks, _ids, _corrupt in loader:

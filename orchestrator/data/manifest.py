@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from orchestrator import __version__, storage
 from orchestrator.errors import DataError
+from orchestrator.recipe import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ SCHEMA = pa.schema([("image", IMAGE_TYPE), ("label", pa.int64())])
 # Segmentation shards add the PNG mask (one byte per pixel: the class, 0 = "other" when reduce_zero_label);
 # their label column holds -1.
 SEG_SCHEMA = pa.schema([("image", IMAGE_TYPE), ("mask", IMAGE_TYPE), ("label", pa.int64())])
-TASKS = ("classification", "segmentation")
 
 
 @dataclass

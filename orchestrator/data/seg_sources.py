@@ -16,7 +16,7 @@ from PIL import Image
 
 from orchestrator import storage
 from orchestrator.data.manifest import ClassInfo
-from orchestrator.data.sources import IMAGE_EXTENSIONS, Item, row_group_blocks
+from orchestrator.data.sources import IMAGE_EXTENSIONS, Item, is_parquet, parquet_files, row_group_blocks
 from orchestrator.errors import DataError
 
 ADE20K_CLASSES = (
@@ -118,10 +118,7 @@ class SegParquetSource:
     def __init__(self, url: str, options: dict[str, Any] | None = None, reduce_zero_label: bool = True) -> None:
         self.url, self.options, self.reduce_zero_label = url.rstrip("/"), options or {}, reduce_zero_label
         self.fs, root = storage.filesystem(self.url, self.options)
-        pattern = root if any(c in root for c in "*?[") else storage.join(root, "**/*.parquet")
-        self.files = sorted(self.fs.glob(pattern))
-        if not self.files:
-            raise DataError(f"{url}: no .parquet files found")
+        self.files = parquet_files(self.fs, root, url)
         names = pq.ParquetFile(self.fs.open(self.files[0], "rb")).schema_arrow.names
         found = [c for c in MASK_COLUMNS if c in names]
         if "image" not in names or not found:
@@ -161,6 +158,5 @@ def open_segmentation_source(url: str, options: dict[str, Any] | None = None,
                              reduce_zero_label: bool = True) -> ADESource | SegParquetSource:
     """The ADEChallengeData2016 layout, or a folder/glob of Parquet files with a mask column."""
     fs, path = storage.filesystem(url, options)
-    if any(c in path for c in "*?[") or (fs.isdir(path) and fs.glob(storage.join(path, "**/*.parquet"))):
-        return SegParquetSource(url, options, reduce_zero_label)
-    return ADESource(url, options, reduce_zero_label)
+    source = SegParquetSource if is_parquet(fs, path) else ADESource
+    return source(url, options, reduce_zero_label)

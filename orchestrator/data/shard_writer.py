@@ -100,7 +100,10 @@ def _write_shard(source: Source, items: list[Item], url: str, opts: WriteOptions
     segmentation = getattr(source, "task", "classification") == "segmentation"
     images, targets, skipped = [], [], 0
     for (data, target, path), item in zip(rows, items, strict=True):
-        problem = mask_size_mismatch(data, target) if segmentation else None if is_image(data) else "unreadable"
+        if segmentation:
+            problem = mask_size_mismatch(data, target)
+        else:
+            problem = None if is_image(data) else "unreadable"
         if problem:
             log.warning("skipping %s: %s", item.key, problem)
             skipped += 1

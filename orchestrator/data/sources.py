@@ -154,10 +154,7 @@ class ParquetSource:
     def __init__(self, url: str, options: dict[str, Any] | None = None, num_classes: int | None = None) -> None:
         self.url, self.options = url.rstrip("/"), options or {}
         self.fs, root = storage.filesystem(self.url, self.options)
-        pattern = root if any(c in root for c in "*?[") else storage.join(root, "**/*.parquet")
-        self.files = sorted(self.fs.glob(pattern))
-        if not self.files:
-            raise DataError(f"{url}: no .parquet files found")
+        self.files = parquet_files(self.fs, root, url)
         labels: set[int] = set()
         for f in self.files:
             pf = pq.ParquetFile(self.fs.open(f, "rb"))
@@ -187,9 +184,20 @@ class ParquetSource:
 def open_source(url: str, options: dict[str, Any] | None = None, val_labels: str | None = None) -> FolderSource | ParquetSource:
     """A folder of image folders, or a folder/glob of Parquet files."""
     fs, path = storage.filesystem(url, options)
-    if any(c in path for c in "*?[") or (fs.isdir(path) and fs.glob(storage.join(path, "**/*.parquet"))):
-        return ParquetSource(url, options)
-    return FolderSource(url, options, val_labels)
+    return ParquetSource(url, options) if is_parquet(fs, path) else FolderSource(url, options, val_labels)
+
+
+def is_parquet(fs: Any, path: str) -> bool:
+    """A glob, or a folder holding ``.parquet`` files (else a folder of images)."""
+    return any(c in path for c in "*?[") or (fs.isdir(path) and bool(fs.glob(storage.join(path, "**/*.parquet"))))
+
+
+def parquet_files(fs: Any, root: str, url: str) -> list[str]:
+    """The ``.parquet`` files a glob matches, or those under a folder; refused (naming ``url``) when none."""
+    files = sorted(fs.glob(root if any(c in root for c in "*?[") else storage.join(root, "**/*.parquet")))
+    if not files:
+        raise DataError(f"{url}: no .parquet files found")
+    return files
 
 
 def row_group_blocks(fs: Any, files: list[str]) -> dict[str, list[list[Item]]]:

@@ -103,11 +103,11 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
         c.train_loader.set_epoch(epoch)
         train_metrics, stop = train_one_epoch(c, recipe, ctx, state, stop_at, writer, epoch)
         epoch_done = state["step"] % c.steps_per_epoch == 0
-        step_eval = bool(recipe.run.eval_every_steps) and state["step"] % (recipe.run.eval_every_steps or 1) == 0
+        every_steps, every_epochs = recipe.run.eval_every_steps, recipe.run.eval_every_epochs
+        step_eval = every_steps is not None and state["step"] % every_steps == 0
         last = {"epoch": epoch, "step": state["step"], "epochs_done": state["step"] // c.steps_per_epoch, **train_metrics}
         final = state["step"] >= total_steps
-        every_epochs = recipe.run.eval_every_epochs
-        evaluated = final or step_eval or bool(epoch_done and every_epochs and (epoch + 1) % every_epochs == 0)
+        evaluated = final or step_eval or (epoch_done and every_epochs is not None and (epoch + 1) % every_epochs == 0)
         if evaluated:
             last |= evaluate_all(c, recipe, ctx, final)
         if epoch_done or step_eval or state["step"] >= stop_at:

@@ -89,7 +89,7 @@ class Classification(Task):
         a = recipe.augment
         self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
                            label_smoothing=a.label_smoothing, num_classes=recipe.model.num_classes) if uses_mixup(recipe) else None
-        if uses_mixup(recipe):
+        if self.mixup is not None:
             self.loss_fn: torch.nn.Module = SoftTargetCrossEntropy()  # mixup already smooths the targets
         elif a.label_smoothing > 0:
             self.loss_fn = LabelSmoothingCrossEntropy(a.label_smoothing)
