@@ -37,6 +37,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 from torchvision.transforms import ColorJitter
 
+from orchestrator.data.affine import fast_geometry
+
 
 def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
     """timm's posterize with ``bits_to_keep <= 0`` meaning "keep no bits" (a black image), as before Pillow 13."""
@@ -97,7 +99,7 @@ class TrainCrop:
                                       "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)}
             if interpolation != "random":
                 params["interpolation"] = str_to_pil_interp(interpolation)
-            self.augment = rand_augment_transform(auto_augment_policy, params)
+            self.augment = fast_geometry(rand_augment_transform(auto_augment_policy, params))
         elif color_jitter:
             self.augment = ColorJitter(*(color_jitter,) * 3)
 
