@@ -15,6 +15,10 @@ from minute to minute; turns make the drift cost both sides alike). Printed, in 
 - ``worker_ratio``: the DataLoader workers' share alone, with normalisation and erasing left to the
   training device on both sides (timm's ``use_prefetcher=True`` transform and ``fast_collate``);
 - ``cores_per_gpu_at_1000``: CPU cores this reader's workers need to feed 1,000 images/s;
+- ``data.decode: gpu``: the workers' images per CPU-second when they only draw (decode, crop and
+  RandAugment on the device), and the device step's images/s and CPU ms per image on the device this
+  machine has (CUDA if present, else the CPU, where it is only a correctness path);
+- shards re-encoded with ``--max-side`` (not part of the ratio): the whole pipeline against the originals;
 - last, ``ratio=<reader / timm>`` for the whole pipeline on CPU (normalisation and erasing here too).
 """
 
@@ -44,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator import storage  # noqa: E402
 from orchestrator.data import device  # noqa: E402
 from orchestrator.data import manifest as mf  # noqa: E402
+from orchestrator.data.gpu_decode import DeviceCrop, TrainDraws  # noqa: E402
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader  # noqa: E402
-from orchestrator.data.shard_writer import WriteOptions, write_dataset  # noqa: E402
+from orchestrator.data.shard_writer import WriteOptions, reencode, write_dataset  # noqa: E402
 from orchestrator.data.sources import open_source  # noqa: E402
 from orchestrator.data.transforms import TrainCrop, open_rgb, resize_hwc, timm_train_transform  # noqa: E402
 from tests.services import S3Store  # noqa: E402
@@ -121,7 +126,7 @@ def paired_rates(sides: dict[str, tuple[Iterable[Any], Callable[[Any], Any]]], p
                     assert all(next(it, None) is None for it in iters.values()), f"{k} ended before the others"
                     iters = {}
                     break
-                seen[k] += len(after(batch)[0])
+                seen[k] += len(after(batch)[1])  # the labels: every side yields (images, labels, ...)
                 cpu[k] += time.process_time() - start
         best = {k: max(best[k], seen[k] / cpu[k]) for k in sides}
     return best
@@ -203,6 +208,22 @@ def stages(jpegs: list[bytes], size: int) -> None:
               + f"; sum {sum(ms.values()):.2f}")
 
 
+def device_step(batches: list[Any], size: int) -> tuple[float, float, str]:
+    """``data.decode: gpu``'s device step over ``batches`` (best of 2): images/s, and CPU ms per image spent
+    by this process; on CUDA when there is one."""
+    where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    crop = DeviceCrop(size, where)
+    best = (0.0, float("inf"))
+    for _ in range(2):
+        start, cpu = time.perf_counter(), time.process_time()
+        n = sum(len(crop(batch)[0]) for batch in batches)
+        if where.type == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        best = (max(best[0], n / wall), min(best[1], 1e3 * cpu / n))
+    return best[0], best[1], torch.cuda.get_device_name() if where.type == "cuda" else "cpu"
+
+
 def read_ms(manifest: mf.Manifest, options: dict[str, Any]) -> float:
     """CPU ms per image to read every row group's images and labels as the reader does (each shard opened once,
     each row group's columns read as coalesced ranges)."""
@@ -221,6 +242,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--max-side", type=int, default=320, help="shorter side of the re-encoded shards")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -245,12 +267,14 @@ def main() -> None:
     try:
         url = f"{store.bucket('bench')}/shards"
         write_dataset(open_source(str(folder)), url, WriteOptions(shard_size_mb=8, rows_per_group=64), store.options)
+        write_dataset(open_source(str(folder)), f"{url}-small", WriteOptions(shard_size_mb=8, rows_per_group=64,
+                                                                              max_side=args.max_side), store.options)
         manifest = mf.load(f"{url}/train", store.options)
         print(f"this reader CPU ms per image: S3 read (s3fs, pyarrow) {read_ms(manifest, store.options):.2f}")
         full = timm_train_transform(args.size, POLICY, RE_PROB, "random")
         workers_only = timm_train_transform(args.size, POLICY, RE_PROB, "random", use_prefetcher=True)
-        def reader() -> ShardLoader:
-            ds = ShardDataset(manifest, seeds.ours(TrainCrop(args.size, POLICY, "random")), train=True,
+        def reader(transform: Any = None, found: mf.Manifest = manifest) -> ShardLoader:
+            ds = ShardDataset(found, seeds.ours(transform or TrainCrop(args.size, POLICY, "random")), train=True,
                               options=ReaderOptions(storage_options=store.options))
             return ShardLoader(ds, args.batch, 0)
 
@@ -267,13 +291,27 @@ def main() -> None:
             "timm_workers": (timm_side(workers_only, collate_fn=fast_collate), fetched),
             "reader_workers": (reader(), fetched),
         }, passes=3)
+        for jpeg in jpegs:  # a re-encoded image draws with its original's seed
+            seeds.by_bytes[seeds.of_bytes(reencode(jpeg, args.max_side))] = seeds.by_bytes[seeds.of_bytes(jpeg)]
+        others = paired_rates({
+            "reader": (reader(), on_device),
+            "max_side": (reader(found=mf.load(f"{url}-small/train", store.options)), on_device),
+            "gpu_workers": (reader(TrainDraws(args.size, POLICY, "random")), fetched),
+        }, passes=2)
+        gpu_batches = list(reader(TrainDraws(args.size, POLICY, "random")))
     finally:
         store.stop()
+    device_rate, device_cpu_ms, where = device_step(gpu_batches, args.size)
     print(f"timm ImageFolder (local disk), whole pipeline:  {best['timm']:.1f} images/CPU-s")
     print(f"this reader (loopback S3), whole pipeline:      {best['reader']:.1f} images/CPU-s")
     print(f"workers only: timm (use_prefetcher) {best['timm_workers']:.1f}, this reader {best['reader_workers']:.1f} images/CPU-s")
     print(f"worker_ratio={best['reader_workers'] / best['timm_workers']:.3f}")
     print(f"cores_per_gpu_at_1000={1000 / best['reader_workers']:.2f}")
+    print(f"data.decode gpu: workers {others['gpu_workers']:.0f} images/CPU-s "
+          f"({others['gpu_workers'] / best['reader_workers']:.1f}x the cpu path's); device step on {where}: "
+          f"{device_rate:.0f} images/s, {device_cpu_ms:.2f} CPU ms per image in the training process")
+    print(f"--max-side {args.max_side} shards (not in the ratio): {others['max_side']:.1f} images/CPU-s, "
+          f"{others['max_side'] / others['reader']:.2f}x the same reader on the originals")
     print(f"ratio={best['reader'] / best['timm']:.3f}")
 
 

@@ -42,6 +42,9 @@ class DataConfig:
     interpolation: str = "bicubic"  # eval resize
     train_interpolation: str = "random"  # RandomResizedCrop (timm's default: random bilinear/bicubic)
     num_workers: int = 8
+    # Where training images are decoded and augmented: cpu (the reader's workers; the reference) or gpu (the
+    # training device decodes each micro-batch with the workers' draws; README "Data").
+    decode: str = "cpu"
     # Samples each partition shuffles over. Host memory: about partitions x (shuffle_buffer + rows per row
     # group) encoded images, spread over the ranks, whatever the world size.
     shuffle_buffer: int = 256
@@ -466,6 +469,12 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("ema.decay", f"{r.ema.decay} is outside (0, 1)")
     if r.augment.repeated_aug:
         fail("augment.repeated_aug", "repeated augmentation is not supported by the streaming reader (the paper uses off)")
+    if r.data.decode not in ("cpu", "gpu"):
+        fail("data.decode", f"{r.data.decode!r} is not cpu or gpu")
+    if r.data.decode == "gpu" and r.task != "classification":
+        fail("data.decode", "gpu decoding is for classification; segmentation decodes in the workers (cpu)")
+    if r.data.decode == "gpu" and r.augment.color_jitter and not r.augment.auto_augment:
+        fail("data.decode", "gpu decoding replays RandAugment, not colour jitter; use data.decode: cpu with augment.color_jitter")
     if r.run.precision not in ("auto", "fp32", "bf16"):
         fail("run.precision", f"{r.run.precision!r} is not auto, fp32 or bf16")
     if r.run.dist_bn not in ("reduce", "broadcast", "none"):

@@ -315,8 +315,9 @@ class ShardLoader:
 
     Training uses as many of ``num_workers`` as divide the rank's partitions (``EpochOrder.workers``)."""
 
-    def __init__(self, dataset: ShardDataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> None:
-        self.dataset, self.pin_memory = dataset, pin_memory
+    def __init__(self, dataset: ShardDataset, batch_size: int, num_workers: int, pin_memory: bool = False,
+                 on_batch: Callable[[Any], Any] | None = None) -> None:
+        self.dataset, self.pin_memory, self.on_batch = dataset, pin_memory, on_batch  # on_batch: in this process
         dataset.batch_size = batch_size
         self.num_workers = dataset.order.workers(dataset.world_size, num_workers) if dataset.train else num_workers
         if self.num_workers != num_workers:
@@ -359,4 +360,4 @@ class ShardLoader:
                             prefetch_factor=4 if self.num_workers else None)
         for batch in loader:
             self.consumed += 1
-            yield batch
+            yield batch if self.on_batch is None else self.on_batch(batch)

@@ -63,7 +63,7 @@ def open_rgb(data: bytes) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even when the mode matches
 
 
-def _header(data: bytes) -> tuple[int, int] | None:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) of a JPEG that libjpeg-turbo decodes to RGB directly, else None."""
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -77,6 +77,15 @@ def resize_hwc(hwc: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     # Channels-last in (a copy of just the crop) takes torch's vectorised uint8 path and comes out HWC.
     x = hwc.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
     return F.interpolate(x, size=size, mode=mode, antialias=True)[0].permute(1, 2, 0)
+
+
+def randaugment_params(size: int, interpolation: str) -> dict[str, Any]:
+    """timm's hyper-parameters for its RandAugment (``transforms_imagenet_train``)."""
+    params: dict[str, Any] = {"translate_const": int(size * 0.45),
+                              "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)}
+    if interpolation != "random":
+        params["interpolation"] = str_to_pil_interp(interpolation)
+    return params
 
 
 def _shape_only(height: int, width: int) -> torch.Tensor:
@@ -94,12 +103,8 @@ class TrainCrop:
         if self.modes[0] not in MODES:
             raise ValueError(f"train interpolation {interpolation!r}: expected random, bilinear or bicubic")
         self.augment: Callable[[Image.Image], Image.Image] | None = None
-        if auto_augment_policy:  # timm's hyper-parameters for its RandAugment (transforms_imagenet_train)
-            params: dict[str, Any] = {"translate_const": int(size * 0.45),
-                                      "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)}
-            if interpolation != "random":
-                params["interpolation"] = str_to_pil_interp(interpolation)
-            self.augment = fast_geometry(rand_augment_transform(auto_augment_policy, params))
+        if auto_augment_policy:
+            self.augment = fast_geometry(rand_augment_transform(auto_augment_policy, randaugment_params(size, interpolation)))
         elif color_jitter:
             self.augment = ColorJitter(*(color_jitter,) * 3)
 
@@ -110,7 +115,7 @@ class TrainCrop:
         return top, left, h, w, mode
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        header = _header(data)
+        header = jpeg_size(data)
         if header is None:
             img = torch.from_numpy(np.array(open_rgb(data)))
             top, left, h, w, mode = self.box(*img.shape[:2])
@@ -150,7 +155,7 @@ class EvalCrop:
             raise ValueError(f"eval interpolation {interpolation!r}: expected bilinear or bicubic")
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        img = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB") if _header(data)
+        img = torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB") if jpeg_size(data)
                                else np.array(open_rgb(data)))
         h, w = img.shape[:2]
         # torchvision's Resize(int): the shorter side to ``scale``, the other int(scale * long / short).

@@ -38,7 +38,7 @@ def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan, task: Task
         partitions=d.partitions,
     )
     pin = ctx.device.type == "cuda"
-    train = ShardLoader(train_ds, plan.micro_batch, d.num_workers, pin_memory=pin)
+    train = ShardLoader(train_ds, plan.micro_batch, d.num_workers, pin_memory=pin, on_batch=task.device_step(ctx))
     val = None
     if d.val:
         manifest = mf.load(d.val, d.storage_options)

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ from model.factory import create_model
 from model.segmentation import create_segmentation_model, load_pretrained, resize
 from orchestrator import weights
 from orchestrator.data import device
+from orchestrator.data.gpu_decode import DeviceCrop, TrainDraws
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.reader import WithLabel
 from orchestrator.data.seg_transforms import SegEval, SegTrain, rescale_size
@@ -63,6 +65,10 @@ class Task:
     def transform(self, manifest: Manifest, train: bool) -> Any:
         """The reader's ``(bytes, target) -> (input, target)`` for this split."""
         raise NotImplementedError
+
+    def device_step(self, ctx: TrainContext) -> Callable[[Any], Any] | None:
+        """What turns a loaded training batch into uint8 NHWC images on the device, where the workers do not."""
+        return None
 
     def val_batch(self, micro_batch: int) -> int:
         return micro_batch
@@ -108,9 +114,14 @@ class Classification(Task):
 
     def transform(self, manifest: Manifest, train: bool) -> Any:
         d, a = self.recipe.data, self.recipe.augment
+        if train and d.decode == "gpu":
+            return WithLabel(TrainDraws(d.input_size, a.auto_augment, d.train_interpolation))
         if train:
             return WithLabel(TrainCrop(d.input_size, a.auto_augment, d.train_interpolation, a.color_jitter))
         return WithLabel(EvalCrop(d.input_size, d.crop_pct, d.interpolation))
+
+    def device_step(self, ctx: TrainContext) -> Callable[[Any], Any] | None:
+        return DeviceCrop(self.recipe.data.input_size, ctx.device) if self.recipe.data.decode == "gpu" else None
 
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, epoch: int,
                     ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,146 @@
+"""data.decode: gpu, run on a CPU device: the CPU path's draws, close pixels, corrupt images, the loop."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from timm.data import auto_augment
+from torch.utils.data import default_collate
+
+from orchestrator.data import gpu_decode
+from orchestrator.data.gpu_decode import COLOUR_OPS, GEOMETRIC, DeviceCrop, TrainDraws
+from orchestrator.data.transforms import TrainCrop
+from orchestrator.errors import DataError, RecipeError
+from orchestrator.launch import local
+from tests.conftest import smoke_recipe
+from tests.unit.test_loop import RANDOM_EVERYTHING, weights
+
+POLICY = "rand-m9-mstd0.5-inc1"
+CPU = torch.device("cpu")
+
+
+def photo(seed: int, width: int = 160, height: int = 120, fmt: str = "JPEG") -> bytes:
+    """Smooth structure plus mild noise: interpolation differences stay small, as on photos."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 255, (height // 16, width // 16, 3), dtype=np.uint8))
+    img = base.resize((width, height), Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+    noisy = np.clip(np.asarray(img, float) + rng.normal(0, 4, (height, width, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noisy).save(out, format=fmt, quality=92)
+    return out.getvalue()
+
+
+def seeded(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+def device_batch(draws: TrainDraws, payloads: list[bytes], targets: list[int] | None = None) -> list:
+    items = []
+    for i, data in enumerate(payloads):
+        seeded(i)
+        items.append((draws(data), i if targets is None else targets[i], i, 0))
+    return default_collate(items)
+
+
+@pytest.mark.parametrize("policy", [None, POLICY])
+def test_the_device_draws_as_the_cpu_path_and_gives_close_pixels(policy: str | None) -> None:
+    """Seeded alike, every image gets the CPU path's box, interpolation, flip and ops (a different draw
+    would differ by tens of levels); the pixels differ by interpolation rounding only. (Images under twice
+    the output size: larger crops decode at a reduced DCT scale on the CPU path, at full size on the device.)"""
+    jpegs = [photo(i, 120 + 3 * i, 100 + 2 * i) for i in range(24)]
+    cpu = TrainCrop(96, policy, "random")
+    expected = []
+    for i, data in enumerate(jpegs):
+        seeded(i)
+        expected.append(cpu(data))
+    batch = device_batch(TrainDraws(96, policy, "random"), jpegs)
+    images, targets, ids, corrupt = DeviceCrop(96, CPU)(batch)
+    assert images.shape == (24, 96, 96, 3) and images.dtype == torch.uint8
+    assert targets.tolist() == ids.tolist() == list(range(24)) and corrupt.sum() == 0
+    diffs = [float((a.int() - b.int()).abs().float().mean()) for a, b in zip(images, expected, strict=True)]
+    assert max(diffs) < 3.0 and float(np.mean(diffs)) < 1.0, diffs
+    ops_per_image = (batch[0][1][:, gpu_decode.HEAD::3] >= 0).sum(1)
+    assert (ops_per_image.sum() > 10) if policy else (batch[0][1].shape[1] == gpu_decode.HEAD)
+
+
+LEVELS = {
+    auto_augment.rotate: 17.0, auto_augment.shear_x: 0.2, auto_augment.shear_y: -0.2,
+    auto_augment.translate_x_rel: 0.2, auto_augment.translate_y_rel: -0.15,
+    auto_augment.translate_x_abs: 12.0, auto_augment.translate_y_abs: -9.0,
+    auto_augment.posterize: 3, auto_augment.solarize: 100, auto_augment.solarize_add: 60,
+    auto_augment.color: 1.6, auto_augment.contrast: 0.4, auto_augment.brightness: 1.5, auto_augment.sharpness: 1.8,
+}
+
+
+@pytest.mark.parametrize("fn", gpu_decode.DEVICE_OPS, ids=lambda f: f"{f.__module__.split('.')[-1]}.{f.__name__}")
+def test_each_device_op_does_what_pillows_op_does(fn: Callable[..., Image.Image]) -> None:
+    """The same geometry and the same colour formula as timm's op on Pillow: directions, signs and fills."""
+    img = Image.open(io.BytesIO(photo(5, 64, 64))).convert("RGB")
+    tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    fill = (124, 116, 104)
+    level = LEVELS.get(fn, 2)
+    for bicubic in (False, True) if fn in GEOMETRIC else (False,):
+        resample = Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR
+        args = () if fn in (auto_augment.auto_contrast, auto_augment.equalize, auto_augment.invert) else (level,)
+        expected = np.asarray(fn(img, *args, resample=resample, fillcolor=fill)).astype(int)
+        if fn in GEOMETRIC:
+            matrix = gpu_decode._pillow_matrix(fn, level, 64, 64)
+            got = gpu_decode._warp(tensor, matrix, bicubic, torch.tensor(fill, dtype=torch.float32))
+        else:
+            got = COLOUR_OPS[fn](tensor, level)
+        diff = np.abs(got.permute(1, 2, 0).numpy().astype(int) - expected)
+        assert diff.mean() < 2.5 and np.percentile(diff, 99) < 24, (fn.__name__, bicubic, diff.mean())
+
+
+def test_undecodable_images_are_replaced_and_counted_and_other_formats_decode_in_the_worker() -> None:
+    good, png = photo(1), photo(2, fmt="PNG")
+    broken = good[: len(good) // 2] + bytes(len(good) // 2)  # the header parses; the data does not decode
+    draws = TrainDraws(48, POLICY, "random")
+    images, targets, ids, corrupt = DeviceCrop(48, CPU)(device_batch(draws, [good, broken, png], [7, 8, 9]))
+    assert corrupt.tolist() == [0, 1, 0]
+    assert ids.tolist() == [0, 0, 2] and targets.tolist() == [7, 7, 9]  # the good image before it, whole
+    assert torch.equal(images[1], images[0])
+    seeded(2)
+    expected = TrainCrop(48, POLICY, "random")(png)
+    assert (images[2].int() - expected.int()).abs().float().mean() < 3.0
+    with pytest.raises(DataError, match="a whole micro-batch failed to decode"):
+        DeviceCrop(48, CPU)(device_batch(draws, [broken, broken]))
+
+
+def test_recipe_and_preflight_refuse_what_the_device_path_cannot_do(tmp_path: Path, synth_dir: Path) -> None:
+    with pytest.raises(RecipeError, match="data.decode: 'tpu' is not cpu or gpu"):
+        smoke_recipe(tmp_path, synth_dir, "data.decode=tpu")
+    with pytest.raises(RecipeError, match="data.decode: gpu decoding replays RandAugment, not colour jitter"):
+        smoke_recipe(tmp_path, synth_dir, "data.decode=gpu", "augment.auto_augment=null", "augment.color_jitter=0.4")
+    from orchestrator.launch.launcher import preflight
+
+    recipe = smoke_recipe(tmp_path, synth_dir, "data.decode=gpu", "augment.auto_augment=rand-m9-t3a")
+    with pytest.raises(RecipeError, match="no device version of RandAugment's desaturate"):
+        preflight(recipe, "test.yaml", 1)
+
+
+def test_a_gpu_decode_run_trains_on_the_device_path_and_resumes_bitwise(synth_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    applied = []
+    real = DeviceCrop.apply
+    monkeypatch.setattr(DeviceCrop, "apply", lambda self, img, d: applied.append(1) or real(self, img, d))
+    gpu = (*RANDOM_EVERYTHING, "data.decode=gpu")
+    local.run(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=straight", "run.max_steps=8"))
+    assert len(applied) == 8 * 32, "every training image goes through the device step"
+    for steps in (4, 8):
+        local.run(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=resumed", f"run.max_steps={steps}"))
+    a, b = weights(tmp_path / "runs" / "straight"), weights(tmp_path / "runs" / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [r["train_loss"] for r in map(json.loads, (tmp_path / "runs" / "straight" / "metrics.jsonl").read_text()
+                                           .splitlines()) if r["kind"] == "train"]
+    assert losses and all(np.isfinite(losses))
