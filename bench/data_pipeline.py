@@ -49,6 +49,7 @@ from orchestrator import storage  # noqa: E402
 from orchestrator.data import device  # noqa: E402
 from orchestrator.data import manifest as mf  # noqa: E402
 from orchestrator.data.gpu_decode import DeviceCrop, TrainDraws  # noqa: E402
+from orchestrator.data.randaugment import apply  # noqa: E402
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader  # noqa: E402
 from orchestrator.data.shard_writer import WriteOptions, reencode, write_dataset  # noqa: E402
 from orchestrator.data.sources import open_source  # noqa: E402
@@ -172,7 +173,6 @@ def stages(jpegs: list[bytes], size: int) -> None:
     reseed(0)
     boxes = [crop.box(*d.shape[:2]) for d in decoded]
     crops = [resize_hwc(d[t:t + h, le:le + w], (size, size), m) for d, (t, le, h, w, m) in zip(decoded, boxes, strict=True)]
-    pil = [Image.fromarray(c.numpy()) for c in crops]
     batch = torch.stack(crops[:32])
     timm_tf = timm_train_transform(size, POLICY, RE_PROB, "random")
     rrc, flip, aa, to_tensor, norm, erase = timm_tf.transforms
@@ -185,8 +185,7 @@ def stages(jpegs: list[bytes], size: int) -> None:
         "crop + resize (torch uint8)": (lambda i: resize_hwc(decoded[i][boxes[i][0]:boxes[i][0] + boxes[i][2],
                                                                         boxes[i][1]:boxes[i][1] + boxes[i][3]],
                                                              (size, size), boxes[i][4]), list(range(len(jpegs)))),
-        "RandAugment (timm's ops)": (crop.augment, pil),
-        "to and from PIL": (lambda c: torch.from_numpy(np.array(Image.fromarray(c.numpy()))), crops),
+        "RandAugment (drawn, applied; Pillow where needed)": (lambda c: apply(c.numpy(), crop.randaugment()), crops),
     }
     timm_stages = {
         "decode (Pillow)": (open_rgb, jpegs),

@@ -28,18 +28,16 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import auto_augment
-from timm.data.auto_augment import rand_augment_transform
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from orchestrator.data import transforms
+from orchestrator.data import randaugment, transforms
+from orchestrator.data.randaugment import GEOMETRIC, RandAugmentDraws
 from orchestrator.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)
 
 JPEG, PIXELS = 0, 1  # payload kinds
 HEAD = 9  # kind, height, width, top, left, h, w, bicubic, flip; then (op, level, bicubic) per RandAugment layer
-GEOMETRIC = (auto_augment.rotate, auto_augment.shear_x, auto_augment.shear_y, auto_augment.translate_x_rel,
-             auto_augment.translate_y_rel, auto_augment.translate_x_abs, auto_augment.translate_y_abs)
 
 
 def _pillow_matrix(op: Callable[..., Any], level: float, width: int, height: int) -> tuple[float, ...]:
@@ -49,12 +47,7 @@ def _pillow_matrix(op: Callable[..., Any], level: float, width: int, height: int
         a, b, d, e = math.cos(rad), math.sin(rad), -math.sin(rad), math.cos(rad)
         cx, cy = width / 2, height / 2
         return a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy
-    return {
-        auto_augment.shear_x: (1, level, 0, 0, 1, 0), auto_augment.shear_y: (1, 0, 0, level, 1, 0),
-        auto_augment.translate_x_rel: (1, 0, level * width, 0, 1, 0),
-        auto_augment.translate_y_rel: (1, 0, 0, 0, 1, level * height),
-        auto_augment.translate_x_abs: (1, 0, level, 0, 1, 0), auto_augment.translate_y_abs: (1, 0, 0, 0, 1, level),
-    }[op]
+    return randaugment.MATRICES[op](width, height, level)
 
 
 def _warp(img: torch.Tensor, matrix: tuple[float, ...], bicubic: bool, fill: torch.Tensor) -> torch.Tensor:
@@ -73,7 +66,7 @@ def _warp(img: torch.Tensor, matrix: tuple[float, ...], bicubic: bool, fill: tor
 
 
 def _posterize(img: torch.Tensor, bits: int) -> torch.Tensor:
-    """``transforms.posterize``: 0 bits or fewer keep nothing."""
+    """``randaugment.posterize``: 0 bits or fewer keep nothing."""
     return img if bits >= 8 else torch.zeros_like(img) if bits <= 0 else TF.posterize(img, int(bits))
 
 
@@ -86,7 +79,7 @@ COLOUR_OPS: dict[Callable[..., Any], Callable[[torch.Tensor, float], torch.Tenso
     auto_augment.auto_contrast: lambda img, _: TF.autocontrast(img),
     auto_augment.equalize: lambda img, _: TF.equalize(img),
     auto_augment.invert: lambda img, _: TF.invert(img),
-    transforms.posterize: lambda img, bits: _posterize(img, int(bits)),
+    randaugment.posterize: lambda img, bits: _posterize(img, int(bits)),
     auto_augment.posterize: lambda img, bits: _posterize(img, int(bits)),
     auto_augment.solarize: lambda img, thresh: TF.solarize(img, int(thresh)),
     auto_augment.solarize_add: lambda img, add: _solarize_add(img, int(add)),
@@ -98,38 +91,16 @@ COLOUR_OPS: dict[Callable[..., Any], Callable[[torch.Tensor, float], torch.Tenso
 DEVICE_OPS = (*GEOMETRIC, *COLOUR_OPS)  # an op's place here is its id in the draws
 
 
-class _Recorder:
-    """Stands in for a RandAugment op's function: makes the draws the function itself would make (the
-    geometric ops draw their interpolation) and records the op instead of applying it."""
-
-    def __init__(self, fn: Callable[..., Any], log: list[tuple[int, float, bool]]) -> None:
-        if fn not in DEVICE_OPS:
-            raise RecipeError(f"data.decode: gpu has no device version of RandAugment's {fn.__name__} "
-                              "(augment.auto_augment); use data.decode: cpu")
-        self.index, self.geometric, self.log = DEVICE_OPS.index(fn), fn in GEOMETRIC, log
-
-    def __call__(self, img: Image.Image, *level: float, **kwargs: Any) -> Image.Image:
-        bicubic = False
-        if self.geometric:
-            auto_augment._check_args_tf(kwargs)
-            bicubic = kwargs["resample"] == Image.Resampling.BICUBIC
-        self.log.append((self.index, float(level[0]) if level else 0.0, bicubic))
-        return img
-
-
 class TrainDraws:
     """Worker side: bytes -> (payload bytes, draws), making ``TrainCrop``'s draws in its order."""
 
     def __init__(self, size: int, auto_augment_policy: str | None, interpolation: str, hflip: float = 0.5) -> None:
         self.crop = transforms.TrainCrop(size, None, interpolation, hflip=hflip)
-        self.recorded: list[tuple[int, float, bool]] = []
-        self.augment, self.layers = None, 0
-        if auto_augment_policy:
-            self.augment = rand_augment_transform(auto_augment_policy, transforms.randaugment_params(size, interpolation))
-            for op in self.augment.ops:
-                op.aug_fn = _Recorder(op.aug_fn, self.recorded)
-            self.layers = self.augment.num_layers
-        self.proxy = Image.new("RGB", (1, 1))  # what the recorders are handed (they never look at it)
+        self.randaugment = RandAugmentDraws(auto_augment_policy, size, interpolation) if auto_augment_policy else None
+        for fn in self.randaugment.functions if self.randaugment else ():
+            if fn not in DEVICE_OPS:
+                raise RecipeError(f"data.decode: gpu has no device version of RandAugment's {fn.__name__} "
+                                  "(augment.auto_augment); use data.decode: cpu")
 
     def __call__(self, data: bytes) -> tuple[bytes, torch.Tensor]:
         header = transforms.jpeg_size(data)
@@ -140,10 +111,12 @@ class TrainDraws:
             kind, (height, width) = JPEG, header
         top, left, h, w, mode = self.crop.box(height, width)
         flip = bool(torch.rand(1) < self.crop.hflip)
-        self.recorded.clear()
-        if self.augment is not None:
-            self.augment(self.proxy)
-        ops = [v for op in self.recorded for v in op] + [-1, 0, 0] * (self.layers - len(self.recorded))
+        ops: list[float] = []
+        if self.randaugment is not None:
+            for fn, level, kwargs in self.randaugment():
+                ops += [DEVICE_OPS.index(fn), float(level[0]) if level else 0.0,
+                        fn in GEOMETRIC and kwargs["resample"] == Image.Resampling.BICUBIC]
+            ops += [-1, 0, 0] * (self.randaugment.layers - len(ops) // 3)
         draws = [kind, height, width, top, left, h, w, mode == "bicubic", flip, *ops]
         return data, torch.tensor(draws, dtype=torch.float64)
 
@@ -153,7 +126,7 @@ class DeviceCrop:
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.size, self.device = size, device
-        self.fill = torch.tensor(transforms.randaugment_params(size, "random")["img_mean"], dtype=torch.float32,
+        self.fill = torch.tensor(randaugment.randaugment_params(size, "random")["img_mean"], dtype=torch.float32,
                                  device=device)
 
     def __call__(self, batch: Any) -> Any:

@@ -10,12 +10,12 @@ timm's ``create_transform`` pipeline, and why (each step keeps timm's distributi
 - JPEGs decode with libjpeg-turbo (simplejpeg), at the smallest DCT scale (1/2, 1/4, 1/8) whose
   decoded box still covers the output size, so a large photo is never decoded at full size.
 - The crop is resized by torch's antialiased uint8 resampling (the same bilinear/bicubic kernels as
-  Pillow's, 4x faster here); only RandAugment needs a PIL image.
+  Pillow's, 4x faster here).
+- RandAugment's ops are drawn first, then applied (``randaugment``): timm's pixels, with shear and
+  translate compiled and Pillow used only by the ops that need it.
 - No float conversion in the workers: a uint8 image is 4x less to pass between processes.
 
-Other formats (PNG, CMYK JPEG, ...) take Pillow's decoder and the same steps. timm 1.0.31's
-``PosterizeIncreasing`` can ask for 0 bits, which Pillow >= 13 refuses; ``posterize`` keeps the old
-meaning (a black image).
+Other formats (PNG, CMYK JPEG, ...) take Pillow's decoder and the same steps.
 """
 
 from __future__ import annotations
@@ -23,34 +23,18 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
-from timm.data import auto_augment, create_transform
-from timm.data.auto_augment import rand_augment_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN
-from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
+from PIL import Image
+from timm.data import create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import ColorJitter
 
-from orchestrator.data.affine import fast_geometry
-
-
-def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
-    """timm's posterize with ``bits_to_keep <= 0`` meaning "keep no bits" (a black image), as before Pillow 13."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return ImageOps.posterize(img, 1).point(lambda _: 0)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    auto_augment.NAME_TO_OP[_name] = posterize
+from orchestrator.data.randaugment import RandAugmentDraws, apply
 
 SCALE, RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)  # timm's RandomResizedCrop defaults
 MODES = ("bilinear", "bicubic")  # timm's "random" interpolation draws one of these
@@ -79,15 +63,6 @@ def resize_hwc(hwc: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     return F.interpolate(x, size=size, mode=mode, antialias=True)[0].permute(1, 2, 0)
 
 
-def randaugment_params(size: int, interpolation: str) -> dict[str, Any]:
-    """timm's hyper-parameters for its RandAugment (``transforms_imagenet_train``)."""
-    params: dict[str, Any] = {"translate_const": int(size * 0.45),
-                              "img_mean": tuple(min(255, round(255 * x)) for x in IMAGENET_DEFAULT_MEAN)}
-    if interpolation != "random":
-        params["interpolation"] = str_to_pil_interp(interpolation)
-    return params
-
-
 def _shape_only(height: int, width: int) -> torch.Tensor:
     """What ``get_params`` reads of an image, its size, as a tensor that holds no pixels."""
     return torch.empty((1, 1, 1), dtype=torch.uint8).expand(1, height, width)
@@ -102,11 +77,8 @@ class TrainCrop:
         self.modes = MODES if interpolation == "random" else (interpolation,)
         if self.modes[0] not in MODES:
             raise ValueError(f"train interpolation {interpolation!r}: expected random, bilinear or bicubic")
-        self.augment: Callable[[Image.Image], Image.Image] | None = None
-        if auto_augment_policy:
-            self.augment = fast_geometry(rand_augment_transform(auto_augment_policy, randaugment_params(size, interpolation)))
-        elif color_jitter:
-            self.augment = ColorJitter(*(color_jitter,) * 3)
+        self.randaugment = RandAugmentDraws(auto_augment_policy, size, interpolation) if auto_augment_policy else None
+        self.jitter = ColorJitter(*(color_jitter,) * 3) if color_jitter and not auto_augment_policy else None
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int, str]:
         """timm's crop box (top, left, h, w) and interpolation, drawn as timm draws them."""
@@ -125,8 +97,10 @@ class TrainCrop:
         out = resize_hwc(img[top:top + h, left:left + w], (self.size, self.size), mode)
         if torch.rand(1) < self.hflip:  # torchvision's RandomHorizontalFlip draw
             out = out.flip(1)
-        if self.augment is not None:
-            out = torch.from_numpy(np.array(self.augment(Image.fromarray(out.numpy()))))
+        if self.randaugment is not None:
+            out = torch.from_numpy(apply(out.numpy(), self.randaugment()))
+        elif self.jitter is not None:
+            out = torch.from_numpy(np.array(self.jitter(Image.fromarray(out.numpy()))))
         return out.contiguous()
 
     def _decode_box(self, data: bytes, header: tuple[int, int], box: tuple[int, int, int, int]
