@@ -15,12 +15,13 @@ from PIL import Image, ImageFilter
 from timm.data import auto_augment
 from torch.utils.data import default_collate
 
+from orchestrator import recipe as recipes
 from orchestrator.data import gpu_decode
 from orchestrator.data.gpu_decode import COLOUR_OPS, GEOMETRIC, DeviceCrop, TrainDraws
 from orchestrator.data.transforms import TrainCrop
 from orchestrator.errors import DataError, RecipeError
 from orchestrator.launch import local
-from tests.conftest import smoke_recipe
+from tests.conftest import ROOT, smoke_recipe
 from tests.unit.test_loop import RANDOM_EVERYTHING, weights
 
 POLICY = "rand-m9-mstd0.5-inc1"
@@ -122,6 +123,8 @@ def test_recipe_and_preflight_refuse_what_the_device_path_cannot_do(tmp_path: Pa
         smoke_recipe(tmp_path, synth_dir, "data.decode=tpu")
     with pytest.raises(RecipeError, match="data.decode: gpu decoding replays RandAugment, not colour jitter"):
         smoke_recipe(tmp_path, synth_dir, "data.decode=gpu", "augment.auto_augment=null", "augment.color_jitter=0.4")
+    with pytest.raises(RecipeError, match="data.decode: gpu decoding is for classification"):
+        recipes.load(ROOT / "recipes" / "seg" / "smoke.yaml", ["data.decode=gpu"])
     from orchestrator.launch.launcher import preflight
 
     recipe = smoke_recipe(tmp_path, synth_dir, "data.decode=gpu", "augment.auto_augment=rand-m9-t3a")
