@@ -71,7 +71,7 @@ def _rows(src: np.ndarray, a: np.ndarray, bicubic: bool, fill: np.ndarray, out: 
                     orow[x, b] = int(lo + (lut[row[t2, b]] - lo) * d)
 
 
-def covers(resample: int, fillcolor: Any) -> bool:
+def _covers(resample: int, fillcolor: Any) -> bool:
     """Whether ``affine_array`` computes this filter and fill itself (else it hands the image to Pillow)."""
     rgb = fillcolor is None or (isinstance(fillcolor, tuple) and len(fillcolor) == 3
                                 and all(isinstance(c, int) for c in fillcolor))
@@ -83,7 +83,7 @@ def affine_array(src: np.ndarray, matrix: Sequence[float], resample: int, fillco
     HWC array, the same pixels; compiled for shear and translate, Pillow's own for anything else."""
     a = np.asarray(matrix[:6], np.float64)
     rows, columns = (a[3], a[4], a[5]) == (0, 1, 0), (a[0], a[1], a[2]) == (1, 0, 0)
-    if not (rows or columns) or src.ndim != 3 or src.shape[2] != 3 or not covers(resample, fillcolor):
+    if not (rows or columns) or src.ndim != 3 or src.shape[2] != 3 or not _covers(resample, fillcolor):
         img = Image.fromarray(src)
         return np.array(img.transform(img.size, Image.Transform.AFFINE, matrix, resample, fillcolor=fillcolor))
     out = np.empty_like(src)

@@ -99,7 +99,7 @@ def apply(img: np.ndarray, ops: list[Op]) -> np.ndarray:
     current: np.ndarray | Image.Image = img
     for fn, level, kwargs in ops:
         matrix = MATRICES.get(fn)
-        if matrix is not None and affine.covers(kwargs["resample"], kwargs.get("fillcolor")):
+        if matrix is not None:  # affine_array hands what its kernel does not cover to Pillow
             src = np.asarray(current)
             current = affine.affine_array(src, matrix(src.shape[1], src.shape[0], *level), kwargs["resample"],
                                           kwargs.get("fillcolor"))
