@@ -273,12 +273,9 @@ class _WorkerStream:
         def read() -> tuple[list[bytes], list[Any]]:
             try:
                 if shard not in self.files:
-                    fs, path = storage.filesystem(url, opts.storage_options)
                     if len(self.files) >= self.MAX_OPEN:
                         self.files.pop(next(iter(self.files)))
-                    # Row groups are read as coalesced byte ranges (pre_buffer) straight from storage:
-                    # fsspec's read-ahead cache only copied them once more.
-                    self.files[shard] = pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)
+                    self.files[shard] = open_shard(url, opts.storage_options)
                 table = self.files[shard].read_row_group(g, columns=["image", "mask" if segmentation else "label"])
             except Exception:
                 self.files.pop(shard, None)  # reopen on retry: the old handle may be stale
@@ -289,6 +286,13 @@ class _WorkerStream:
             return images, table.column("label").to_pylist()
 
         return storage.with_retries(read, f"reading {url} row group {g}", opts.retry, opts.storage_options)
+
+
+def open_shard(url: str, storage_options: dict[str, Any] | None) -> pq.ParquetFile:
+    """A shard as the reader opens it: row groups are read as coalesced byte ranges (pre_buffer) straight from
+    storage (fsspec's read-ahead cache only copied them once more)."""
+    fs, path = storage.filesystem(url, storage_options)
+    return pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)
 
 
 class WithLabel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -34,4 +35,5 @@ def context_from_env(recipe: Recipe, launcher: str) -> TrainContext:
     device = device_for(local_rank, recipe.scaling.gpus_per_worker > 0)
     init_process_group(rank, world, device)
     return TrainContext(run=RunDir.of(recipe), rank=rank, world_size=world, local_rank=local_rank, device=device,
-                        keep_checkpoints=recipe.run.keep_checkpoints, launcher=launcher)
+                        keep_checkpoints=recipe.run.keep_checkpoints, launcher=launcher,
+                        node=os.environ.get("SLURMD_NODENAME") or socket.gethostname())

@@ -30,3 +30,18 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
+
+def probe(recipe: Recipe, stamp: str) -> None:
+    """``orchestrator.doctor`` in this process (or on every torchrun rank); rank 0 saves the figures."""
+    from orchestrator import doctor
+    from orchestrator.probe import probe as measure
+
+    ctx = context_from_env(recipe, launcher="local")
+    try:
+        probes = measure(recipe, ctx)
+        if probes is not None:
+            doctor.save(recipe, stamp, {"probes": probes})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -13,6 +13,7 @@ Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -84,6 +85,27 @@ class RayContext(TrainContext):
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)})
 
 
+def ray_context(recipe: Recipe) -> RayContext:
+    """This Ray Train worker's rank, device and node."""
+    tctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if recipe.scaling.gpus_per_worker > 0 else torch.device("cpu")
+    return RayContext(run=RunDir.of(recipe), rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
+                      local_rank=tctx.get_local_rank(), device=device, keep_checkpoints=recipe.run.keep_checkpoints,
+                      launcher="ray", node=ray.get_runtime_context().get_node_id()[:12])
+
+
+def probe_worker(config: dict[str, Any]) -> None:
+    """``orchestrator.doctor``'s measurements on every Ray Train worker; rank 0 saves them."""
+    from orchestrator import doctor
+    from orchestrator.probe import probe
+
+    logs.setup()
+    recipe = from_dict(config["recipe"])
+    probes = probe(recipe, ray_context(recipe))
+    if probes is not None:
+        doctor.save(recipe, config["stamp"], {"probes": probes})
+
+
 def worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: rebuild the recipe, make the context, train."""
     logs.setup()
@@ -92,11 +114,7 @@ def worker(config: dict[str, Any]) -> None:
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     faults.configure(config.get("fault"))
     recipe = from_dict(config["recipe"])
-    tctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if recipe.scaling.gpus_per_worker > 0 else torch.device("cpu")
-    ctx = RayContext(run=RunDir.of(recipe), rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
-                     local_rank=tctx.get_local_rank(), device=device, keep_checkpoints=recipe.run.keep_checkpoints,
-                     launcher="ray")
+    ctx = ray_context(recipe)
     if config.get("relay"):
         ctx.relay = ray.get_actor(config["relay"])
     try:
@@ -234,20 +252,22 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     return absolute_paths(recipe)
 
 
-def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None, relay: str | None = None) -> TorchTrainer:
-    """A TorchTrainer for ``recipe`` (paths already absolute): workers and resources from ``scaling``;
-    ``relay`` names the driver's StopRelay actor."""
+def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None, relay: str | None = None,
+            fn: Any = worker, name: str | None = None, extra: dict[str, Any] | None = None) -> TorchTrainer:
+    """A TorchTrainer running ``fn`` (the training ``worker``) for ``recipe`` (paths already absolute): workers
+    and resources from ``scaling``; ``relay`` names the driver's StopRelay actor; ``extra`` goes into ``fn``'s config."""
     s = recipe.scaling
     storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
     gpus = {"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}
     # The recipe goes redacted; secrets are in the job's environment (``connect(secret_environment(...))``).
     return TorchTrainer(
-        worker,
-        train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay},
+        fn,
+        train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay,
+                           **(extra or {})},
         scaling_config=ScalingConfig(num_workers=tuple(s.num_workers) if isinstance(s.num_workers, list) else s.num_workers,
                                      elastic_resize_monitor_interval_s=s.resize_check_s, use_gpu=s.gpus_per_worker > 0,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
-        run_config=RunConfig(name=recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+        run_config=RunConfig(name=name or recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=s.max_failures), callbacks=callbacks,
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
@@ -277,6 +297,24 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
         latest = run_dir.latest()
         raise interrupted(stop.received, latest.step if latest else 0, latest.url if latest else run_dir.url)
     return run_dir.last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
+
+
+def probe(recipe: Recipe, stamp: str) -> None:
+    """``orchestrator.doctor`` on the Ray cluster: one worker per ``scaling.num_workers`` (the largest of a range)."""
+    connect(secret_environment(recipe))
+    recipe = with_absolute_paths(recipe)
+    workers = recipe.scaling.num_workers
+    if isinstance(workers, list):
+        recipe = dataclasses.replace(recipe, scaling=dataclasses.replace(recipe.scaling, num_workers=workers[-1]))
+    name = f".doctor-{stamp}"
+    try:
+        result = trainer(recipe, fn=probe_worker, name=name, extra={"stamp": stamp}).fit()
+    finally:  # Ray's own state of this job, not a run
+        fs, root = storage.filesystem(recipe.run.storage, recipe.run.storage_options)
+        with contextlib.suppress(OSError):
+            fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
+    if result.error:
+        raise cause(result.error)
 
 
 def cause(error: BaseException) -> BaseException:

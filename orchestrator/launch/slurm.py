@@ -22,10 +22,12 @@ import submitit
 import torch.distributed as dist
 
 from orchestrator import logs
+from orchestrator.cli import one_line
+from orchestrator.errors import OrchestratorError
 from orchestrator.launch.distributed import context_from_env
 from orchestrator.launch.slurm_cluster import SlurmOptions, minutes
 from orchestrator.recipe import Recipe, from_dict, secrets_in_environment
-from orchestrator.train.context import StopRequested
+from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
 from orchestrator.train.stop import StopSignals
 
@@ -49,17 +51,62 @@ def sbatch_options(options: SlurmOptions, recipe: Recipe) -> dict[str, Any]:
 
 def submit(stage: str, recipe: Recipe, options: SlurmOptions, after: str | None) -> str:
     """Submit one stage as a submitit job (``afterok`` on ``after``); returns the Slurm job id."""
+    job = _submit(SlurmStage(recipe.to_dict(redact=True)), recipe.run.name, recipe, options, after)
+    log.info("%s: submitted Slurm job %s%s (logs: %s)", stage, job.job_id, f" after {after}" if after else "",
+             Path(options.log_dir) / job.job_id)
+    return str(job.job_id)
+
+
+def _submit(fn: Any, name: str, recipe: Recipe, options: SlurmOptions, after: str | None = None) -> submitit.Job:
     executor = submitit.AutoExecutor(folder=Path(options.log_dir) / "%j", cluster="slurm",
                                      slurm_max_num_timeout=options.max_requeues)
     params = sbatch_options(options, recipe)
     if after:
         params["slurm_dependency"] = f"afterok:{after}"
-    executor.update_parameters(name=f"{recipe.run.name}", **params)
+    executor.update_parameters(name=name, **params)
     with secrets_in_environment(recipe):  # sbatch exports this process's environment to the job
-        job = executor.submit(SlurmStage(recipe.to_dict(redact=True)))
-    log.info("%s: submitted Slurm job %s%s (logs: %s)", stage, job.job_id, f" after {after}" if after else "",
-             Path(options.log_dir) / job.job_id)
-    return str(job.job_id)
+        return executor.submit(fn)
+
+
+def probe(recipe: Recipe, options: SlurmOptions, stamp: str) -> None:
+    """``orchestrator.doctor`` as a Slurm job of the stage's shape; waits for it (a few minutes at most)."""
+    job = _submit(SlurmProbe(recipe.to_dict(redact=True), stamp), f"doctor-{recipe.run.name}", recipe, options)
+    log.info("doctor: Slurm job %s (logs: %s)", job.job_id, Path(options.log_dir) / job.job_id)
+    try:
+        job.results()
+    except submitit.core.utils.UncompletedJobError as exc:
+        raise OrchestratorError(f"the doctor's Slurm job {job.job_id} did not complete: {one_line(exc)[:300]}") from None
+    except submitit.core.utils.FailedJobError as exc:
+        raise OrchestratorError(f"the doctor's Slurm job {job.job_id} failed: {one_line(exc)[-300:]}") from None
+
+
+def distributed_context(recipe: Recipe) -> TrainContext:
+    """Rank, world and rendezvous from the Slurm job (submitit's environment), as every job task needs."""
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
+    return context_from_env(recipe, launcher="slurm")
+
+
+class SlurmProbe:
+    """The submitit callable of ``orchestrator.doctor``: every task measures; rank 0 saves the figures."""
+
+    def __init__(self, recipe: dict[str, Any], stamp: str) -> None:
+        self.recipe, self.stamp = recipe, stamp
+
+    def __call__(self) -> None:
+        from orchestrator import doctor
+        from orchestrator.probe import probe as measure
+
+        logs.setup()
+        recipe = from_dict(self.recipe)
+        ctx = distributed_context(recipe)
+        try:
+            probes = measure(recipe, ctx)
+            if probes is not None:
+                doctor.save(recipe, self.stamp, {"probes": probes})
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def preempted() -> bool:
@@ -93,11 +140,9 @@ class SlurmStage:
 
     def __call__(self) -> dict[str, Any]:
         logs.setup()
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
         recipe = from_dict(self.recipe)
         requeue = signal.getsignal(PREEMPT_SIGNAL)  # submitit's: calls checkpoint(), requeues, exits
-        ctx = context_from_env(recipe, launcher="slurm")
+        ctx = distributed_context(recipe)
         # USR2 (time limit, or `scancel --signal=USR2`): checkpoint, then submitit requeues the job.
         # SIGTERM (PreemptMode=REQUEUE, before SIGKILL at GraceTime): checkpoint, then requeue as on USR2.
         # SIGTERM from scancel, or SIGINT: checkpoint and exit.

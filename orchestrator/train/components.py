@@ -70,11 +70,22 @@ def autocast_dtype(recipe: Recipe, ctx: TrainContext) -> torch.dtype | None:
     return None
 
 
+FUSED = ("adamw", "adam", "sgd")  # torch's fused kernels: one launch per step, and a step skipped on the device
+
+
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer factory: no weight decay on 1-d parameters (norms, biases, layer-scale gammas)."""
+    """timm's optimizer factory: no weight decay on 1-d parameters (norms, biases, layer-scale gammas); torch's
+    fused kernel where there is one (CPU and CUDA), which also skips a non-finite step without a host read."""
     o = recipe.optimizer
     kwargs: dict[str, Any] = {"eps": o.eps, "betas": tuple(o.betas)} if o.name != "sgd" else {"momentum": 0.9}
+    if o.name in FUSED:
+        kwargs["fused"] = True
     return create_optimizer_v2(model, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, filter_bias_and_bn=True, **kwargs)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours ``optimizer.found_inf`` (a device flag) itself."""
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler:
@@ -113,6 +124,7 @@ class Components:
     steps_per_epoch: int
     autocast: torch.dtype | None
     channels_last: bool
+    skipped: torch.Tensor  # steps skipped for a non-finite loss since the loop last read it (on the device)
 
 
 def assemble(recipe: Recipe, ctx: TrainContext, task: Task, model: torch.nn.Module, step_model: torch.nn.Module,
@@ -124,4 +136,5 @@ def assemble(recipe: Recipe, ctx: TrainContext, task: Task, model: torch.nn.Modu
         scheduler=build_scheduler(recipe, optimizer, steps_per_epoch), task=task, train_loader=loaders[0],
         val_loader=loaders[1], plan=plan_batch(recipe, ctx.world_size), steps_per_epoch=steps_per_epoch,
         autocast=autocast_dtype(recipe, ctx), channels_last=channels_last(recipe, ctx),
+        skipped=torch.zeros((), device=ctx.device),
     )

@@ -2,11 +2,13 @@
 
 The base class serves every launcher: checkpoints go straight into the run folder through its
 commit protocol (``RunDir``), uploaded by rank 0 in the background; a stop request (a signal) is agreed
-on by all ranks. Launchers override ``poll_stop`` (Ray relays requests) and ``report`` (Ray/Tune).
+on by all ranks, one step late so that agreeing never makes the host wait for the step the device is
+running. Launchers override ``poll_stop`` (Ray relays requests) and ``report`` (Ray/Tune).
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,43 @@ import torch.distributed as dist
 from orchestrator.rundir import RunDir
 from orchestrator.train.checkpoint import BackgroundCommitter
 from orchestrator.train.stop import StopSignals
+
+
+class LaggedAgreement:
+    """A flag OR-ed over all ranks without stalling the step: each call starts this step's all-reduce and
+    returns the previous call's result, which the device finished while the host queued this step (on
+    CUDA the result comes back by a non-blocking copy and an event, so the host never drains the queue).
+    Every rank gets the same answer at the same call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: tuple[Any, torch.Tensor, Any] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        agreed = self.result()
+        t = torch.full((1,), float(flag), device=self.device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+        if self.device.type == "cuda":
+            work.wait()  # NCCL: this stream waits for the all-reduce; the host does not
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (None, host, event)
+        else:
+            self.pending = (work, t, None)
+        return agreed
+
+    def result(self) -> bool:
+        """The last started agreement's answer (False before the first), waiting for it if it is not in."""
+        if self.pending is None:
+            return False
+        work, value, event = self.pending
+        if event is not None:
+            event.synchronize()
+        else:
+            work.wait()
+        return bool(value[0] > 0)
 
 
 class StopRequested(Exception):  # noqa: N818 - a request, not an error
@@ -31,8 +70,10 @@ class TrainContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     keep_checkpoints: int = 3
     launcher: str = "local"
+    node: str = field(default_factory=socket.gethostname)  # the launcher's name for this rank's machine
     stop: StopSignals = field(default_factory=StopSignals)  # the launcher installs it where signals reach the loop
     committer: BackgroundCommitter | None = field(default=None, repr=False)
+    agreement: LaggedAgreement | None = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -60,13 +101,14 @@ class TrainContext:
     def stop_requested(self) -> bool:
         """Asked after every step, on every rank: True makes the loop checkpoint and raise StopRequested.
 
-        True on every rank once any rank saw a stop request, so that all stop at the same step.
+        True on every rank at the same step once any rank saw a stop request: with several ranks, at the
+        step after the one where it was seen (``LaggedAgreement``).
         """
         flag = self.poll_stop()
         if self.world_size > 1 and dist.is_initialized():
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
+            if self.agreement is None:
+                self.agreement = LaggedAgreement(self.device)
+            return self.agreement(flag)
         return flag
 
     def poll_stop(self) -> bool:

@@ -4,6 +4,12 @@
 recipe's epochs (or ``run.max_steps``) are done, evaluates model and EMA, checkpoints through ``ctx``
 and writes the run outputs. Resume is exact: every RNG is reseeded from (seed, step, micro-batch, rank)
 and the reader resumes at the batch it stopped at, so N + N steps equal 2N steps bitwise on CPU.
+
+A steady-state step reads nothing back from the device, so the host queues step k + 1 while the device
+runs step k: losses are summed on the device and read at log steps; a step whose loss is not finite on
+some rank is skipped on the device (the fused optimizer's ``found_inf``, as ``GradScaler`` uses it) and
+counted there, the count read at log steps; stop requests are agreed on one step late
+(``TrainContext.stop_requested``).
 """
 
 from __future__ import annotations
@@ -170,7 +176,7 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     if recipe.run.eval_every_steps:  # return at the next evaluation step, where the caller evaluates and checkpoints
         epoch_end = min(epoch_end, (state["step"] // recipe.run.eval_every_steps + 1) * recipe.run.eval_every_steps)
     every = recipe.run.checkpoint_every_steps
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     digest = 0
     window_start, window_images = time.monotonic(), 0
     heartbeat = time.monotonic()
@@ -188,6 +194,7 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
         if state["step"] % recipe.run.log_every_steps == 0 or state["step"] in (epoch_end, stop_at):
             elapsed = time.monotonic() - window_start
             check_corrupt(recipe, ctx, state.get("corrupt", 0), state.get("read", 0), "training images read so far")
+            count_skipped(c, recipe, state)
             loss_mean, digest = _across_ranks(losses, digest, ctx)
             metrics = {"epoch": epoch, "step": state["step"], "lr": c.optimizer.param_groups[0]["lr"],
                        "train_loss": loss_mean, "images_per_sec": window_images / max(elapsed, 1e-9)}
@@ -206,17 +213,20 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     return {k: v for k, v in metrics.items() if k not in ("epoch", "step")}, stop
 
 
-def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], batches: Any) -> tuple[float, int]:
+def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int],
+               batches: Any) -> tuple[torch.Tensor, int]:
     """One optimizer step over ``accum_steps`` micro-batches (gradients synchronised only on the last).
 
-    Returns the loss and this rank's share of the samples digest (``sample_digest``)."""
+    Returns the loss (on the device: read it at log steps) and this rank's share of the samples digest
+    (``sample_digest``). A step whose loss is not finite on some rank is skipped by every rank, decided on
+    the device and counted in ``c.skipped`` (``count_skipped`` reads it)."""
     c.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=ctx.device)
     digest = 0
     for micro in range(c.plan.accum_steps):
         images, targets, ids, corrupt = next(batches)
         digest += sample_digest(ids)
-        if corrupt is not None:  # counted per rank; the budget is checked on the sum over ranks
+        if corrupt is not None:  # counted per rank (host tensors); the budget is checked on the sum over ranks
             state["corrupt"] = state.get("corrupt", 0) + int(corrupt.sum())
             state["read"] = state.get("read", 0) + len(corrupt)
         # Keyed by the micro-batch's place in the step (rank r computes r, r + W, ...): the same on any world size.
@@ -230,21 +240,33 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
             loss = c.task.loss(c.step_model(images), targets) / c.plan.accum_steps
             loss.backward()
         total += loss.detach()
-    if not _all_finite(total, ctx):
-        state["nonfinite"] += 1
-        log.warning("step %d: non-finite loss, update skipped (%d so far)", state["step"], state["nonfinite"])
-        if state["nonfinite"] > recipe.run.max_nonfinite_steps:
-            raise TrainingError(f"{state['nonfinite']} steps with non-finite loss, more than run.max_nonfinite_steps="
-                                f"{recipe.run.max_nonfinite_steps}; lower optimizer.lr or check the data")
-        c.optimizer.zero_grad(set_to_none=True)
-    else:
-        if recipe.optimizer.clip_grad:
-            torch.nn.utils.clip_grad_norm_(c.model.parameters(), recipe.optimizer.clip_grad)
+    found_inf = _non_finite(total, ctx)
+    c.skipped += found_inf
+    if recipe.optimizer.clip_grad:
+        torch.nn.utils.clip_grad_norm_(c.model.parameters(), recipe.optimizer.clip_grad)
+    if components.skips_on_device(c.optimizer):
+        c.optimizer.found_inf = found_inf  # read by the fused kernel: no update, no step count, on the device
         c.optimizer.step()
-        if c.ema is not None:
-            c.ema.update(c.model, step=state["step"])
+    elif not bool(found_inf):  # optimizers without a fused kernel (lamb, lion) decide on the host
+        c.optimizer.step()
+    if c.ema is not None:  # as timm with GradScaler: a skipped step leaves the weights, the EMA still updates
+        c.ema.update(c.model, step=state["step"])
     c.scheduler.step_update(state["step"] + 1)
-    return float(total), digest
+    return total, digest
+
+
+def count_skipped(c: Components, recipe: Recipe, state: dict[str, int]) -> None:
+    """Fold the device's count of skipped steps into ``state`` (a host read: log and checkpoint steps only)."""
+    skipped = int(c.skipped.item())
+    if not skipped:
+        return
+    c.skipped.zero_()
+    state["nonfinite"] += skipped
+    log.warning("step %d: %d step(s) with non-finite loss skipped since the last log (%d so far)", state["step"],
+                skipped, state["nonfinite"])
+    if state["nonfinite"] > recipe.run.max_nonfinite_steps:
+        raise TrainingError(f"{state['nonfinite']} steps with non-finite loss by step {state['step']}, more than "
+                            f"run.max_nonfinite_steps={recipe.run.max_nonfinite_steps}; lower optimizer.lr or check the data")
 
 
 def sample_digest(ids: torch.Tensor) -> int:
@@ -265,17 +287,19 @@ def check_corrupt(recipe: Recipe, ctx: TrainContext | None, corrupt: int, read: 
                         f"{recipe.data.max_corrupt_fraction}; the warnings above name each shard and row")
 
 
-def _all_finite(loss: torch.Tensor, ctx: TrainContext) -> bool:
-    """Every rank must agree to skip a step, or DDP replicas would diverge."""
-    flag = torch.isfinite(loss).to(torch.float32)
+def _non_finite(loss: torch.Tensor, ctx: TrainContext) -> torch.Tensor:
+    """1.0 where the step's loss is not finite on some rank, else 0.0, on the device: every rank must agree to
+    skip a step, or DDP replicas would diverge."""
+    found_inf = (~torch.isfinite(loss)).to(torch.float32)
     if ctx.world_size > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+    return found_inf
 
 
-def _across_ranks(losses: list[float], digest: int, ctx: TrainContext) -> tuple[float, int]:
+def _across_ranks(losses: list[torch.Tensor], digest: int, ctx: TrainContext) -> tuple[float, int]:
     """The mean loss and the samples digest over all ranks, in one all-reduce (float64 holds the digest exactly)."""
-    t = torch.tensor([sum(losses), len(losses), digest], dtype=torch.float64, device=ctx.device)
+    loss = torch.stack(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64, device=ctx.device)
+    t = torch.stack([loss, *torch.tensor([len(losses), digest], dtype=torch.float64).to(ctx.device)])
     if ctx.world_size > 1:
         dist.all_reduce(t)
     return (float(t[0] / t[1]) if t[1] else float("nan")), int(t[2])
@@ -296,6 +320,7 @@ def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext, final: bool =
 
 
 def save(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], metrics: dict[str, Any]) -> None:
+    count_skipped(c, recipe, state)
     files = None
     if ctx.is_main:
         files = checkpoint.encode({

@@ -126,7 +126,7 @@ class Classification(Task):
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, epoch: int,
                     ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.recipe
-        device.random_erase(images, [device.sample_seed(r.run.seed, epoch, int(i)) for i in ids], r.augment.re_prob)
+        device.random_erase(images, [device.sample_seed(r.run.seed, epoch, i) for i in ids.tolist()], r.augment.re_prob)
         targets = targets.to(ctx.device, non_blocking=True)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)

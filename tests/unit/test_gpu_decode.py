@@ -94,19 +94,25 @@ def test_each_device_op_does_what_pillows_op_does(fn: Callable[..., Image.Image]
         resample = Image.Resampling.BICUBIC if bicubic else Image.Resampling.BILINEAR
         args = () if fn in (auto_augment.auto_contrast, auto_augment.equalize, auto_augment.invert) else (level,)
         expected = np.asarray(fn(img, *args, resample=resample, fillcolor=fill)).astype(int)
+        other = torch.from_numpy(np.array(img.rotate(90))).permute(2, 0, 1)  # batched with another image and level
         if fn in GEOMETRIC:
-            matrix = gpu_decode._pillow_matrix(fn, level, 64, 64)
-            got = gpu_decode._warp(tensor, matrix, bicubic, torch.tensor(fill, dtype=torch.float32))
+            matrices = torch.tensor([gpu_decode._pillow_matrix(fn, level, 64, 64), (1, 0.3, 0, 0, 1, 0)])
+            got = gpu_decode._warp(torch.stack([tensor, other]), matrices, bicubic, torch.tensor(fill, dtype=torch.float32))
         else:
-            got = COLOUR_OPS[fn](tensor, level)
-        diff = np.abs(got.permute(1, 2, 0).numpy().astype(int) - expected)
+            got = COLOUR_OPS[fn](torch.stack([tensor, other]), torch.tensor([float(level), 1.0]))
+        assert got.shape == (2, 3, 64, 64) and got.dtype == torch.uint8
+        diff = np.abs(got[0].permute(1, 2, 0).numpy().astype(int) - expected)
         assert diff.mean() < 2.5 and np.percentile(diff, 99) < 24, (fn.__name__, bicubic, diff.mean())
 
 
 def test_undecodable_images_are_replaced_and_counted_and_other_formats_decode_in_the_worker() -> None:
     good, png = photo(1), photo(2, fmt="PNG")
-    broken = good[: len(good) // 2] + bytes(len(good) // 2)  # the header parses; the data does not decode
+    frame = good.index(b"\xff\xc0") + 12  # the first component's quantisation table: one the file does not define
+    broken = good[:frame] + b"\x03" + good[frame + 1:]  # whole, and its header parses; it does not decode
     draws = TrainDraws(48, POLICY, "random")
+    truncated = good[: len(good) // 2] + bytes(len(good) // 2)  # no end marker: decoded (and refused) in the worker,
+    with pytest.raises(OSError, match="truncated"):  # which the reader counts as corrupt; nvJPEG might not refuse it
+        draws(truncated)
     images, targets, ids, corrupt = DeviceCrop(48, CPU)(device_batch(draws, [good, broken, png], [7, 8, 9]))
     assert corrupt.tolist() == [0, 1, 0]
     assert ids.tolist() == [0, 0, 2] and targets.tolist() == [7, 7, 9]  # the good image before it, whole
@@ -136,10 +142,11 @@ def test_a_gpu_decode_run_trains_on_the_device_path_and_resumes_bitwise(synth_di
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     applied = []
     real = DeviceCrop.apply
-    monkeypatch.setattr(DeviceCrop, "apply", lambda self, img, d: applied.append(1) or real(self, img, d))
+    monkeypatch.setattr(DeviceCrop, "apply", lambda self, images, source, d: applied.append(len(source)) or
+                        real(self, images, source, d))
     gpu = (*RANDOM_EVERYTHING, "data.decode=gpu")
     local.run(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=straight", "run.max_steps=8"))
-    assert len(applied) == 8 * 32, "every training image goes through the device step"
+    assert sum(applied) == 8 * 32 and len(set(applied)) == 1, "every training image, a micro-batch at a time"
     for steps in (4, 8):
         local.run(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=resumed", f"run.max_steps={steps}"))
     a, b = weights(tmp_path / "runs" / "straight"), weights(tmp_path / "runs" / "resumed")
@@ -147,3 +154,35 @@ def test_a_gpu_decode_run_trains_on_the_device_path_and_resumes_bitwise(synth_di
     losses = [r["train_loss"] for r in map(json.loads, (tmp_path / "runs" / "straight" / "metrics.jsonl").read_text()
                                            .splitlines()) if r["kind"] == "train"]
     assert losses and all(np.isfinite(losses))
+
+
+def test_an_image_comes_out_the_same_alone_or_in_any_micro_batch() -> None:
+    """The batched step gives each image what it gives that image alone (offsets, crops, op subsets, chunks)."""
+    jpegs = [photo(i, 100 + 7 * i, 90 + 5 * i) for i in range(12)] + [photo(40, fmt="PNG")]
+    draws = TrainDraws(64, POLICY, "random")
+    batch = device_batch(draws, jpegs)
+    together = DeviceCrop(64, CPU)(batch)[0]
+    for k in (0, 5, 12):
+        seeded(k)
+        alone = DeviceCrop(64, CPU)(default_collate([(draws(jpegs[k]), k, k, 0)]))[0]
+        assert torch.equal(together[k], alone[0]), k
+    small = gpu_decode.BUDGET
+    try:  # a budget of a few images per pass: the same pixels
+        gpu_decode.BUDGET = 3 * 3 * 140 * 160
+        assert torch.equal(DeviceCrop(64, CPU)(batch)[0], together)
+    finally:
+        gpu_decode.BUDGET = small
+
+
+def test_the_device_step_launches_as_many_ops_for_64_images_as_for_16() -> None:
+    """Kernel launches per micro-batch must not grow with its images (decoding aside): aten ops counted by
+    torch.profiler, as bench/device_step.py does; a per-image step would grow 4x here."""
+    from bench.device_step import ops_per_batch, step
+
+    jpegs = [photo(i, 120 + i, 96 + i) for i in range(64)]
+    run = step(CPU, 48, gpu_decode=True)
+    small, large = (ops_per_batch(run, device_batch(TrainDraws(48, POLICY, "random"), jpegs[:n])) for n in (16, 64))
+    assert large <= 1.25 * small, (small, large)
+    run = step(CPU, 48, gpu_decode=False)
+    images = [(torch.zeros(n, 48, 48, 3, dtype=torch.uint8), torch.zeros(n), torch.arange(n)) for n in (16, 64)]
+    assert ops_per_batch(run, images[1]) == ops_per_batch(run, images[0])  # normalise and erase

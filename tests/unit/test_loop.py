@@ -113,7 +113,7 @@ def test_keep_last_k_checkpoints(synth_dir: Path, tmp_path: Path) -> None:
 def test_non_finite_losses_stop_the_run_with_a_clear_message(synth_dir: Path, tmp_path: Path) -> None:
     recipe = smoke_recipe(tmp_path, synth_dir, "run.name=nan", "optimizer.lr=1e30", "schedule.warmup_epochs=0",
                           "run.max_nonfinite_steps=2")
-    with pytest.raises(TrainingError, match=r"3 steps with non-finite loss, more than run.max_nonfinite_steps=2"):
+    with pytest.raises(TrainingError, match=r"[34] steps with non-finite loss by step 4, more than run.max_nonfinite_steps=2"):
         local.run(recipe)
 
 
@@ -174,3 +174,29 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_is_bitwise_exa
     local.run(recipes.load(ROOT / "recipes" / "smoke.yaml", [*sets[:-1], "run.name=straight"]))
     a, b = weights(run), weights(tmp_path / "runs" / "straight")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_a_non_finite_step_is_skipped_and_counted_without_a_host_read(optimizer: str, synth_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """adamw: the fused kernel skips on the device flag (no update, no step count); lamb: skipped on the host.
+    The count reaches ``state`` only when ``count_skipped`` reads it (log and checkpoint steps)."""
+    from orchestrator.train import loop
+    from orchestrator.train.context import TrainContext
+
+    recipe = smoke_recipe(tmp_path, synth_dir, f"optimizer.name={optimizer}", "ema.decay=null")
+    c = loop.build(recipe, TrainContext(run=RunDir(str(tmp_path / "runs" / "x"))), resuming=False)
+    batches, state = iter(c.train_loader), {"step": 0, "nonfinite": 0}
+    before = {k: v.clone() for k, v in c.model.named_parameters()}  # (BatchNorm's statistics move in any forward)
+    real = c.task.loss
+    monkeypatch.setattr(c.task, "loss", lambda out, t: real(out, t) * float("nan"))
+    loss, _ = loop.train_step(c, recipe, TrainContext(run=RunDir(str(tmp_path))), state, batches)
+    assert loss.isnan() and float(c.skipped) == 1 and state["nonfinite"] == 0
+    assert all(torch.equal(before[k], v) for k, v in c.model.named_parameters())
+    assert all(int(s.get("step", 0)) == 0 for s in c.optimizer.state.values())
+    loop.count_skipped(c, recipe, state)
+    assert state["nonfinite"] == 1 and float(c.skipped) == 0
+    monkeypatch.setattr(c.task, "loss", real)
+    loss, _ = loop.train_step(c, recipe, TrainContext(run=RunDir(str(tmp_path))), state, batches)
+    assert torch.isfinite(loss) and float(c.skipped) == 0
+    assert not any(torch.equal(before[k], v) for k, v in c.model.named_parameters() if v.dim() > 1)
