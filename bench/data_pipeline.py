@@ -19,14 +19,24 @@ from minute to minute; turns make the drift cost both sides alike). Printed, in 
   RandAugment on the device), and the device step's images/s and CPU ms per image on the device this
   machine has (CUDA if present, else the CPU, where it is only a correctness path);
 - shards re-encoded with ``--max-side`` (not part of the ratio): the whole pipeline against the originals;
-- last, ``ratio=<reader / timm>`` for the whole pipeline on CPU (normalisation and erasing here too).
+- with ``--workers N`` DataLoader workers on both sides (the workers-only transforms): images per CPU-second
+  counting every worker process's CPU (whole passes, the sides alternating), ``parallel_worker_ratio``;
+- ``ratio=<reader / timm>`` for the whole pipeline on CPU (normalisation and erasing here too);
+- last, the headline ``worker_ratio=<reader / timm>`` of the workers alone against timm with
+  ``use_prefetcher`` (how timm's train.py runs by default).
+
+The ``data.decode: gpu`` line counts the training process's CPU per image too: cores per GPU at 1,000
+images/s = the workers' share + the device step's CPU in the training process (on a CPU-only machine the
+device step's CPU includes its arithmetic, so that sum is an upper bound there).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -133,11 +143,26 @@ def paired_rates(sides: dict[str, tuple[Iterable[Any], Callable[[Any], Any]]], p
     return best
 
 
+def parallel_rates(sides: dict[str, Callable[[], Iterable[Any]]], passes: int) -> dict[str, float]:
+    """Images per CPU-second of whole passes over each side's loader with worker processes, counting the
+    workers' CPU (reaped children) and this process's; the sides alternate pass by pass, best of ``passes``."""
+    best = dict.fromkeys(sides, 0.0)
+    for _ in range(passes):
+        for name, make in sides.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = time.process_time()
+            seen = sum(len(batch[1]) for batch in make())
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers exit (and are reaped) with the pass
+            spent = time.process_time() - cpu + (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            best[name] = max(best[name], seen / spent)
+    return best
+
+
 def on_device(batch: Any) -> Any:
     """This reader's device step, here on the CPU: normalise, erase (keys from the sample ids)."""
     images, labels, ids, corrupt = batch
     x = device.normalize(images, torch.device("cpu"), channels_last=False)
-    return device.random_erase(x, [device.sample_seed(0, 0, int(i)) for i in ids], RE_PROB), labels
+    return device.random_erase(x, [device.sample_seed(0, 0, i) for i in ids.tolist()], RE_PROB), labels
 
 
 def per_image_ms(fn: Callable[[Any], Any], items: list[Any]) -> float:
@@ -242,6 +267,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--max-side", type=int, default=320, help="shorter side of the re-encoded shards")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers of the parallel run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -272,10 +298,10 @@ def main() -> None:
         print(f"this reader CPU ms per image: S3 read (s3fs, pyarrow) {read_ms(manifest, store.options):.2f}")
         full = timm_train_transform(args.size, POLICY, RE_PROB, "random")
         workers_only = timm_train_transform(args.size, POLICY, RE_PROB, "random", use_prefetcher=True)
-        def reader(transform: Any = None, found: mf.Manifest = manifest) -> ShardLoader:
+        def reader(transform: Any = None, found: mf.Manifest = manifest, workers: int = 0) -> ShardLoader:
             ds = ShardDataset(found, seeds.ours(transform or TrainCrop(args.size, POLICY, "random")), train=True,
                               options=ReaderOptions(storage_options=store.options))
-            return ShardLoader(ds, args.batch, 0)
+            return ShardLoader(ds, args.batch, workers)
 
         def timm_side(transform: Any, **kw: Any) -> DataLoader:
             return DataLoader(ImageDataset(str(folder), transform=seeds.timm(transform)), batch_size=args.batch,
@@ -298,20 +324,30 @@ def main() -> None:
             "gpu_workers": (reader(TrainDraws(args.size, POLICY, "random")), fetched),
         }, passes=2)
         gpu_batches = list(reader(TrainDraws(args.size, POLICY, "random")))
+        parallel = parallel_rates({
+            "timm_workers": lambda: timm_side(workers_only, collate_fn=fast_collate, num_workers=args.workers),
+            "reader_workers": lambda: reader(workers=args.workers),
+        }, passes=3)
     finally:
         store.stop()
     device_rate, device_cpu_ms, where = device_step(gpu_batches, args.size)
     print(f"timm ImageFolder (local disk), whole pipeline:  {best['timm']:.1f} images/CPU-s")
     print(f"this reader (loopback S3), whole pipeline:      {best['reader']:.1f} images/CPU-s")
     print(f"workers only: timm (use_prefetcher) {best['timm_workers']:.1f}, this reader {best['reader_workers']:.1f} images/CPU-s")
-    print(f"worker_ratio={best['reader_workers'] / best['timm_workers']:.3f}")
     print(f"cores_per_gpu_at_1000={1000 / best['reader_workers']:.2f}")
+    gpu_cores = 1000 / others["gpu_workers"] + device_cpu_ms
     print(f"data.decode gpu: workers {others['gpu_workers']:.0f} images/CPU-s "
           f"({others['gpu_workers'] / best['reader_workers']:.1f}x the cpu path's); device step on {where}: "
-          f"{device_rate:.0f} images/s, {device_cpu_ms:.2f} CPU ms per image in the training process")
+          f"{device_rate:.0f} images/s, {device_cpu_ms:.2f} CPU ms per image in the training process; "
+          f"cores per GPU at 1000 images/s, workers and training process: {gpu_cores:.2f}"
+          + (" (an upper bound: the device here is the CPU)" if where == "cpu" else ""))
     print(f"--max-side {args.max_side} shards (not in the ratio): {others['max_side']:.1f} images/CPU-s, "
           f"{others['max_side'] / others['reader']:.2f}x the same reader on the originals")
+    print(f"{args.workers} DataLoader workers, their CPU counted: timm (use_prefetcher) {parallel['timm_workers']:.1f}, "
+          f"this reader {parallel['reader_workers']:.1f} images/CPU-s; "
+          f"parallel_worker_ratio={parallel['reader_workers'] / parallel['timm_workers']:.3f}")
     print(f"ratio={best['reader'] / best['timm']:.3f}")
+    print(f"worker_ratio={best['reader_workers'] / best['timm_workers']:.3f}")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,9 @@ class RunConfig:
     compile: bool = False
     dist_bn: str = "reduce"  # average BatchNorm statistics across ranks before eval: reduce | broadcast | none
     max_nonfinite_steps: int = 20
+    # No progress (micro-batch, evaluation batch, checkpoint chunk) for this long ends the attempt; the launcher
+    # resumes from the newest checkpoint. Twice this before the first micro-batch (build, compile, first reads).
+    stall_timeout_s: float | None = 600.0  # null: no watchdog
 
 
 @dataclass
@@ -479,6 +482,8 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("run.precision", f"{r.run.precision!r} is not auto, fp32 or bf16")
     if r.run.dist_bn not in ("reduce", "broadcast", "none"):
         fail("run.dist_bn", f"{r.run.dist_bn!r} is not reduce, broadcast or none")
+    if r.run.stall_timeout_s is not None and r.run.stall_timeout_s <= 0:
+        fail("run.stall_timeout_s", f"must be positive or null, got {r.run.stall_timeout_s}")
     if r.run.max_steps is not None and r.run.max_steps <= 0:
         fail("run.max_steps", f"must be positive or null, got {r.run.max_steps}")
     if not r.data.train:

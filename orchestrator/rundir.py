@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONFIG, STATUS, METRICS = "config.json", "status.json", "metrics.jsonl"
 CHECKPOINTS, MARKER, STATE = "checkpoints", "COMMITTED", "state.pt"
+CHUNK = 64 * 2**20  # checkpoint files are written in chunks of this size (each one is progress for the watchdog)
 WEIGHTS, EMA_WEIGHTS = "model.safetensors", "model_ema.safetensors"
 OUTPUTS = ("tensorboard", "curves.png")  # written by the metrics writer
 _STEP_DIR = re.compile(r"step-(\d+)$")
@@ -180,8 +181,10 @@ class RunDir:
     def checkpoint_url(self, step: int) -> str:
         return self.url_of(CHECKPOINTS, f"step-{step:08d}")
 
-    def write_checkpoint(self, step: int, files: dict[str, bytes], meta: dict[str, Any]) -> Checkpoint:
-        """Write ``files`` into ``checkpoints/step-N/``, then the marker that lists them: the commit."""
+    def write_checkpoint(self, step: int, files: dict[str, bytes], meta: dict[str, Any],
+                         progress: Callable[[], None] | None = None) -> Checkpoint:
+        """Write ``files`` into ``checkpoints/step-N/``, then the marker that lists them: the commit.
+        ``progress`` is called after every chunk of ``CHUNK`` bytes."""
         folder = self._p(CHECKPOINTS, f"step-{step:08d}")
         self.fs.makedirs(folder, exist_ok=True)
         if self.fs.exists(storage.join(folder, MARKER)):  # a re-run of this step: uncommit before overwriting
@@ -189,7 +192,10 @@ class RunDir:
         listing = {}
         for name, data in files.items():
             with self.fs.open(storage.join(folder, name), "wb") as f:
-                f.write(data)
+                for at in range(0, max(len(data), 1), CHUNK):
+                    f.write(data[at:at + CHUNK])
+                    if progress is not None:
+                        progress()
             listing[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         marker = {**meta, "step": step, "files": listing, "written": time.time()}
         with self.fs.open(storage.join(folder, MARKER), "wb") as f:

@@ -1,7 +1,8 @@
 """``python -m orchestrator.runs STORAGE [--json]``: the runs under a storage URL, one line each.
 
 State: finished (final weights written), running (its heartbeat in ``status.json`` is fresh),
-failed at step N (the loop raised; ``status.json`` has the error), stopped at step N (checkpoints,
+failed at step N (the loop raised; ``status.json`` has the error), stalled at step N (the stall watchdog
+ended an attempt there; until the run moves again), stopped at step N (checkpoints,
 no final weights, no fresh heartbeat), or not started. Also the
 launcher, epochs and steps done, best and last of the task's headline metric (top-1, or mIoU), the newest committed checkpoint (its marker
 and file sizes checked) and where the final weights are.
@@ -35,6 +36,8 @@ def summary(run: RunDir) -> dict[str, Any]:
         state = "running"
     elif status.get("state") == "failed":
         state = f"failed at step {step}"
+    elif status.get("state") == "stalled":  # the watchdog ended an attempt; "running" again once it moves
+        state = f"stalled at step {status.get('step', step)}"
     elif latest:
         state = f"stopped at step {latest.step}"
     else:

@@ -329,6 +329,7 @@ class ShardLoader:
                      num_workers, self.num_workers, dataset.order.partitions // dataset.world_size)
         self.epoch = 0
         self.consumed = 0  # this rank's micro-batches
+        self.progress: Callable[[], None] | None = None  # called per batch (the stall watchdog)
 
     def __len__(self) -> int:
         ds = self.dataset
@@ -364,4 +365,6 @@ class ShardLoader:
                             prefetch_factor=4 if self.num_workers else None)
         for batch in loader:
             self.consumed += 1
+            if self.progress is not None:
+                self.progress()
             yield batch if self.on_batch is None else self.on_batch(batch)

@@ -28,7 +28,7 @@ import ray
 import ray.train
 import torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution import context as ray_train_context
 from ray.train.v2.api.config import LoggingConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator import logs, storage
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.launch import faults
+from orchestrator.launch.distributed import collective_timeout
 from orchestrator.recipe import SECRETS_ENV, Recipe, absolute_paths, from_dict, secret_options
 from orchestrator.rundir import RunDir
 from orchestrator.train.context import StopRequested, TrainContext
@@ -262,6 +263,7 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
     # The recipe goes redacted; secrets are in the job's environment (``connect(secret_environment(...))``).
     return TorchTrainer(
         fn,
+        torch_config=TorchConfig(timeout_s=int(collective_timeout(recipe).total_seconds())),
         train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay,
                            **(extra or {})},
         scaling_config=ScalingConfig(num_workers=tuple(s.num_workers) if isinstance(s.num_workers, list) else s.num_workers,

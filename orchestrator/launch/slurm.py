@@ -30,6 +30,7 @@ from orchestrator.recipe import Recipe, from_dict, secrets_in_environment
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
 from orchestrator.train.stop import StopSignals
+from orchestrator.train.watchdog import exit_process
 
 log = logging.getLogger(__name__)
 PREEMPT_SIGNAL = signal.SIGUSR2  # submitit's default requeue signal
@@ -81,10 +82,22 @@ def probe(recipe: Recipe, options: SlurmOptions, stamp: str) -> None:
 
 
 def distributed_context(recipe: Recipe) -> TrainContext:
-    """Rank, world and rendezvous from the Slurm job (submitit's environment), as every job task needs."""
+    """Rank, world and rendezvous from the Slurm job (submitit's environment), as every job task needs; a
+    stall requeues the job (``requeue_on_stall``)."""
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
-    return context_from_env(recipe, launcher="slurm")
+    ctx = context_from_env(recipe, launcher="slurm")
+    ctx.on_stall = requeue_on_stall  # type: ignore[method-assign]
+    return ctx
+
+
+def requeue_on_stall(line: str) -> None:
+    """The stall watchdog's end of a Slurm attempt: requeue the job, as a preempted one is (any rank may ask;
+    Slurm ends every task of the job and runs it again, which resumes from the newest checkpoint)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
+    exit_process(1)(f"{line}; Slurm job {job} requeued")
 
 
 class SlurmProbe:

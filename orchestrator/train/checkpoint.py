@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,8 +41,10 @@ class BackgroundCommitter:
     retried with backoff, then fails the run loudly at the next ``submit`` or ``wait``: never lost silently.
     """
 
-    def __init__(self, run: RunDir, keep: int, policy: RetryPolicy | None = None) -> None:
+    def __init__(self, run: RunDir, keep: int, policy: RetryPolicy | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
         self.run, self.keep, self.policy = run, keep, policy or RetryPolicy(attempts=4, base_delay=1.0)
+        self.progress = progress  # called per uploaded chunk (the stall watchdog's progress)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         transient_errors()  # its imports happen here, not in the upload thread (see transient_errors)
@@ -56,7 +59,8 @@ class BackgroundCommitter:
         with contextlib.suppress(AttributeError, OSError):  # Linux: lower this thread's priority; training first
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         try:
-            with_retries(lambda: self.run.write_checkpoint(step, files, meta), f"checkpoint {self.run.checkpoint_url(step)}",
+            with_retries(lambda: self.run.write_checkpoint(step, files, meta, self.progress),
+                         f"checkpoint {self.run.checkpoint_url(step)}",
                          self.policy, self.run.options)
             self.run.prune(self.keep)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from orchestrator.rundir import RunDir
 from orchestrator.train.checkpoint import BackgroundCommitter
 from orchestrator.train.stop import StopSignals
+from orchestrator.train.watchdog import Watchdog, exit_process
 
 
 class LaggedAgreement:
@@ -74,6 +75,7 @@ class TrainContext:
     stop: StopSignals = field(default_factory=StopSignals)  # the launcher installs it where signals reach the loop
     committer: BackgroundCommitter | None = field(default=None, repr=False)
     agreement: LaggedAgreement | None = field(default=None, repr=False)
+    watchdog: Watchdog | None = field(default=None, repr=False)  # the loop starts it (run.stall_timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -89,7 +91,7 @@ class TrainContext:
         if self.is_main:
             assert files is not None
             if self.committer is None:
-                self.committer = BackgroundCommitter(self.run, self.keep_checkpoints)
+                self.committer = BackgroundCommitter(self.run, self.keep_checkpoints, progress=self.tick)
             self.committer.submit(step, files, meta)
 
     def flush(self) -> None:
@@ -114,6 +116,16 @@ class TrainContext:
     def poll_stop(self) -> bool:
         """This rank's own view: a signal it caught (launchers that relay requests override this)."""
         return self.stop.received is not None
+
+    def tick(self) -> None:
+        """Progress for the stall watchdog (a micro-batch, an evaluation batch, a checkpoint chunk)."""
+        if self.watchdog is not None:
+            self.watchdog.tick()
+
+    def on_stall(self, line: str) -> None:
+        """The watchdog found no progress: end this attempt so the launcher's recovery takes over. Here (local,
+        torchrun): exit non-zero with ``line``; Ray workers do the same (Ray restarts the group); Slurm requeues."""
+        exit_process(1)(line)
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Per-epoch metrics for the launcher (Ray/Tune), on every rank; files are written by the loop itself."""

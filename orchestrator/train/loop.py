@@ -32,9 +32,10 @@ from orchestrator import storage
 from orchestrator.data import device
 from orchestrator.data.reader import corrupt_budget
 from orchestrator.errors import CheckpointError, DataError, TrainingError
+from orchestrator.launch import faults
 from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
-from orchestrator.train import checkpoint, components, tasks
+from orchestrator.train import checkpoint, components, tasks, watchdog
 from orchestrator.train.components import Components
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.metrics import MetricsWriter, interactive
@@ -61,6 +62,9 @@ def build(recipe: Recipe, ctx: TrainContext, resuming: bool) -> Components:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
     train_loader, val_loader = components.build_loaders(recipe, ctx, plan, task)
+    for loader in (train_loader, val_loader):  # every batch, training and evaluation, is progress
+        if loader is not None:
+            loader.progress = ctx.tick
     steps_per_epoch = len(train_loader) // plan.accum_steps
     if steps_per_epoch == 0:
         raise TrainingError(f"{recipe.data.train}: one epoch holds fewer samples per rank than one optimizer step "
@@ -69,7 +73,10 @@ def build(recipe: Recipe, ctx: TrainContext, resuming: bool) -> Components:
 
 
 def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
-    """Train (or resume) the run described by ``recipe``; returns the last metrics."""
+    """Train (or resume) the run described by ``recipe``; returns the last metrics. The stall watchdog
+    (``run.stall_timeout_s``) watches every step, evaluation and checkpoint upload of it."""
+    if recipe.run.stall_timeout_s:
+        ctx.watchdog = watchdog.for_context(ctx, recipe.run.stall_timeout_s, ctx.on_stall).start()
     try:
         return _train(recipe, ctx)
     except StopRequested:
@@ -79,6 +86,9 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 ctx.run.write_status("failed", error=storage.redact(f"{type(exc).__name__}: {exc}")[:300])
         raise
+    finally:
+        if ctx.watchdog is not None:
+            ctx.watchdog.stop()
 
 
 def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
@@ -223,7 +233,11 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
     c.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=ctx.device)
     digest = 0
+    if ctx.watchdog is not None:
+        ctx.watchdog.step = state["step"]
     for micro in range(c.plan.accum_steps):
+        if micro == 0:
+            faults.maybe_stall("stall", state["step"], ctx.rank)
         images, targets, ids, corrupt = next(batches)
         digest += sample_digest(ids)
         if corrupt is not None:  # counted per rank (host tensors); the budget is checked on the sum over ranks
@@ -238,6 +252,8 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
         sync = contextlib.nullcontext() if last or ctx.world_size == 1 else c.step_model.no_sync()
         with sync, tasks.autocast(c.autocast, ctx):
             loss = c.task.loss(c.step_model(images), targets) / c.plan.accum_steps
+            if last:
+                faults.maybe_stall("stall-collective", state["step"], ctx.rank)
             loss.backward()
         total += loss.detach()
     found_inf = _non_finite(total, ctx)

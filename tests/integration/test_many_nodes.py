@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator import doctor
-from orchestrator.launch import local, ray_train
+from orchestrator.launch import faults, local, ray_train
 from orchestrator.rundir import RunDir
 from tests.conftest import ROOT, smoke_recipe, steps_of
 from tests.integration.test_ray import assert_same_gradients, ddp_gradients
@@ -114,6 +114,35 @@ def test_the_doctor_measures_both_ray_nodes_and_plans_a_real_run_within_a_factor
     assert 1 / PLAN_FACTOR < factor < PLAN_FACTOR
 
 
+STALL_S = 8  # run.stall_timeout_s of the stall tests
+STALL_SLACK_S = 5  # detection within the timeout and this (the watchdog's check interval, writing the stacks)
+
+
+def assert_stall_found(run: Path, marker: Path, rank: int) -> None:
+    """The stalled rank's stack file names the injected frame, written within the timeout and the slack."""
+    (stacks,) = run.glob(f"stalls/*/rank-{rank}.txt")
+    assert "in maybe_stall" in stacks.read_text()
+    assert stacks.stat().st_mtime - marker.stat().st_mtime <= STALL_S + STALL_SLACK_S
+
+
+def test_a_stalled_rank_on_the_second_ray_node_is_ended_and_the_group_resumes_exactly(
+        second_node: RayWorkerNode, driver: RayCluster, synth_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 blocks in its data loading at step 5; the watchdogs end the attempt, Ray restarts the worker
+    group from the step-4 checkpoint, and the run ends with the weights of an uninterrupted 2-worker run."""
+    common = ("batch.per_device_max=16", "scaling.num_workers=2", "scaling.cpus_per_worker=2", "schedule.epochs=1",
+              "run.checkpoint_every_steps=2", f"run.stall_timeout_s={STALL_S}", "scaling.max_failures=2")
+    ray_train.run(smoke_recipe(tmp_path, synth_dir, *common, "run.name=straight"))
+    marker = tmp_path / "stalled"
+    monkeypatch.setenv(faults.ENV, f"stall:5:1:{marker}")
+    ray_train.run(smoke_recipe(tmp_path, synth_dir, *common, "run.name=stalled"))
+    run = tmp_path / "runs" / "stalled"
+    assert_stall_found(run, marker, rank=1)
+    assert [(r["step"], r["world_size"]) for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [(4, 2)]
+    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "runs" / "straight" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def _result(fn: Any) -> Any:
     try:
         return fn()
@@ -168,7 +197,8 @@ def test_the_doctor_runs_as_a_two_node_slurm_job(slurm2: SlurmCluster, synth_dir
             f"data.val={synth_dir}/val", "data.num_workers=0", "data.input_size=32", "batch.global_batch_size=32",
             "batch.per_device_max=16", f"run.storage={tmp_path}/runs"]
     assert doctor.main(argv) == 0, capsys.readouterr().err[-2000:]
-    probes = json.loads(capsys.readouterr().out)["probes"]
+    out = capsys.readouterr().out
+    probes = json.loads(out.splitlines()[-1])["probes"]
     assert sorted(p["node"] for p in probes) == ["n1", "n2"]
     assert all(p["allreduce"]["across_nodes"]["gb_per_s"] > 0 and p["read"]["images"] > 0 for p in probes)
 
@@ -188,6 +218,28 @@ def test_a_usr2_requeue_of_a_two_node_job_resumes_both_ranks_at_one_step_and_is_
     assert all(stops), stops  # each rank stopped itself
     (stopped,) = {int(m) for found in stops for m in found}  # at the same step
     assert [(r["step"], r["world_size"]) for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [(stopped, 2)]
+    assert wait_done(reference, timeout=300) == "COMPLETED"
+    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_rank_stalled_before_the_all_reduce_requeues_the_two_node_slurm_job_which_resumes_exactly(
+        slurm2: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 (on n2) blocks just before step 5's gradient all-reduce, rank 0 waits in it: both watchdogs
+    fire, the job requeues itself and resumes both ranks from the step-4 checkpoint."""
+    sets = [*stage_sets(synth_dir, epochs=1), "--set=run.checkpoint_every_steps=2", f"--set=run.stall_timeout_s={STALL_S}"]
+    reference = submit_stage(tmp_path, sets, 2, capsys, storage="reference")  # uninterrupted, alongside
+    marker = tmp_path / "stalled"
+    monkeypatch.setenv(faults.ENV, f"stall-collective:5:1:{marker}")  # sbatch exports it to this job only
+    job = submit_stage(tmp_path, sets, 2, capsys)
+    assert wait_done(job, timeout=300) == "COMPLETED"
+    assert re.search(r"Restarts=1\b", slurm2.run("scontrol", "show", "job", job))
+    run = tmp_path / "runs" / "one-pretrain"
+    assert_stall_found(run, marker, rank=1)
+    (waiting,) = run.glob("stalls/*/rank-0.txt")  # rank 0 waited in the all-reduce of the backward
+    assert "in train_step" in waiting.read_text() and "in maybe_stall" not in waiting.read_text()
+    assert [(r["step"], r["world_size"]) for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [(4, 2)]
     assert wait_done(reference, timeout=300) == "COMPLETED"
     a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
