@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, poll
+from tests.services import free_port, missing_service, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
@@ -190,7 +190,7 @@ class SlurmCluster:
 def started(accounting: bool = True, nodes: int = 1) -> Iterator[SlurmCluster]:
     reason = install()
     if reason:
-        pytest.skip(f"SLURM CANNOT BE INSTALLED HERE, the Slurm tests did not run: {reason}")
+        missing_service(f"SLURM CANNOT BE INSTALLED HERE, the Slurm tests did not run: {reason}")
     cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp")), accounting=accounting, nodes=nodes)
     try:
         cluster.start()

@@ -104,6 +104,7 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
                     "launcher": ctx.launcher})
     total_steps = components.total_steps(recipe, c.steps_per_epoch)
     stop_at = min(total_steps, recipe.run.max_steps or total_steps)
+    log.info("rank %d of %d on %s (%s) trains from step %d", ctx.rank, ctx.world_size, ctx.node, ctx.device, state["step"])
     if ctx.is_main:
         ctx.run.write_bytes(CONFIG, recipe.to_json().encode())
         ctx.run.write_status("running", launcher=ctx.launcher, step=state["step"], total_steps=stop_at,

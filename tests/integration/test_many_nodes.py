@@ -185,6 +185,10 @@ def test_a_two_node_slurm_stage_matches_one_process_with_two_micro_batches(
     assert wait_done(job) == "COMPLETED"
     assert "NodeList=n[1-2]" in slurm2.run("scontrol", "show", "job", job)
     run = tmp_path / "runs" / "one-pretrain"
+    assert RunDir(str(run)).status()["world_size"] == 2  # not one rank reading both micro-batches
+    for rank, node in ((0, "n1"), (1, "n2")):  # each rank trained, on its own node
+        log = (tmp_path / "logs" / job / f"{job}_{rank}_log.err").read_text()
+        assert f"rank {rank} of 2 on {node} (cpu) trains from step 0" in log
     reference = torchrun_reference(tmp_path, sets, 1)
     assert digests(run) == digests(reference)
     assert parameter_distance(run, reference) < 5e-3
