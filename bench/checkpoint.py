@@ -1,12 +1,16 @@
-"""What checkpointing to object storage costs the training loop: step time with a checkpoint every
-``--every`` steps to a loopback S3 store (SeaweedFS, started here) over the step time without,
-alternating rounds in the same run. The store runs niced (on a cluster it is not on the training
-node; on 2 cores its CPU would otherwise be charged to training). Then one B-sized state (InceptionNeXt-B weights, EMA and AdamW
-moments, about 1 GB) saved once: the blocking part (host snapshot) against the background upload.
+"""What checkpointing to object storage costs the training loop: the time of ``--every`` steps that
+follow a checkpoint (its staging, and its encoding and upload to a loopback S3 store running in the
+background while those steps train, up to its commit) over the time of ``--every`` steps without one,
+alternating rounds in the same run. The store runs niced (on a cluster it is not on the training node;
+on 2 cores its CPU would otherwise be charged to training). Then one B-sized state (InceptionNeXt-B
+weights, EMA and AdamW moments, about 1.3 GB) saved once: what blocks training (staging the tensors in
+host memory) against what runs in the background (encoding, upload, commit).
 
-    .venv/bin/python bench/checkpoint.py [--every 20] [--rounds 5] [--skip-b]
+    .venv/bin/python bench/checkpoint.py [--every 20] [--rounds 15] [--skip-b]
 
-The last line is ``checkpoint_overhead=<with / without>`` (median of the per-round ratios).
+The last line is ``checkpoint_overhead=<with / without>``, the median of the per-round ratios; the line
+before it gives their spread (quartiles) and the standard error of the median, so a 3% effect can be told
+from this machine's noise.
 """
 
 from __future__ import annotations
@@ -51,8 +55,7 @@ def smoke_components(ctx: TrainContext, batch: int, size: int) -> tuple[Componen
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--every", type=int, default=20)
-    p.add_argument("--checkpoints", type=int, default=1, help="checkpoints per timed round")
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--skip-b", action="store_true")
@@ -72,16 +75,16 @@ def main() -> None:
         c.step_model.train()
 
         def steps(checkpointing: bool) -> float:
-            n = args.every * args.checkpoints
+            """Seconds per step of a window of ``every`` steps; with a checkpoint, saved at its start and
+            committed by its end (what the next checkpoint would otherwise wait for)."""
             start = time.perf_counter()
-            for i in range(1, n + 1):
+            if checkpointing:
+                save(c, recipe, ctx, state, {"epoch": 0})
+            for _ in range(args.every):
                 train_step(c, recipe, ctx, state, iter([(*data, torch.arange(args.batch), None)]))
                 state["step"] += 1
-                if checkpointing and i % args.every == 0:
-                    save(c, recipe, ctx, state, {"epoch": 0})
-            elapsed = time.perf_counter() - start
-            ctx.flush()  # outside the timer: a real run keeps training while the last upload finishes
-            return elapsed / n
+            ctx.flush()
+            return (time.perf_counter() - start) / args.every
 
         steps(True)  # warm-up: first S3 connection, allocator
         ratios, without, with_ = [], [], []
@@ -98,6 +101,9 @@ def main() -> None:
         print(f"  step without checkpoints: {statistics.median(without) * 1000:.1f} ms (median of {args.rounds} rounds)")
         print(f"  step with one every {args.every}: {statistics.median(with_) * 1000:.1f} ms; per-round ratios "
               f"{', '.join(f'{r:.3f}' for r in ratios)}")
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        se = 1.2533 * statistics.stdev(ratios) / len(ratios) ** 0.5  # the median's standard error (normal approximation)
+        print(f"  ratio quartiles {q1:.3f}-{q3:.3f}, standard error of the median {se:.3f}")
         print(f"  a synchronous commit of the weights alone takes {(time.perf_counter() - start) * 1000:.0f} ms")
         if not args.skip_b:
             b_sized(bucket, store)
@@ -116,15 +122,21 @@ def b_sized(bucket: str, store: S3Store) -> None:
             optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(param),
                                       "exp_avg_sq": torch.zeros_like(param)}
     ctx = TrainContext(run=RunDir(f"{bucket}/b", store.options))
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
     start = time.perf_counter()
-    files = checkpoint.encode({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()})
-    snapshot = time.perf_counter() - start
-    ctx.save_checkpoint(1, files, {})
-    submitted = time.perf_counter() - start
-    ctx.flush()
-    uploaded = time.perf_counter() - start
-    print(f"B-sized state ({len(files['state.pt']) / 2**30:.2f} GB): snapshot {snapshot:.2f} s blocks training, "
-          f"submit returns at {submitted:.2f} s, upload and commit done in the background at {uploaded:.2f} s")
+    files = checkpoint.encode(state)
+    encoded = time.perf_counter() - start  # what blocked training when the snapshot was encoded in its thread
+    for _ in range(3):  # the first staging pays for fresh host memory; a run's later ones reuse it
+        start = time.perf_counter()
+        snapshot = checkpoint.stage(state)
+        staged = time.perf_counter() - start
+        ctx.save_checkpoint(1, snapshot, {})
+        submitted = time.perf_counter() - start
+        ctx.flush()
+        uploaded = time.perf_counter() - start
+        print(f"B-sized state ({len(files['state.pt']) / 2**30:.2f} GB): staging {staged:.2f} s blocks training "
+              f"(encoding it there took {encoded:.2f} s), submit returns at {submitted:.2f} s, encoding, upload and "
+              f"commit done in the background at {uploaded:.2f} s")
 
 
 if __name__ == "__main__":

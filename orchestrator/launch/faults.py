@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from orchestrator.rundir import RunDir
+from orchestrator.train.checkpoint import Snapshot
 
 ENV = "ORCHESTRATOR_INJECT_FAULT"
 _UNSET = "unset"
@@ -71,10 +72,10 @@ def maybe_fail(step: int, rank: int) -> None:
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")
 
 
-def maybe_tear(run: RunDir, step: int, rank: int, files: dict[str, bytes]) -> None:
+def maybe_tear(run: RunDir, step: int, rank: int, snapshot: Snapshot) -> None:
     if not _fires(("tear",), step, rank):
         return
-    name, data = next(iter(files.items()))
+    name, data = next(iter(snapshot.files().items()))
     run.fs.makedirs(f"{run.path}/checkpoints/step-{step:08d}", exist_ok=True)
     with run.fs.open(f"{run.path}/checkpoints/step-{step:08d}/{name}", "wb") as f:
         f.write(data[: len(data) // 2])

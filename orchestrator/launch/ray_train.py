@@ -39,6 +39,7 @@ from orchestrator.launch import faults
 from orchestrator.launch.distributed import collective_timeout
 from orchestrator.recipe import SECRETS_ENV, Recipe, absolute_paths, from_dict, secret_options
 from orchestrator.rundir import RunDir
+from orchestrator.train.checkpoint import Snapshot
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
 from orchestrator.train.stop import StopSignals, interrupted
@@ -66,10 +67,10 @@ class RayContext(TrainContext):
     relay: Any = None  # the driver's StopRelay, asked at most once a second
     _asked: float = 0.0
 
-    def save_checkpoint(self, step: int, files: dict[str, bytes] | None, meta: dict[str, Any]) -> None:
-        if files is not None:
-            faults.maybe_tear(self.run, step, self.rank, files)
-        super().save_checkpoint(step, files, meta)
+    def save_checkpoint(self, step: int, snapshot: Snapshot | None, meta: dict[str, Any]) -> None:
+        if snapshot is not None:
+            faults.maybe_tear(self.run, step, self.rank, snapshot)
+        super().save_checkpoint(step, snapshot, meta)
         if faults.armed(step):
             self.flush()  # every rank: the fault comes right after this checkpoint is committed
             faults.maybe_fail(step, self.rank)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.rundir import RunDir
-from orchestrator.train.checkpoint import BackgroundCommitter
+from orchestrator.train.checkpoint import BackgroundCommitter, Snapshot
 from orchestrator.train.stop import StopSignals
 from orchestrator.train.watchdog import Watchdog, exit_process
 
@@ -85,14 +85,14 @@ class TrainContext:
         if self.world_size > 1 and dist.is_initialized():
             dist.barrier()
 
-    def save_checkpoint(self, step: int, files: dict[str, bytes] | None, meta: dict[str, Any]) -> None:
-        """Called on every rank; rank 0 passes the files (a host-memory snapshot), which are committed
+    def save_checkpoint(self, step: int, snapshot: Snapshot | None, meta: dict[str, Any]) -> None:
+        """Called on every rank; rank 0 passes the state staged in host memory, which is encoded, committed
         and old checkpoints pruned in the background. ``flush`` waits for that."""
         if self.is_main:
-            assert files is not None
+            assert snapshot is not None
             if self.committer is None:
                 self.committer = BackgroundCommitter(self.run, self.keep_checkpoints, progress=self.tick)
-            self.committer.submit(step, files, meta)
+            self.committer.submit(step, snapshot, meta)
 
     def flush(self) -> None:
         """Wait until every checkpoint handed to ``save_checkpoint`` is committed (raises if one failed)."""

@@ -338,14 +338,14 @@ def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext, final: bool =
 
 def save(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], metrics: dict[str, Any]) -> None:
     count_skipped(c, recipe, state)
-    files = None
-    if ctx.is_main:
-        files = checkpoint.encode({
+    snapshot = None
+    if ctx.is_main:  # staged in host memory here; encoded and uploaded in the background
+        snapshot = checkpoint.stage({
             "model": c.model.state_dict(), "ema": c.ema.module.state_dict() if c.ema else None,
             "optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(), "state": dict(state),
             "loader": c.train_loader.state_dict(), "model_name": recipe.model.name,
         })
-    ctx.save_checkpoint(state["step"], files, {"epoch": metrics.get("epoch"), "metrics": metrics})
+    ctx.save_checkpoint(state["step"], snapshot, {"epoch": metrics.get("epoch"), "metrics": metrics})
     if ctx.is_main:
         ctx.run.write_status("running", step=state["step"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -65,13 +66,13 @@ def test_a_torn_checkpoint_is_never_picked(synth_dir: Path, tmp_path: Path, monk
     recipe = smoke_recipe(tmp_path, synth_dir, "run.name=torn", "run.checkpoint_every_steps=3", "run.max_steps=6")
     real_write = RunDir.write_checkpoint
 
-    def crash_at_step_6(self: RunDir, step: int, files: dict[str, bytes], meta: dict) -> None:
+    def crash_at_step_6(self: RunDir, step: int, files: dict[str, bytes], meta: dict, progress: object = None) -> None:
         if step == 6:
             folder = Path(self.path) / "checkpoints" / f"step-{step:08d}"
             folder.mkdir(parents=True)
             (folder / STATE).write_bytes(files[STATE][: len(files[STATE]) // 2])
             raise KeyboardInterrupt("node lost while writing")
-        return real_write(self, step, files, meta)
+        return real_write(self, step, files, meta, progress)
 
     monkeypatch.setattr(RunDir, "write_checkpoint", crash_at_step_6)
     with pytest.raises(CheckpointError, match="checkpoint upload to .* failed: node lost while writing"):
@@ -88,15 +89,15 @@ def test_a_failing_upload_is_retried(synth_dir: Path, tmp_path: Path, monkeypatc
     recipe = smoke_recipe(tmp_path, synth_dir, "run.name=retry", "run.checkpoint_every_steps=3", "run.max_steps=6")
     real_write, calls = RunDir.write_checkpoint, []
 
-    def flaky(self: RunDir, step: int, files: dict[str, bytes], meta: dict) -> None:
+    def flaky(self: RunDir, step: int, files: dict[str, bytes], meta: dict, progress: object = None) -> None:
         calls.append(step)
         if calls.count(step) == 1:
             raise ConnectionError("store hiccup")
-        return real_write(self, step, files, meta)
+        return real_write(self, step, files, meta, progress)
 
     monkeypatch.setattr(RunDir, "write_checkpoint", flaky)
-    monkeypatch.setattr(BackgroundCommitter, "__init__", lambda self, run, keep, policy=None: real_init(
-        self, run, keep, RetryPolicy(attempts=3, base_delay=0.01)))
+    monkeypatch.setattr(BackgroundCommitter, "__init__", lambda self, run, keep, policy=None, progress=None: real_init(
+        self, run, keep, RetryPolicy(attempts=3, base_delay=0.01), progress))
     assert local.run(recipe)["step"] == 6
     assert calls == [3, 3, 6, 6] and steps_of(tmp_path / "runs" / "retry") == [3, 6]
 
@@ -200,3 +201,22 @@ def test_a_non_finite_step_is_skipped_and_counted_without_a_host_read(optimizer:
     loss, _ = loop.train_step(c, recipe, TrainContext(run=RunDir(str(tmp_path))), state, batches)
     assert torch.isfinite(loss) and float(c.skipped) == 0
     assert not any(torch.equal(before[k], v) for k, v in c.model.named_parameters() if v.dim() > 1)
+
+
+def test_a_checkpoint_is_staged_in_the_step_and_encoded_off_the_training_thread(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.train import checkpoint
+
+    state = {"w": torch.ones(3), "nested": [torch.zeros(2), {"x": torch.ones(1)}], "n": 1}
+    snapshot = checkpoint.stage(state)
+    state["w"].add_(1)  # training moves on
+    state["nested"][1]["x"].zero_()
+    restored = checkpoint.decode(snapshot.files()[STATE])
+    assert torch.equal(restored["w"], torch.ones(3)) and torch.equal(restored["nested"][1]["x"], torch.ones(1))
+    threads = []
+    real = checkpoint.encode
+    monkeypatch.setattr(checkpoint, "encode", lambda s: threads.append(threading.current_thread().name) or real(s))
+    committer = BackgroundCommitter(RunDir(str(tmp_path / "run")), keep=2)
+    committer.submit(1, checkpoint.stage({"w": torch.ones(2)}), {})
+    committer.wait()
+    assert threads == ["checkpoint-1"] and steps_of(tmp_path / "run") == [1]
