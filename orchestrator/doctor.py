@@ -192,20 +192,20 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def run_probe(recipe: Recipe, launcher: str, stamp: str, slurm: Any) -> None:
+def run_probe(recipe: Recipe, launcher: str, stamp: str, seconds: float, slurm: Any) -> None:
     """The probe on every rank of a job of the recipe's shape; rank 0 saves the figures under ``stamp``."""
     if launcher == "local":
         from orchestrator.launch import local
 
-        local.probe(recipe, stamp)
+        local.probe(recipe, stamp, seconds)
     elif launcher == "ray":
         from orchestrator.launch import ray_train
 
-        ray_train.probe(recipe, stamp)
+        ray_train.probe(recipe, stamp, seconds)
     else:
         from orchestrator.launch import slurm as slurm_launch
 
-        slurm_launch.probe(recipe, slurm, stamp)
+        slurm_launch.probe(recipe, slurm, stamp, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where to measure: the Ray cluster (default, as the other entry points), this process, or Slurm")
     p.add_argument("--nodes", default="", help="plan for these node counts too, e.g. 8,32,64 (a stated cost model)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of the tables")
+    p.add_argument("--seconds", type=float, default=3.0, help="how long each measurement runs (default 3)")
     slurm = p.add_argument_group("Slurm (--launcher slurm; as orchestrator.pipeline takes them, but --slurm-nodes)")
     for flag, kind in SLURM_FLAGS:
         slurm.add_argument(f"--{'slurm-nodes' if flag == 'nodes' else flag}", type=kind, dest="nodes_of_job" if flag == "nodes" else flag.replace("-", "_"))
@@ -242,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         if options is not None:
             check_cluster(options, recipe)
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        run_probe(recipe, args.launcher, stamp, options)
+        if args.seconds <= 0:
+            raise RecipeError(f"--seconds {args.seconds:g}: must be positive")
+        run_probe(recipe, args.launcher, stamp, args.seconds, options)
         try:
             probes = load(recipe, stamp)["probes"]
         except FileNotFoundError:

@@ -103,7 +103,7 @@ def probe_worker(config: dict[str, Any]) -> None:
 
     logs.setup()
     recipe = from_dict(config["recipe"])
-    probes = probe(recipe, ray_context(recipe))
+    probes = probe(recipe, ray_context(recipe), config["seconds"])
     if probes is not None:
         doctor.save(recipe, config["stamp"], {"probes": probes})
 
@@ -302,7 +302,7 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     return run_dir.last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
 
 
-def probe(recipe: Recipe, stamp: str) -> None:
+def probe(recipe: Recipe, stamp: str, seconds: float) -> None:
     """``orchestrator.doctor`` on the Ray cluster: one worker per ``scaling.num_workers`` (the largest of a range)."""
     connect(secret_environment(recipe))
     recipe = with_absolute_paths(recipe)
@@ -311,7 +311,7 @@ def probe(recipe: Recipe, stamp: str) -> None:
         recipe = dataclasses.replace(recipe, scaling=dataclasses.replace(recipe.scaling, num_workers=workers[-1]))
     name = f".doctor-{stamp}"
     try:
-        result = trainer(recipe, fn=probe_worker, name=name, extra={"stamp": stamp}).fit()
+        result = trainer(recipe, fn=probe_worker, name=name, extra={"stamp": stamp, "seconds": seconds}).fit()
     finally:  # Ray's own state of this job, not a run
         fs, root = storage.filesystem(recipe.run.storage, recipe.run.storage_options)
         with contextlib.suppress(OSError):

@@ -69,9 +69,9 @@ def _submit(fn: Any, name: str, recipe: Recipe, options: SlurmOptions, after: st
         return executor.submit(fn)
 
 
-def probe(recipe: Recipe, options: SlurmOptions, stamp: str) -> None:
+def probe(recipe: Recipe, options: SlurmOptions, stamp: str, seconds: float) -> None:
     """``orchestrator.doctor`` as a Slurm job of the stage's shape; waits for it (a few minutes at most)."""
-    job = _submit(SlurmProbe(recipe.to_dict(redact=True), stamp), f"doctor-{recipe.run.name}", recipe, options)
+    job = _submit(SlurmProbe(recipe.to_dict(redact=True), stamp, seconds), f"doctor-{recipe.run.name}", recipe, options)
     log.info("doctor: Slurm job %s (logs: %s)", job.job_id, Path(options.log_dir) / job.job_id)
     try:
         job.results()
@@ -103,8 +103,8 @@ def requeue_on_stall(line: str) -> None:
 class SlurmProbe:
     """The submitit callable of ``orchestrator.doctor``: every task measures; rank 0 saves the figures."""
 
-    def __init__(self, recipe: dict[str, Any], stamp: str) -> None:
-        self.recipe, self.stamp = recipe, stamp
+    def __init__(self, recipe: dict[str, Any], stamp: str, seconds: float) -> None:
+        self.recipe, self.stamp, self.seconds = recipe, stamp, seconds
 
     def __call__(self) -> None:
         from orchestrator import doctor
@@ -114,7 +114,7 @@ class SlurmProbe:
         recipe = from_dict(self.recipe)
         ctx = distributed_context(recipe)
         try:
-            probes = measure(recipe, ctx)
+            probes = measure(recipe, ctx, self.seconds)
             if probes is not None:
                 doctor.save(recipe, self.stamp, {"probes": probes})
         finally:

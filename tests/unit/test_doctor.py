@@ -19,7 +19,8 @@ def sets(tmp_path: Path, data: Path) -> list[str]:
 
 def test_the_doctor_measures_this_process_and_plans_the_recipe(synth_dir: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [str(ROOT / "recipes" / "smoke.yaml"), "--launcher", "local", "--nodes", "2,3", *sets(tmp_path, synth_dir)]
+    argv = [str(ROOT / "recipes" / "smoke.yaml"), "--launcher", "local", "--nodes", "2,3", "--seconds", "1",
+            *sets(tmp_path, synth_dir)]
     assert doctor.main([*argv, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (probe,) = report["probes"]
@@ -34,9 +35,9 @@ def test_the_doctor_measures_this_process_and_plans_the_recipe(synth_dir: Path, 
     saved = list((tmp_path / "runs").glob("doctor-*.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text())["plan"] == report["plan"]
     assert not list((tmp_path / "runs").glob(".doctor-*"))  # the write probe's object is gone
-    assert doctor.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "plan on this cluster (1 devices" in out and "verdict:" in out and out.splitlines()[1].startswith("vm")
+    text = doctor.table(smoke_recipe(tmp_path, synth_dir), report)  # what is printed without --json
+    assert "plan on this cluster (1 devices" in text and "verdict: --nodes 3" in text
+    assert text.splitlines()[1].split()[:2] == [probe["node"][:14], "1"]
 
 
 def test_the_verdicts_name_the_key_to_change(synth_dir: Path, tmp_path: Path) -> None:
@@ -70,7 +71,7 @@ def test_bad_input_is_refused_before_anything_runs(synth_dir: Path, tmp_path: Pa
     assert "run.storage=s3://runs: cannot connect" in capsys.readouterr().err
     assert doctor.main([recipe, "--launcher", "local", "--nodes", "eight", *sets(tmp_path, synth_dir)]) == 2
     assert "--nodes 'eight'" in capsys.readouterr().err
-    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-slurm.conf"))  # no controller here
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))  # not a Slurm login node
     assert doctor.main([recipe, "--launcher", "slurm", "--gpus-per-node", "0", *sets(tmp_path, synth_dir)]) == 2
-    assert "--launcher slurm: " in capsys.readouterr().err
+    assert "--launcher slurm: sbatch is not on PATH" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
