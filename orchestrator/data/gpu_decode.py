@@ -376,7 +376,9 @@ class DeviceCrop:
             at += t.numel()
         params = HostParams()
         params.add("base", [offsets[source[k]] for k in chunk])
-        params.add("geometry", d[:, 1:8])  # height, width, top, left, h, w, bicubic
+        geometry = d[:, 1:8].copy()  # height, width (the decoded tensor's, which the strides follow), top, left, h, w, bicubic
+        geometry[:, :2] = [tuple(images[source[k]].shape[1:]) for k in chunk]  # type: ignore[union-attr]
+        params.add("geometry", geometry)
         p = params.to(self.device)
         g = p["geometry"]
         height, width, top, left, h, w = (g[:, i].long().view(-1, 1, 1) for i in range(6))
