@@ -6,7 +6,7 @@ What runs is what the loop runs between the loader and the model: for ``data.dec
 device crop (decode, crop, resize, flip, RandAugment ``rand-m9-mstd0.5-inc1``) and then normalise and
 random erasing (0.25); for the CPU-decode path only normalise and erasing. The aten ops each micro-batch
 dispatches are counted with ``torch.profiler`` on the device this machine has (each dispatched op is at
-least one kernel launch on a GPU), leaving out decoding itself (the ``decode`` range: nvJPEG's batched
+least one kernel launch on a GPU; erasing runs its GPU version here too), leaving out decoding itself (the ``decode`` range: nvJPEG's batched
 call and packing its outputs into one buffer). ``device_ops_growth`` is ops at the largest size over ops at
 the smallest: 1.0 when the launches do not grow with the images; a per-image device step grows with the
 ratio of the sizes (4.0 for 32 -> 128).
@@ -65,7 +65,7 @@ def step(where: torch.device, size: int, gpu_decode: bool) -> Callable[[Any], to
         else:
             images, _targets, ids = batch
         x = device.normalize(images, where, channels_last=where.type == "cuda")
-        return device.random_erase(x, [device.sample_seed(0, 0, i) for i in ids.tolist()], RE_PROB)
+        return device.random_erase(x, [device.sample_seed(0, 0, i) for i in ids.tolist()], RE_PROB, batched=True)
     return run
 
 

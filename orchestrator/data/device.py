@@ -3,9 +3,9 @@
 As timm's CUDA prefetcher does, and on CPU too, so every device runs the same code. Random erasing
 follows timm's ``RandomErasing`` (mode "pixel", one rectangle) draw for draw, but each image's draws
 come from its own generator keyed by ``(seed, epoch, sample id)``: the same image is erased the
-same way on any world size and after any resume. The rectangles are drawn on the host; the noise is
-made on the device by a counter-based generator (a hash of the image's key and the element's place in
-its rectangle), so a micro-batch is erased by a fixed handful of kernels, with no per-image copy.
+same way on any world size and after any resume. The rectangles are drawn on the host; on a GPU the
+noise is made on the device by a counter-based generator (a hash of the image's key and the element's
+place in its rectangle), so a micro-batch is erased by a fixed handful of kernels, with no per-image copy.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -60,27 +59,49 @@ def erase_box(rng: random.Random, probability: float, height: int, width: int,
     return None
 
 
-def random_erase(x: torch.Tensor, keys: list[int], probability: float) -> torch.Tensor:
+def random_erase(x: torch.Tensor, keys: list[int], probability: float, batched: bool | None = None) -> torch.Tensor:
     """Erase one rectangle per image with ``probability`` (in place), filled with N(0, 1) noise as timm's
-    "pixel" mode; ``keys`` are the images' ``sample_seed``s. The noise of an image depends on its key and
-    its rectangle only (``keyed_normal``)."""
+    "pixel" mode; ``keys`` are the images' ``sample_seed``s. An image's noise depends on its key and its
+    rectangle only. ``batched`` (default: on a GPU) makes the noise with ``keyed_normal`` for all erased
+    images at once, a fixed handful of kernels per micro-batch; otherwise (the CPU, where a kernel is a
+    function call and hashing costs more than drawing) each rectangle is drawn from the image's own
+    generator. The two give different noise values, of the same distribution."""
     if probability <= 0:
         return x
-    n, c, height, width = x.shape
-    boxes = np.zeros((n, 5))
+    _, c, height, width = x.shape
+    boxes = []
     for i, key in enumerate(keys):
         box = erase_box(random.Random(key + ERASE_SALT), probability, height, width)
-        boxes[i] = (*(box or (0, 0, 0, 0)), key + ERASE_SALT)
-    if not boxes[:, 2].any():  # decided on the host: nothing to erase
+        if box is not None:
+            boxes.append((i, *box, key + ERASE_SALT))
+    if not boxes:  # decided on the host: nothing to erase
         return x
-    host = torch.from_numpy(boxes)
+    if not (x.device.type == "cuda" if batched is None else batched):
+        for i, top, left, h, w, key in boxes:
+            noise = torch.randn((c, h, w), generator=torch.Generator().manual_seed(key))
+            x[i, :, top:top + h, left:left + w] = noise.to(x.device, x.dtype)
+        return x
+    _scatter_keyed_noise(x, boxes)
+    return x
+
+
+def _scatter_keyed_noise(x: torch.Tensor, boxes: list[tuple[int, ...]]) -> None:
+    """``keyed_normal`` noise into each (index, top, left, h, w, key) rectangle of ``x``: one window of the
+    largest rectangle's size per erased image, scattered into place (positions past an image's own rectangle
+    repeat its edge, so they write the same value twice)."""
+    c = x.shape[1]
+    host = torch.tensor(boxes, dtype=torch.float64)
+    hmax, wmax = int(host[:, 3].max()), int(host[:, 4].max())
     p = (host.pin_memory() if x.device.type == "cuda" else host).to(x.device, non_blocking=True)
-    top, left, h, w, key = (p[:, i].long().view(n, 1, 1, 1) for i in range(5))
-    dy = torch.arange(height, device=x.device).view(1, 1, height, 1) - top
-    dx = torch.arange(width, device=x.device).view(1, 1, 1, width) - left
-    inside = (dy >= 0) & (dy < h) & (dx >= 0) & (dx < w)
-    counter = (torch.arange(c, device=x.device).view(1, c, 1, 1) * h + dy) * w + dx
-    return x.copy_(torch.where(inside, keyed_normal(key, counter).to(x.dtype), x))
+    index, top, left, h, w, key = (p[:, i].long().view(-1, 1, 1, 1) for i in range(6))
+    dy = torch.minimum(torch.arange(hmax, device=x.device).view(1, 1, hmax, 1), h - 1)
+    dx = torch.minimum(torch.arange(wmax, device=x.device).view(1, 1, 1, wmax), w - 1)
+    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    noise = keyed_normal(key, (channel * h + dy) * w + dx).to(x.dtype)
+    s = x.stride()
+    target = index * s[0] + channel * s[1] + (top + dy) * s[2] + (left + dx) * s[3]
+    flat = x.as_strided((x.numel(),), (1,))  # dense (contiguous or channels_last): strides index its storage
+    flat.index_put_((target.reshape(-1),), noise.reshape(-1))
 
 
 _M32 = 0xFFFFFFFF
@@ -99,7 +120,8 @@ def keyed_normal(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 noise that is a function of (``key``, ``counter``) alone (int64 tensors,
     broadcast together): Box-Muller on two hashed 32-bit uniforms. Any device, any batch, the same values."""
     seed = _hash32((key & _M32) ^ _hash32((key >> 32) & _M32))
-    counter = (counter & _M32) * 2
-    u1 = (_hash32(seed ^ _hash32(counter & _M32)).float() + 1) * 2.0**-32
-    u2 = _hash32(seed ^ _hash32((counter + 1) & _M32)).float() * 2.0**-32
+    first = _hash32(seed ^ ((counter * 0x9E3779B1) & _M32))
+    second = _hash32(first ^ 0x85EBCA6B)
+    u1 = (first.float() + 1) * 2.0**-32
+    u2 = second.float() * 2.0**-32
     return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)

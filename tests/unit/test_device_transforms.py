@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import functional as F
@@ -38,13 +39,22 @@ def test_erasing_draws_timms_rectangles() -> None:
     assert 150 < erased < 250
 
 
-def test_erasing_depends_on_the_image_key_only() -> None:
-    """The same image erased alone or in another batch (another rank, another resume) gets the same rectangle."""
+@pytest.mark.parametrize("batched", [False, True])  # the CPU's per-image draws; the GPU's keyed noise
+def test_erasing_depends_on_the_image_key_only(batched: bool) -> None:
+    """The same image erased alone or in another batch (another rank, another resume) gets the same rectangle
+    and noise, in either memory format; the noise is N(0, 1)."""
     batch = torch.zeros(3, 3, 32, 32)
-    device.random_erase(batch, [11, 12, 13], 1.0)
-    alone = torch.zeros(1, 3, 32, 32)
-    device.random_erase(alone, [12], 1.0)
+    device.random_erase(batch, [11, 12, 13], 1.0, batched)
+    alone = torch.zeros(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    device.random_erase(alone, [12], 1.0, batched)
     assert torch.equal(batch[1], alone[0]) and alone.abs().sum() > 0
     assert not torch.equal(batch[0], batch[1])
+    rows, cols = batch[1].abs().sum(0).nonzero(as_tuple=True)  # exactly the drawn rectangle
+    top, left, h, w = device.erase_box(random.Random(12 + device.ERASE_SALT), 1.0, 32, 32)
+    assert (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1) == (top, left, top + h, left + w)
+    many = torch.zeros(64, 3, 32, 32)
+    device.random_erase(many, list(range(64)), 1.0, batched)
+    values = many[many != 0]
+    assert abs(float(values.mean())) < 0.05 and abs(float(values.std()) - 1) < 0.05
     untouched = torch.zeros(2, 3, 32, 32)
-    assert device.random_erase(untouched, [1, 2], 0.0).abs().sum() == 0
+    assert device.random_erase(untouched, [1, 2], 0.0, batched).abs().sum() == 0
