@@ -197,12 +197,13 @@ def input_rate(recipe: Recipe, ctx: TrainContext, images: list[tuple[bytes, Any]
 
 def compute(recipe: Recipe, ctx: TrainContext, seconds: float) -> dict[str, Any]:
     """The recipe's model, micro-batch, precision, channels_last and compile: training steps per second on
-    this device (forward, backward, optimizer; no data), peak memory at the micro-batch and at half of it,
-    and from those two the largest micro-batch that fits (a linear estimate, printed as such)."""
+    this device (forward, backward, optimizer; no data) and peak memory; on a GPU also at half the
+    micro-batch, and from the two peaks the largest micro-batch that fits (a linear estimate, printed as such)."""
     plan = plan_batch(recipe, ctx.world_size)
     size = tasks.for_recipe(recipe).input_size
     rates, peaks = {}, {}
-    for micro in sorted({max(plan.micro_batch // 2, 1), plan.micro_batch}):
+    half = {max(plan.micro_batch // 2, 1)} if ctx.device.type == "cuda" else set()  # only the estimate needs it
+    for micro in sorted(half | {plan.micro_batch}):
         rates[micro], peaks[micro] = _steps(recipe, ctx, micro, size, seconds / 2)
     micro = plan.micro_batch
     out: dict[str, Any] = {"micro_batch": micro, "images_per_s": rates[micro], "peak_gb": peaks[micro] / 2**30}
