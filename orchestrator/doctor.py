@@ -48,6 +48,15 @@ def save(recipe: Recipe, stamp: str, report: dict[str, Any]) -> str:
     return storage.join(recipe.run.storage, report_name(stamp))
 
 
+def probe_and_save(recipe: Recipe, ctx: Any, stamp: str, seconds: float) -> None:
+    """What every launcher runs on each rank: ``orchestrator.probe``; rank 0 saves the figures under ``stamp``."""
+    from orchestrator.probe import probe
+
+    probes = probe(recipe, ctx, seconds)
+    if probes is not None:
+        save(recipe, stamp, {"probes": probes})
+
+
 def load(recipe: Recipe, stamp: str) -> dict[str, Any]:
     fs, root = storage.filesystem(recipe.run.storage, recipe.run.storage_options)
     with fs.open(f"{root.rstrip('/')}/{report_name(stamp)}") as f:

@@ -35,13 +35,10 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
 def probe(recipe: Recipe, stamp: str, seconds: float) -> None:
     """``orchestrator.doctor`` in this process (or on every torchrun rank); rank 0 saves the figures."""
     from orchestrator import doctor
-    from orchestrator.probe import probe as measure
 
     ctx = context_from_env(recipe, launcher="local")
     try:
-        probes = measure(recipe, ctx, seconds)
-        if probes is not None:
-            doctor.save(recipe, stamp, {"probes": probes})
+        doctor.probe_and_save(recipe, ctx, stamp, seconds)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -99,13 +99,10 @@ def ray_context(recipe: Recipe) -> RayContext:
 def probe_worker(config: dict[str, Any]) -> None:
     """``orchestrator.doctor``'s measurements on every Ray Train worker; rank 0 saves them."""
     from orchestrator import doctor
-    from orchestrator.probe import probe
 
     logs.setup()
     recipe = from_dict(config["recipe"])
-    probes = probe(recipe, ray_context(recipe), config["seconds"])
-    if probes is not None:
-        doctor.save(recipe, config["stamp"], {"probes": probes})
+    doctor.probe_and_save(recipe, ray_context(recipe), config["stamp"], config["seconds"])
 
 
 def worker(config: dict[str, Any]) -> None:

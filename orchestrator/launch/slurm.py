@@ -108,15 +108,12 @@ class SlurmProbe:
 
     def __call__(self) -> None:
         from orchestrator import doctor
-        from orchestrator.probe import probe as measure
 
         logs.setup()
         recipe = from_dict(self.recipe)
         ctx = distributed_context(recipe)
         try:
-            probes = measure(recipe, ctx, self.seconds)
-            if probes is not None:
-                doctor.save(recipe, self.stamp, {"probes": probes})
+            doctor.probe_and_save(recipe, ctx, self.stamp, self.seconds)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
