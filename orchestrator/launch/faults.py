@@ -1,12 +1,13 @@
-"""Fault injection for the fault-tolerance tests:
-``ORCHESTRATOR_INJECT_FAULT=raise|kill|tear|stall|stall-collective:STEP:RANK:MARKER``.
+"""Fault injection for the fault-tolerance tests and the chaos run:
+``ORCHESTRATOR_INJECT_FAULT=KIND:STEP:RANK:MARKER[,KIND:STEP:RANK:MARKER...]``.
 
-The fault fires once (the marker file records that it did) on RANK: ``raise`` and ``kill`` right
-after the checkpoint at STEP is committed; ``tear`` (rank 0) while that checkpoint is being
-uploaded: half of ``state.pt`` is in storage, no marker, when the process is SIGKILLed. ``stall``
-blocks the rank's data loading of the step after STEP forever; ``stall-collective`` blocks it just
-before that step's gradient all-reduce (its last backward). Launchers hand the spec on
-(``configure``); without that it is read from the environment.
+Each fault fires once (its marker file records that it did) on RANK: ``raise`` and ``kill`` right
+after the checkpoint at STEP is committed; ``flip`` then flips one bit of that committed checkpoint's
+``state.pt`` in storage (silent corruption) before the SIGKILL; ``tear`` (rank 0) while that
+checkpoint is being uploaded: half of ``state.pt`` is in storage, no marker, when the process is
+SIGKILLed. ``stall`` blocks the rank's data loading of the step after STEP forever;
+``stall-collective`` blocks it just before that step's gradient all-reduce (its last backward).
+Launchers hand the spec on (``configure``); without that it is read from the environment.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import threading
 from pathlib import Path
 
-from orchestrator.rundir import RunDir
+from orchestrator.rundir import STATE, RunDir
 from orchestrator.train.checkpoint import Snapshot
 
 ENV = "ORCHESTRATOR_INJECT_FAULT"
@@ -34,28 +35,28 @@ def _current() -> str | None:
     return os.environ.get(ENV) if _configured == _UNSET else _configured
 
 
-def _fault() -> tuple[str, int, int, Path] | None:
-    """(kind, step, rank, marker) of the spec, or None."""
-    spec = _current()
-    if not spec:
-        return None
-    kind, at, rank, marker = spec.split(":", 3)
-    return kind, int(at), int(rank), Path(marker)
+def _armed(step: int) -> list[tuple[str, int, Path]]:
+    """(kind, rank, marker) of the spec's faults at ``step`` that have not fired yet."""
+    found = []
+    for fault in filter(None, (_current() or "").split(",")):
+        kind, at, rank, marker = fault.split(":", 3)
+        if int(at) == step and not Path(marker).exists():
+            found.append((kind, int(rank), Path(marker)))
+    return found
 
 
 def armed(step: int) -> bool:
     """Whether a fault fires at this step (on some rank; it has not fired yet)."""
-    fault = _fault()
-    return fault is not None and fault[1] == step and not fault[3].exists()
+    return bool(_armed(step))
 
 
 def _fires(kinds: tuple[str, ...], step: int, rank: int) -> str | None:
-    """The fault's kind if one of ``kinds`` fires now on ``rank`` (its marker is then written), else None."""
-    fault = _fault()
-    if fault is None or fault[0] not in kinds or not armed(step) or fault[2] != rank:
-        return None
-    fault[3].write_text(f"{fault[0]} at step {step} on rank {rank}\n")
-    return fault[0]
+    """The kind of a fault of ``kinds`` that fires now on ``rank`` (its marker is then written), else None."""
+    for kind, on, marker in _armed(step):
+        if kind in kinds and on == rank:
+            marker.write_text(f"{kind} at step {step} on rank {rank}\n")
+            return kind
+    return None
 
 
 def maybe_stall(kind: str, step: int, rank: int) -> None:
@@ -64,9 +65,15 @@ def maybe_stall(kind: str, step: int, rank: int) -> None:
         threading.Event().wait()  # the injected stall: this frame is what the watchdog's stack file shows
 
 
-def maybe_fail(step: int, rank: int) -> None:
-    kind = _fires(("raise", "kill"), step, rank)
-    if kind == "kill":
+def maybe_fail(run: RunDir, step: int, rank: int) -> None:
+    """After the checkpoint at ``step`` is committed: raise, die, or corrupt it and die."""
+    kind = _fires(("raise", "kill", "flip"), step, rank)
+    if kind == "flip":
+        path = f"{run.path}/checkpoints/step-{step:08d}/{STATE}"
+        data = bytearray(run.fs.cat_file(path))
+        data[len(data) // 2] ^= 0x10
+        run.fs.pipe_file(path, bytes(data))
+    if kind in ("kill", "flip"):
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "raise":
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")

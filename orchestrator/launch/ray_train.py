@@ -73,7 +73,7 @@ class RayContext(TrainContext):
         super().save_checkpoint(step, snapshot, meta)
         if faults.armed(step):
             self.flush()  # every rank: the fault comes right after this checkpoint is committed
-            faults.maybe_fail(step, self.rank)
+            faults.maybe_fail(self.run, step, self.rank)
 
     def poll_stop(self) -> bool:
         if self.relay is not None and self.stop.received is None and time.monotonic() - self._asked > 1.0:
