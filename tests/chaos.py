@@ -41,7 +41,7 @@ KINDS = ("worker-kill", "worker-term", "driver-term", "node-loss", "store-restar
 INJECTED = {"tear": "tear", "bit-flip": "flip", "stall": "stall"}  # chaos kind -> faults.py kind
 STEPS_PER_EPOCH = 10  # 320 images, global batch 32
 STALL_SLACK_S = 5  # a stall is found within run.stall_timeout_s and this (the watchdog's check, writing stacks)
-REGROW_STEPS = 60  # measured: the group grew back 28 steps after the shrink
+REGROW_STEPS = 120  # measured: the group grew back 28 and 56 steps after the shrink (10-20 s)
 FAULT_TIMEOUT_S = 300  # one fault's recovery; more is a failure of the run
 
 
