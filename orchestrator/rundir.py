@@ -143,6 +143,14 @@ class RunDir:
         summaries = [r for r in records if r.get("kind") in ("epoch", "stop")]
         return summaries[-1] if summaries else records[-1] if records else {}
 
+    def evaluations(self) -> dict[str, dict[str, Any]]:
+        """``orchestrator.evaluate``'s results saved with the run (``eval/<data name>.json``), by data name."""
+        folder = self._p("eval")
+        if not self.fs.exists(folder):
+            return {}
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        return {n.removesuffix(".json"): self.read_json(f"eval/{n}") or {} for n in names if n.endswith(".json")}
+
     # --- status -------------------------------------------------------------------------------------
     def write_status(self, state: str, **fields: Any) -> None:
         """``status.json``: what ``orchestrator.runs`` and ``--status`` show (running also serves as a heartbeat)."""

@@ -49,6 +49,8 @@ def summary(run: RunDir) -> dict[str, Any]:
         "metric": metric, "best": max(scores) if scores else None, "last": scores[-1] if scores else None,
         "checkpoint": latest.url if latest else None, "weights": run.final_weights(), "url": run.url,
         "error": status.get("error") if state.startswith("failed") else None,
+        "evaluations": {name: {k: e.get(k) for k in ("top1", "top5", "val_images", "weights")}
+                        for name, e in run.evaluations().items()},
     }
 
 

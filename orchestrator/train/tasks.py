@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +37,15 @@ if TYPE_CHECKING:
     from orchestrator.train.components import Components
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSetup:
+    """What ``Task.evaluate`` reads of the components (``orchestrator.evaluate`` has no optimizer to build)."""
+
+    val_loader: Any
+    autocast: torch.dtype | None
+    channels_last: bool
 
 
 def autocast(dtype: torch.dtype | None, ctx: TrainContext) -> contextlib.AbstractContextManager[Any]:
@@ -136,7 +146,7 @@ class Classification(Task):
         return self.loss_fn(outputs, targets)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, c: Components, ctx: TrainContext, tag: str = "",
+    def evaluate(self, model: torch.nn.Module, c: Components | EvalSetup, ctx: TrainContext, tag: str = "",
                  final: bool = False) -> dict[str, Any]:
         """Top-1/top-5 over the whole validation split; each image counted once across ranks (corrupt excluded)."""
         assert c.val_loader is not None
