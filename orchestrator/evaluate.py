@@ -3,8 +3,8 @@
 WEIGHTS is a run folder or URL (``--which final|ema|best|step-N``; the recipe comes from its config.json), or
 a weights file (``.safetensors``, a checkpoint's ``state.pt``, an official release ``.pth``) whose architecture
 is recorded in it or given with ``--set model.name=...``. DATA is the project's shards (a split folder with its
-manifest, any storage URL) or, read directly without sharding, an ImageFolder tree or a flat ILSVRC-2012 val
-folder with its labels file (``--val-labels``). Images go through the training loop's own evaluation (the
+manifest, any storage URL) or, read directly without sharding, an ImageFolder tree, or an ILSVRC-2012 folder
+whose ``val/`` split is evaluated (class folders, or flat with its labels file: ``--val-labels``). Images go through the training loop's own evaluation (the
 same reader, the same ``EvalCrop``: timm's evaluation transform, and the same ``Classification.evaluate``), so
 a run evaluated here gives exactly the top-1 its metrics.jsonl recorded. Under torchrun every image is
 evaluated once across the ranks. The result is printed (``--json``: as JSON) and saved next to the weights
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser("orchestrator.evaluate", __doc__)
     p.add_argument("weights", help="a run folder or URL, or a weights file (.safetensors, .pth, .pt)")
     p.add_argument("--data", required=True, help="shards (a split folder with its manifest), an ImageFolder tree, "
-                                                 "or a flat val folder with its labels file")
+                                                 "or an ILSVRC-2012 folder (its val/ split)")
     p.add_argument("--which", default="final", help="for a run: final (EMA first), ema, model (not EMA), best "
                                                     "(final, else the newest checkpoint) or step-N (a checkpoint)")
     p.add_argument("--val-labels", help="the labels file of a flat val folder (as `data shard --val-labels`)")
