@@ -85,26 +85,18 @@ def segment(recipe: Recipe, steps: int) -> Recipe:
     return with_values(recipe, {"run.max_steps": steps})
 
 
-def test_ray_local_ray_round_trip_with_pruning(reference: Path, driver: RayCluster, synth_dir: Path,
-                                               tmp_path: Path) -> None:
-    recipe = smoke_recipe(tmp_path, synth_dir, *PRUNED, f"run.name={name('trip')}")
-    ray_train.run(segment(recipe, 4))
-    local.run(segment(recipe, 8))
-    ray_train.run(recipe)
-    run = tmp_path / "runs" / recipe.run.name
-    assert resumes(run) == [(4, "local"), (8, "ray")]
-    assert_same_weights(run, reference)
-
-
-def test_ray_slurm_ray_round_trip_with_pruning(reference: Path, driver: RayCluster, slurm_cluster: SlurmCluster,
-                                               synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_local_slurm_ray_round_trip_with_pruning(reference: Path, driver: RayCluster, slurm_cluster: SlurmCluster,
+                                                     synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run moved Ray -> local -> Slurm -> Ray, only its newest checkpoint kept: each launcher resumes where the
+    last stopped, and the run ends with the uninterrupted Ray run's weights."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
-    recipe = absolute_paths(smoke_recipe(tmp_path, synth_dir, *PRUNED, f"run.name={name('slurm')}"))
+    recipe = absolute_paths(smoke_recipe(tmp_path, synth_dir, *PRUNED, f"run.name={name('trip')}"))
     ray_train.run(segment(recipe, 4))
+    local.run(segment(recipe, 6))
     job = submit("trip", segment(recipe, 8), SlurmOptions(time="00:05:00", log_dir=str(tmp_path / "logs")), None)
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
     assert poll(lambda: (s := job_states([job])[0].get(job)) in final and s, 240, f"Slurm job {job}") == "COMPLETED"
     ray_train.run(recipe)
     run = tmp_path / "runs" / recipe.run.name
-    assert resumes(run) == [(4, "slurm"), (8, "ray")]
+    assert resumes(run) == [(4, "local"), (6, "slurm"), (8, "ray")]
     assert_same_weights(run, reference)
