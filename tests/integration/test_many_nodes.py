@@ -181,7 +181,7 @@ def test_a_usr2_requeue_of_a_two_node_job_resumes_both_ranks_at_one_step_and_is_
         slurm2: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The uninterrupted two-node stage alongside (it is also the two-node stage's own test: both ranks trained,
     one per node; against one process, see the one-node resume test below), and the same stage sent USR2."""
-    sets = stage_sets(synth_dir, epochs=3)
+    sets = stage_sets(synth_dir, epochs=2)
     reference = submit_stage(tmp_path, sets, 2, capsys, storage="reference")  # uninterrupted, alongside
     job = submit_stage(tmp_path, sets, 2, capsys)
     run = tmp_path / "runs" / "one-pretrain"

@@ -21,7 +21,7 @@ from orchestrator import recipe as recipes
 from orchestrator.launch import faults, ray_train
 from orchestrator.rundir import MARKER, RunDir
 from orchestrator.train.context import TrainContext
-from tests.conftest import ROOT, assert_backbone_from, seg_tiny, smoke_recipe
+from tests.conftest import ROOT, smoke_recipe
 from tests.services import ACCESS_KEY, SECRET_KEY, RayCluster, S3Store
 
 pytestmark = pytest.mark.timeout(300)
@@ -177,32 +177,6 @@ def test_worker_fault_restarts_from_the_latest_checkpoint(kind: str, driver: Ray
     assert (run / "model.safetensors").exists()
 
 
-def test_finetune_at_a_larger_size_starts_from_the_pretrain_run(driver: RayCluster, synth_dir: Path,
-                                                                  tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
-    from orchestrator.finetune import main
-
-    pre = unique("pre")
-    recipe = smoke_recipe(tmp_path, synth_dir, f"run.name={pre}", "schedule.epochs=1")
-    ray_train.run(recipe)
-    pretrained = load_file(tmp_path / "runs" / pre / "model.safetensors")
-
-    sets = [f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0", "data.input_size=48",
-            "batch.global_batch_size=32", "batch.per_device_max=32", "run.max_steps=2", f"run.storage={tmp_path}/runs",
-            f"run.name={pre}-48", f"model.init={pre}", "optimizer.lr=1e-6"]
-    assert main(["recipes/smoke_96.yaml", "--launcher=ray", *(f"--set={s}" for s in sets)]) == 0
-
-    tuned_dir = tmp_path / "runs" / f"{pre}-48"
-    assert json.loads((tuned_dir / "config.json").read_text())["data"]["input_size"] == 48
-    tuned = load_file(tuned_dir / "model.safetensors")
-    conv = "stages.2.blocks.0.token_mixer.dwconv_hw.weight"
-    assert conv in tuned
-    # Two steps at lr 1e-6 move a weight by about 2e-6; a fresh initialisation would differ by ~1e-1.
-    torch.testing.assert_close(tuned[conv], pretrained[conv], atol=1e-4, rtol=0)
-    assert float((tuned[conv] - pretrained[conv]).abs().max()) > 0  # and it did train
-
-
 def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: RayCluster, synth_dir: Path,
                                                                       tmp_path: Path) -> None:
     """Stage 1 stopped (as if preempted) under the local launcher; the Ray pipeline finishes it, then runs stage 2."""
@@ -232,14 +206,3 @@ def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: Ray
     assert rows[1]["state"] == "complete" and rows[1]["launcher"] == "ray"
 
 
-def test_ade20k_smoke_pipeline_under_ray_segments_after_pretraining(driver: RayCluster, synth_dir: Path, seg_dir: Path,
-                                                                    tmp_path: Path) -> None:
-    from orchestrator import pipeline
-
-    sets = [f"pretrain:{kv}" for kv in (f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0",
-                                        "data.input_size=32", "batch.global_batch_size=32", "batch.per_device_max=32",
-                                        "schedule.epochs=1")]
-    smoke = ROOT / "recipes" / "pipelines" / "smoke_ade20k.yaml"
-    assert pipeline.main([str(smoke), "--launcher=ray", f"--storage={tmp_path}/runs", *(f"--set={s}" for s in sets),
-                          *seg_tiny(seg_dir)]) == 0
-    assert_backbone_from(tmp_path / "runs" / "smoke-ade20k-upernet", tmp_path / "runs" / "smoke-ade20k-pretrain")

@@ -121,9 +121,9 @@ def assert_bitwise_uninterrupted(run: Path, sets: list[str], tmp_path: Path) -> 
 def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterrupted_run(
         slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """PreemptMode=REQUEUE: a job in a higher-priority partition preempts the stage, which gets SIGTERM,
-    checkpoints the next step within GraceTime and is requeued. 200 steps, so that the preemption
+    checkpoints the next step within GraceTime and is requeued. 140 steps, so that the preemption
     (decided within the scheduler's 5 s interval) finds it still running."""
-    job, run, sets = one_stage_job(synth_dir, tmp_path, capsys, epochs=20)
+    job, run, sets = one_stage_job(synth_dir, tmp_path, capsys, epochs=14)
     cpus = slurm.run("sinfo", "-h", "-o", "%c").split()[0]
     urgent = slurm.run("sbatch", "--parsable", "--partition=urgent", f"--cpus-per-task={cpus}", "--wrap=sleep 5",
                        f"--output={tmp_path}/urgent.out").strip()
@@ -132,7 +132,7 @@ def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterr
     assert wait_done(job, timeout=300) == "COMPLETED"
     log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
     stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", log).group(1))
-    assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [stopped] and 0 < stopped < 200
+    assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [stopped] and 0 < stopped < 140
     assert_bitwise_uninterrupted(run, sets, tmp_path)
 
 
