@@ -47,6 +47,7 @@ SPLITS = ("train", "val", "validation", "test")
 
 def resolve(spec: str, which: str, sets: list[str], data: str, options: dict[str, Any]) -> tuple[recipes.Recipe, str, RunDir | None]:
     """(recipe, weights URL, run folder or None) for WEIGHTS: a run's recipe, or the architecture's defaults."""
+    given = {o.key: o.value for o in overrides_.parse(sets)}
     fs, path = storage.filesystem(spec, options)
     if fs.isdir(path):
         run = RunDir(spec, options)
@@ -61,7 +62,6 @@ def resolve(spec: str, which: str, sets: list[str], data: str, options: dict[str
         if not fs.exists(path):
             raise CheckpointError(f"{spec}: not found")
         url, run = spec, None
-        given = {o.key: o.value for o in overrides_.parse(sets)}
         arch = given.get("model.name") or architecture_in(fs.cat_file(path), spec)
         if not arch:
             raise RecipeError(f"{spec}: the file does not record its architecture; add --set model.name=<timm name>")
@@ -74,17 +74,18 @@ def resolve(spec: str, which: str, sets: list[str], data: str, options: dict[str
                   "data.interpolation": cfg.get("interpolation", "bicubic"), "data.storage_options": options,
                   "data.num_workers": min(base.data.num_workers, os.cpu_count() or 1)}
     values |= {"data.train": data, "data.val": data, "run.stall_timeout_s": None}
-    values |= {o.key: o.value for o in overrides_.parse(sets)}
+    values |= given
     return recipes.with_values(base, values, "evaluate"), url, run
 
 
 def _run_weights(run: RunDir, which: str) -> str:
     if which in ("final", "ema", "model"):
-        names = {"final": (EMA_WEIGHTS, WEIGHTS), "ema": (EMA_WEIGHTS,), "model": (WEIGHTS,)}[which]
-        for name in names:
-            if run.fs.exists(f"{run.path}/{name}"):
-                return run.url_of(name)
-        raise CheckpointError(f"{run.url}: no {' or '.join(names)} (the run has not finished); try --which best or step-N")
+        name = {"ema": EMA_WEIGHTS, "model": WEIGHTS}.get(which)
+        url = run.final_weights() if name is None else run.url_of(name) if run.fs.exists(f"{run.path}/{name}") else None
+        if url is None:
+            raise CheckpointError(f"{run.url}: no {name or f'{EMA_WEIGHTS} or {WEIGHTS}'} (the run has not finished); "
+                                  "try --which best or step-N")
+        return url
     if which == "best":
         best = run.best_weights()
         if best is None:
@@ -120,7 +121,8 @@ class FolderEval(Dataset):
             return torch.zeros(self.crop.size, self.crop.size, 3, dtype=torch.uint8), label, self.ids[i], 1
 
 
-def data_loader(recipe: recipes.Recipe, ctx: Any, batch: int, val_labels: str | None) -> tuple[Any, int, int | None]:
+def data_loader(recipe: recipes.Recipe, task: tasks.Task, ctx: Any, batch: int,
+                val_labels: str | None) -> tuple[Any, int, int | None]:
     """(loader, images, classes: None where the shards do not list them) for ``data.val``: shards through the
     training reader, or a folder directly."""
     d = recipe.data
@@ -129,7 +131,6 @@ def data_loader(recipe: recipes.Recipe, ctx: Any, batch: int, val_labels: str | 
         raise DataError(f"--data {d.val}: not found")
     if path.endswith(".json") or fs.exists(storage.join(path, mf.MANIFEST)) or fs.glob(storage.join(path, "*.parquet")):
         manifest = mf.load(d.val, d.storage_options)
-        task = tasks.for_recipe(recipe)
         ds = ShardDataset(manifest, task.transform(manifest, train=False), train=False, rank=ctx.rank,
                           world_size=ctx.world_size, seed=recipe.run.seed, options=components.reader_options(recipe))
         return ShardLoader(ds, batch, d.num_workers), manifest.num_samples, len(manifest.classes) or None
@@ -154,7 +155,8 @@ def evaluate(recipe: recipes.Recipe, url: str, batch: int, val_labels: str | Non
     ctx = context_from_env(recipe, launcher="local")
     try:
         sd, what = weights.state_dict(url, recipe.run.storage_options)
-        loader, images, classes = data_loader(recipe, ctx, batch, val_labels)
+        task = tasks.for_recipe(recipe)
+        loader, images, classes = data_loader(recipe, task, ctx, batch, val_labels)
         outputs = classifier_size(sd)
         if outputs is not None and classes is not None and outputs != classes:
             raise CheckpointError(f"{url}: the weights' classifier has {outputs} classes; --data {recipe.data.val} "
@@ -170,7 +172,7 @@ def evaluate(recipe: recipes.Recipe, url: str, batch: int, val_labels: str | Non
             model.to(memory_format=torch.channels_last)
         setup = tasks.EvalSetup(loader, components.autocast_dtype(recipe, ctx), channels_last)
         started = time.monotonic()
-        metrics = tasks.for_recipe(recipe).evaluate(model, setup, ctx)
+        metrics = task.evaluate(model, setup, ctx)
         seconds = time.monotonic() - started
     finally:
         if dist.is_initialized():
