@@ -34,14 +34,20 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 CHECK_S = 2.0  # how often the thread looks; detection comes within timeout + CHECK_S (+ the dump's writing)
+PEER_GRACE_S = 2 * CHECK_S  # with several ranks: how long the first to fire waits before ending the attempt
 
 
 class Watchdog:
     """One per training process; ``start`` it where the loop begins, ``stop`` it when training ends."""
 
     def __init__(self, timeout_s: float, rank: int, on_stall: Callable[[str], None],
-                 write: Callable[[str, bytes], str] | None = None, mark_stalled: Callable[[int], None] | None = None) -> None:
+                 write: Callable[[str, bytes], str] | None = None, mark_stalled: Callable[[int], None] | None = None,
+                 grace_s: float = 0.0) -> None:
         self.timeout_s, self.rank, self.on_stall = timeout_s, rank, on_stall
+        # The ranks of one stall stopped ticking at about the same moment, but each thread looks on its own
+        # clock: the first to fire waits this long, so that ending the attempt (a Slurm requeue, Ray tearing
+        # the group down) does not kill the others before they have written their stacks.
+        self.grace_s = grace_s
         self.write, self.mark_stalled = write, mark_stalled  # the run folder's writer; rank 0's status
         self.progress, self.step = 0, 0
         self.last = time.monotonic()
@@ -118,6 +124,7 @@ class Watchdog:
         line = (f"stalled: rank {self.rank} made no progress for {idle_s:.0f} s (run.stall_timeout_s={self.timeout_s:g}) "
                 f"at step {self.step}, blocked in {where}; stacks: {saved}")
         log.error("%s", line)
+        time.sleep(self.grace_s)
         self.on_stall(line)
 
 
@@ -139,4 +146,4 @@ def for_context(ctx: Any, timeout_s: float, on_stall: Callable[[str], None]) -> 
         return ctx.run.url_of(name)
 
     mark = (lambda step: ctx.run.write_status("stalled", step=step)) if ctx.is_main else None
-    return Watchdog(timeout_s, ctx.rank, on_stall, write, mark)
+    return Watchdog(timeout_s, ctx.rank, on_stall, write, mark, grace_s=PEER_GRACE_S if ctx.world_size > 1 else 0.0)

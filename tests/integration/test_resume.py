@@ -61,23 +61,24 @@ def reference(ray_cluster: RayCluster, synth_dir: Path, tmp_path_factory: pytest
 
 def test_sigterm_to_a_ray_driver_checkpoints_and_the_rerun_is_exact(ray_cluster: RayCluster, synth_dir: Path,
                                                                     tmp_path: Path) -> None:
-    """Three epochs, so that the workers (which ask the driver's relay once a second) are still training.
-    Scheduled checkpoints off: the one at the step it stopped at can only be the stop's."""
+    """Epochs of 20 steps, so that the stop (the workers ask the driver's relay once a second; a loaded CI
+    machine has taken 8 steps) lands inside one. Scheduled checkpoints off: the one at the step it stopped at
+    can only be the stop's."""
     run_name = name("term")
-    settings = [*sets(synth_dir, tmp_path / "runs", run_name), "schedule.epochs=3", "run.checkpoint_every_steps=null"]
+    settings = [*sets(synth_dir, tmp_path / "runs", run_name), "batch.global_batch_size=16", "batch.per_device_max=16",
+                "schedule.epochs=2", "run.checkpoint_every_steps=null"]
     command = [sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set", *settings]
     run = tmp_path / "runs" / run_name
     code, stopped, err = sigterm_after_step(command, run, 2, 180, cwd=ROOT, env=ray_cluster.env)
     assert code == 143, err[-3000:]
-    assert 2 <= stopped < 30 and stopped % 10 and not (run / "model.safetensors").exists()  # not at an epoch end
+    assert 2 <= stopped < 40 and stopped % 20 and not (run / "model.safetensors").exists()  # not at an epoch end
     assert steps_of(run)[-1] == stopped
 
     done = subprocess.run(command, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert resumes(run) == [(stopped, "ray")]
     # The uninterrupted run; the round trips below show local and Ray runs end bitwise equal.
-    local.run(load(ROOT / "recipes" / "smoke.yaml", [*sets(synth_dir, tmp_path / "runs", "straight"), "schedule.epochs=3",
-                                                     "run.checkpoint_every_steps=null"]))
+    local.run(load(ROOT / "recipes" / "smoke.yaml", [*sets(synth_dir, tmp_path / "runs", "straight"), *settings[-4:]]))
     assert_same_weights(run, tmp_path / "runs" / "straight")
 
 
