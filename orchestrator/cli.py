@@ -9,6 +9,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 from orchestrator import logs, storage
 from orchestrator.errors import OrchestratorError
@@ -36,6 +37,24 @@ def storage_options(texts: list[str]) -> dict:
     options = dict(storage.parse_option(t) for t in texts)
     storage.remember_secrets(options)
     return options
+
+
+SLURM_FLAGS = [("partition", str), ("nodes", int), ("gpus-per-node", int), ("time", str), ("account", str),
+               ("qos", str), ("constraint", str), ("mem", str), ("cpus-per-gpu", int), ("exclude", str),
+               ("max-requeues", int), ("log-dir", str)]
+
+
+def add_slurm_flags(p: argparse.ArgumentParser, title: str, nodes_flag: str = "--nodes") -> None:
+    """``--partition``, ``--time``, ... (``SlurmOptions``'s fields) in a group of their own."""
+    group = p.add_argument_group(title)
+    for flag, kind in SLURM_FLAGS:
+        group.add_argument(nodes_flag if flag == "nodes" else f"--{flag}", type=kind, dest=f"slurm_{flag.replace('-', '_')}")
+
+
+def slurm_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The Slurm flags given (``add_slurm_flags``), by ``SlurmOptions`` field name."""
+    given = {flag.replace("-", "_"): getattr(args, f"slurm_{flag.replace('-', '_')}") for flag, _ in SLURM_FLAGS}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def run(body: Callable[[argparse.Namespace], int | None], p: argparse.ArgumentParser, argv: list[str] | None) -> int:

@@ -24,7 +24,6 @@ from orchestrator.data import manifest as mf
 from orchestrator.data.reader import checked_order, select_groups
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.launch.launcher import preflight
-from orchestrator.pipeline import SLURM_FLAGS
 from orchestrator.recipe import Recipe, micro_batch, plan_batch
 
 log = logging.getLogger("orchestrator")
@@ -226,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", default="", help="plan for these node counts too, e.g. 8,32,64 (a stated cost model)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON instead of the tables")
     p.add_argument("--seconds", type=float, default=3.0, help="how long each measurement runs (default 3)")
-    slurm = p.add_argument_group("Slurm (--launcher slurm; as orchestrator.pipeline takes them, but --slurm-nodes)")
-    for flag, kind in SLURM_FLAGS:
-        slurm.add_argument(f"--{'slurm-nodes' if flag == 'nodes' else flag}", type=kind, dest="nodes_of_job" if flag == "nodes" else flag.replace("-", "_"))
+    cli.add_slurm_flags(p, "Slurm (--launcher slurm; as orchestrator.pipeline takes them, but --slurm-nodes)",
+                        nodes_flag="--slurm-nodes")
 
     def body(args: argparse.Namespace) -> None:
         recipe = recipes.load(args.recipe, args.set)
@@ -240,9 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.launcher == "slurm":
             from orchestrator.launch.slurm_cluster import SlurmOptions, check_cluster
 
-            given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f, _ in SLURM_FLAGS if f != "nodes"}
-            given["nodes"] = args.nodes_of_job
-            options = SlurmOptions(**{k: v for k, v in given.items() if v is not None})
+            options = SlurmOptions(**cli.slurm_flags(args))
             worlds = [options.world_size]
         else:
             from orchestrator.launch.launcher import launch_world_sizes

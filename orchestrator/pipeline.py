@@ -13,6 +13,7 @@ stage (without importing torch or submitit).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -20,10 +21,6 @@ from orchestrator import cli, storage
 from orchestrator import recipe as recipes
 from orchestrator.launch import slurm_cluster
 from orchestrator.pipeline_file import Pipeline, load, read_state, stage_recipe
-
-SLURM_FLAGS = [("partition", str), ("nodes", int), ("gpus-per-node", int), ("time", str), ("account", str),
-               ("qos", str), ("constraint", str), ("mem", str), ("cpus-per-gpu", int), ("exclude", str),
-               ("max-requeues", int), ("log-dir", str)]
 
 
 def status(pipeline: Pipeline) -> tuple[list[dict[str, Any]], str]:
@@ -67,15 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pipeline", help="pipeline YAML, e.g. recipes/pipelines/b.yaml")
     p.add_argument("--launcher", choices=("slurm", "ray", "local"), default="slurm")
     p.add_argument("--status", action="store_true", help="show each stage's state, jobs, last epoch/step and metrics")
+    p.add_argument("--print-config", action="store_true", help="print each stage's resolved recipe (JSON) and exit")
     cli.add_set(p, "recipe override for every stage (section.key=value), or for one (STAGE:section.key=value)")
     p.add_argument("--storage", help="where the stages' runs live, instead of the pipeline file's storage")
-    slurm = p.add_argument_group("Slurm (default: the pipeline file's slurm section)")
-    for flag, kind in SLURM_FLAGS:
-        slurm.add_argument(f"--{flag}", type=kind)
+    cli.add_slurm_flags(p, "Slurm (default: the pipeline file's slurm section)")
 
     def body(args: argparse.Namespace) -> None:
-        options = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _ in SLURM_FLAGS}
+        options = cli.slurm_flags(args)
         pipeline = load(args.pipeline, args.set, options, args.storage)
+        if args.print_config:
+            print(json.dumps({s.name: json.loads(stage_recipe(pipeline, s).to_json()) for s in pipeline.stages}, indent=1))
+            return
         storage.check_reachable(pipeline.storage, pipeline.storage_options, "storage",
                                 "the pipeline file's storage_options (or --set run.storage_options)")
         if args.status:

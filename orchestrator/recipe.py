@@ -128,6 +128,12 @@ class RunConfig:
     # No progress (micro-batch, evaluation batch, checkpoint chunk) for this long ends the attempt; the launcher
     # resumes from the newest checkpoint. Twice this before the first micro-batch (build, compile, first reads).
     stall_timeout_s: float | None = 600.0  # null: no watchdog
+    # Where else rank 0 logs params, metrics and artifacts: tensorboard, mlflow (MLFLOW_TRACKING_URI), wandb
+    # (WANDB_API_KEY, WANDB_MODE); see orchestrator/train/trackers.py.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    experiment: str = "inceptionnext"  # the MLflow experiment / W&B project
+    tracking_uri: str | None = None  # the MLflow server; null: MLFLOW_TRACKING_URI
+    tracker_weights: bool = False  # also upload the final weights to the trackers
 
 
 @dataclass
@@ -157,6 +163,7 @@ class SegmentConfig:
 
 
 TASKS = ("classification", "segmentation")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 # Each task's validation metrics, the headline one first (summaries, plots, pipeline status, sweeps).
 METRICS = {"classification": ("top1", "top5"), "segmentation": ("mIoU", "mAcc", "aAcc")}
 SCALARS = ("task",)  # top-level recipe keys holding a value rather than a section
@@ -484,6 +491,9 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("run.dist_bn", f"{r.run.dist_bn!r} is not reduce, broadcast or none")
     if r.run.stall_timeout_s is not None and r.run.stall_timeout_s <= 0:
         fail("run.stall_timeout_s", f"must be positive or null, got {r.run.stall_timeout_s}")
+    unknown = [t for t in r.run.trackers if t not in TRACKERS]
+    if unknown:
+        fail("run.trackers", f"{unknown} not among {', '.join(TRACKERS)}")
     if r.run.max_steps is not None and r.run.max_steps <= 0:
         fail("run.max_steps", f"must be positive or null, got {r.run.max_steps}")
     if not r.data.train:

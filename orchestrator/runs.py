@@ -30,8 +30,10 @@ def summary(run: RunDir) -> dict[str, Any]:
     metric = METRICS.get(config.get("task", "classification"), ("top1",))[0]
     scores = [r[metric] for r in epochs if isinstance(r.get(metric), int | float)]
     step = max([status.get("step") or 0, latest.step if latest else 0, *(r.get("step") or 0 for r in records)])
+    schedule_steps = status.get("schedule_steps")
+    capped = schedule_steps is not None and status.get("total_steps") is not None and status["total_steps"] < schedule_steps
     if run.complete:
-        state = "finished"
+        state = f"finished at max_steps {status['total_steps']} of {schedule_steps}" if capped else "finished"
     elif status.get("state") == "running" and time.time() - status.get("updated", 0) < STALE_AFTER_S:
         state = "running"
     elif status.get("state") == "failed":
@@ -44,8 +46,9 @@ def summary(run: RunDir) -> dict[str, Any]:
         state = "not started"
     return {
         "name": run.name, "state": state, "launcher": status.get("launcher", ""),
-        "epochs_done": max((r.get("epochs_done") or r.get("epoch", -1) + 1 for r in epochs), default=0),
+        "epochs_done": max((r["epochs_done"] if "epochs_done" in r else r.get("epoch", -1) + 1 for r in epochs), default=0),
         "epochs": (config.get("schedule") or {}).get("epochs"), "step": step, "total_steps": status.get("total_steps"),
+        "schedule_steps": schedule_steps, "max_steps": (config.get("run") or {}).get("max_steps"),
         "metric": metric, "best": max(scores) if scores else None, "last": scores[-1] if scores else None,
         "checkpoint": latest.url if latest else None, "weights": run.final_weights(), "url": run.url,
         "error": status.get("error") if state.startswith("failed") else None,
@@ -59,13 +62,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         return "-" if v is None else f"{v:.2f}"
 
     width = max(len(r["name"]) for r in rows)
-    print(f"{'run':{width}s} {'state':22s} {'launcher':8s} {'epochs':>9s} {'steps':>13s} {'best':>6s} {'last':>6s}  "
-          "checkpoint / weights   (best, last: top-1 or mIoU)")
+    state_width = max(22, *(len(r["state"]) for r in rows))
+    print(f"{'run':{width}s} {'state':{state_width}s} {'launcher':8s} {'epochs':>9s} {'steps':>13s} {'best':>6s} "
+          f"{'last':>6s}  checkpoint / weights   (best, last: top-1 or mIoU; steps of the schedule)")
     for r in rows:
         epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
-        steps = f"{r['step']}/{r['total_steps'] if r['total_steps'] is not None else '?'}"
+        total = r["schedule_steps"] if r["schedule_steps"] is not None else r["total_steps"]
+        steps = f"{r['step']}/{total if total is not None else '?'}"
         where = r["weights"] or r["checkpoint"] or "-"
-        print(f"{r['name']:{width}s} {r['state']:22s} {r['launcher'] or '-':8s} {epochs:>9s} {steps:>13s} "
+        print(f"{r['name']:{width}s} {r['state']:{state_width}s} {r['launcher'] or '-':8s} {epochs:>9s} {steps:>13s} "
               f"{pct(r['best']):>6s} {pct(r['last']):>6s}  {where}")
 
 

@@ -25,18 +25,22 @@ from orchestrator.errors import Interrupted
 from orchestrator.launch import ray_train
 from orchestrator.launch.launcher import launch_world_sizes, preflight
 from orchestrator.rundir import RunDir
+from orchestrator.train import trackers
 
 log = logging.getLogger("orchestrator.tune")
 COLUMN = {"epochs_done": "epochs", "step": "steps"}  # results.csv's column for what ASHA counts
 
 
-def trial(config: dict[str, Any], recipe: dict[str, Any]) -> None:
-    """Tune function trainable: one Ray Train run of the loop with this trial's parameters."""
+def trial(config: dict[str, Any], recipe: dict[str, Any], parent: dict[str, Any] | None = None) -> None:
+    """Tune function trainable: one Ray Train run of the loop with this trial's parameters (its tracker runs
+    under the sweep's ``parent``)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     recipe = recipes.with_values(recipes.from_dict(recipe),
                                  {**config["params"], "run.name": tune.get_context().get_trial_id()}, "trial")
+    if parent is not None:
+        trackers.set_parent(RunDir.of(recipe), parent)
     result = ray_train.trainer(recipe, callbacks=[TuneReportCallback()]).fit()
     if result.error:
         raise result.error
@@ -51,14 +55,18 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     sweep_url = storage.join(root, sweep.name)
     base = recipes.with_values(sweep.trial_base(), {
         "run.storage": storage.join(sweep_url, "trials"), "run.storage_options": sweep.storage_options}, sweep.name)
-    ray_train.connect(ray_train.secret_environment(base))  # trials get the recipe redacted
+    ray_train.connect(ray_train.job_environment(base))  # trials get the recipe redacted
     ray_train.check_storage(sweep.storage, "sweep.storage")
     base = ray_train.with_absolute_paths(base)
     if fresh:
         RunDir(sweep_url, sweep.storage_options).set_aside()
     storage_path, filesystem = ray_train.storage_for_ray(root, sweep.storage_options)
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
-    trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=True)), {"cpu": 0, "memory": 1})
+    # One parent tracker run per sweep (continued with it), a child per trial.
+    parent = trackers.open_parent(base, RunDir(sweep_url, sweep.storage_options), sweep.name, "sweep") \
+        if trackers.uses_trackers(base) else None
+    trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=True), parent=parent),
+                                    {"cpu": 0, "memory": 1})
     param_space = {"params": sweeps.space(sweep)}
     unit, length = sweep.progress(base)
     experiment = storage.join(storage_path, sweep.name)
@@ -85,6 +93,8 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     saved = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
     unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
     write_outputs(table, grid, sweep, sweep_url, unit, best=unfinished == 0)
+    if parent is not None:
+        trackers.close_parent(base, parent, "stopped" if unfinished else "finished")
     if unfinished:
         raise Interrupted(f"sweep {sweep.name} stopped with {unfinished} unfinished trial(s); run the same "
                                f"command again to continue it (state in {sweep_url})")

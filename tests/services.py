@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -125,6 +127,77 @@ def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
 
 
 @dataclass
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 (SQLite backend, local artifact root) in its own process group."""
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                "--default-artifact-root", str(self.root / "artifacts")]
+        with open(self.root / "mlflow.log", "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            poll(self._ready, 90, f"mlflow server on {self.uri} (log: {self.root / 'mlflow.log'})", interval=0.5)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ready(self) -> bool:
+        import urllib.request
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {self.proc.returncode}")
+        return urllib.request.urlopen(f"{self.uri}/health", timeout=5).status == 200
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    if not (Path(sys.executable).parent / "mlflow").exists():
+        missing_service("MLFLOW NOT INSTALLED: `pip install -e '.[test]'` provides the real tracking server these tests need")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def ray_token_auth() -> dict[str, str]:
+    """Token authentication (``RAY_AUTH_MODE=token``, as cluster.yaml has it) for every Ray cluster this process
+    starts and for this process as their client. Ray reads the mode once per process, so this runs when this
+    module is imported, before anything imports Ray; the token is a fresh one in a private file."""
+    if os.environ.get("RAY_AUTH_MODE") != "token" or not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        token = Path(tempfile.mkdtemp(prefix="ray-auth-")) / "token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": os.environ["RAY_AUTH_TOKEN_PATH"]}
+
+
+RAY_AUTH = ray_token_auth()
+
+
+@dataclass
 class RayCluster:
     """``ray start --head --block`` on 127.0.0.1 in its own process group: stopping it kills the whole cluster."""
 
@@ -145,11 +218,19 @@ class RayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for drivers, the ``ray`` CLI and the cluster: this cluster, no usage stats, no token auth,
-        and this interpreter's ``bin`` first on PATH (a job's ``python`` is then the one with the project installed)."""
+        """Environment for drivers, the ``ray`` CLI and the cluster: this cluster, no usage stats, token
+        authentication on (as cluster.yaml has it), and this interpreter's ``bin`` first on PATH (a job's ``python``
+        is then the one with the project installed)."""
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        return {**os.environ, "PATH": path, "RAY_ADDRESS": self.address, "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_AUTH_MODE": "disabled"}
+        return {**os.environ, "PATH": path, "RAY_ADDRESS": self.address, **self.auth_env()}
+
+    @staticmethod
+    def auth_env() -> dict[str, str]:
+        return {"RAY_USAGE_STATS_ENABLED": "0", **RAY_AUTH}
+
+    @property
+    def token_path(self) -> Path:
+        return Path(RAY_AUTH["RAY_AUTH_TOKEN_PATH"])
 
     def start(self) -> None:
         ray = str(Path(sys.executable).parent / "ray")
@@ -165,8 +246,12 @@ class RayCluster:
                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        poll(self._ready, 90, f"Ray head on {self.address} with its job server on {self.dashboard} (log: {self.log_path})",
-             interval=0.5)
+        try:
+            poll(self._ready, 90, f"Ray head on {self.address} with its job server on {self.dashboard} (log: {self.log_path})",
+                 interval=0.5)
+        except BaseException:
+            self.stop()  # a head that never became ready must not outlive the fixture
+            raise
 
     def _ready(self) -> bool:
         from ray.job_submission import JobSubmissionClient
@@ -242,8 +327,6 @@ class RayWorkerNode:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
-    import tempfile
-
     # Short path: Ray's Unix sockets live under the temp dir and must fit in 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     cluster = RayCluster(temp_dir=root / "t", log_path=root / "ray-start.log")
@@ -262,7 +345,7 @@ def driver(ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
     from orchestrator.launch import ray_train
 
-    for key in ("RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE"):
+    for key in ("RAY_ADDRESS", *ray_cluster.auth_env()):
         monkeypatch.setenv(key, ray_cluster.env[key])
     ray_train.connect()
     yield ray_cluster

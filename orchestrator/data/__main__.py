@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     shard.add_argument("src", help="source folder or URL (ILSVRC-2012 layout, ImageFolder, or Parquet files)")
     shard.add_argument("dest", help="destination URL: s3://..., gs://..., file://..., or a local path")
     shard.add_argument("--val-labels", help="ground truth for a flat val/ folder (LOC_val_solution.csv or '<file> <wnid>' lines)")
+    shard.add_argument("--classes", dest="classes_file", metavar="FILE",
+                       help="segmentation: class names, one per line (default: objectInfo150.txt, else counted from the masks)")
     shard.add_argument("--max-side", type=int, help="re-encode images whose shorter side exceeds this many pixels")
     synth = sub.add_parser("synth", help="generate the embedded learnable dataset")
     synth.add_argument("dest")
@@ -56,7 +58,7 @@ def write(args: argparse.Namespace) -> None:
             source = SynthSource(args.classes or 10, train, val, args.size, args.seed)
         opts = WriteOptions(args.shard_size_mb, args.rows_per_group, None, args.seed, args.workers)
     else:
-        source = open_segmentation_source(args.src, options, args.reduce_zero_label) if args.task == "segmentation" \
+        source = open_segmentation_source(args.src, options, args.reduce_zero_label, args.classes_file) if args.task == "segmentation" \
             else open_source(args.src, options, args.val_labels)
         opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers)
     report = write_dataset(source, args.dest, opts, options)

@@ -64,35 +64,43 @@ def class_infos(wnids: list[str]) -> list[ClassInfo]:
 
 
 class FolderSource:
-    """ILSVRC-2012 layout (``train/<wnid>/*``, ``val/`` in class folders or flat + labels file) or any ImageFolder."""
+    """ILSVRC-2012 layout (``train/<wnid>/*``, ``val/`` in class folders or flat + labels file), any ImageFolder,
+    or a flat ILSVRC-2012 val folder alone with its labels file (the 1000 ImageNet classes, in timm's order)."""
 
     def __init__(self, url: str, options: dict[str, Any] | None = None, val_labels: str | None = None) -> None:
         self.url, self.options = url.rstrip("/"), options or {}
         self.fs, self.root = storage.filesystem(self.url, self.options)
         if not self.fs.isdir(self.root):
             raise DataError(f"{url}: source folder does not exist")
+        self.val_labels = val_labels
         self.layout = "ilsvrc" if self.fs.isdir(storage.join(self.root, "train")) else "imagefolder"
         train_root = storage.join(self.root, "train") if self.layout == "ilsvrc" else self.root
         wnids = sorted((p.rsplit("/", 1)[-1] for p in self.fs.ls(train_root, detail=False) if self.fs.isdir(p)), key=natural_key)
+        if not wnids and self._images(self.root, top=True):
+            from timm.data import ImageNetInfo
+
+            self.layout, wnids = "flat", list(ImageNetInfo("imagenet-1k").label_names())
         if not wnids:
             raise DataError(f"{train_root}: no class folders found (expected <root>/<class>/<image> files)")
         self.classes = class_infos(wnids)
-        self.val_labels = val_labels
 
-    def splits(self) -> dict[str, list[list[Item]]]:
+    def splits(self, names: tuple[str, ...] | None = None) -> dict[str, list[list[Item]]]:
+        """Items by split (``names``: only these, e.g. ``("val",)``: an evaluation need not list train/)."""
+        if self.layout == "flat":
+            return {"val": self._flat_val(self.root)}
         if self.layout == "imagefolder":
             return {"train": self._class_folders(self.root)}
-        out = {"train": self._class_folders(storage.join(self.root, "train"))}
+        out = {"train": self._class_folders(storage.join(self.root, "train"))} if not names or "train" in names else {}
         for name in ("val", "validation"):
             val = storage.join(self.root, name)
-            if self.fs.isdir(val):
+            if self.fs.isdir(val) and (not names or "val" in names):
                 subdirs = [p for p in self.fs.ls(val, detail=False) if self.fs.isdir(p)]
                 out["val"] = self._class_folders(val) if subdirs else self._flat_val(val)
                 break
         return out
 
-    def _images(self, folder: str) -> dict[str, int]:
-        found = self.fs.find(folder, detail=True)
+    def _images(self, folder: str, top: bool = False) -> dict[str, int]:
+        found = self.fs.find(folder, maxdepth=1 if top else None, detail=True)
         return {p: info.get("size", 0) for p, info in found.items() if p.lower().endswith(IMAGE_EXTENSIONS)}
 
     def _class_folders(self, folder: str) -> list[list[Item]]:
@@ -120,9 +128,8 @@ class FolderSource:
 
     def _read_val_labels(self, folder: str) -> dict[str, str]:
         """``LOC_val_solution.csv`` (ImageId, PredictionString) or lines of ``<file> <wnid>``."""
-        candidates = [self.val_labels] if self.val_labels else [
-            storage.join(d, n) for d in (self.root, folder) for n in VAL_LABEL_FILES
-        ]
+        beside = (self.root, folder, self.root.rsplit("/", 1)[0]) if self.layout == "flat" else (self.root, folder)
+        candidates = [self.val_labels] if self.val_labels else [storage.join(d, n) for d in beside for n in VAL_LABEL_FILES]
         for cand in candidates:
             fs, path = storage.filesystem(cand, self.options) if "://" in cand else (self.fs, cand)
             if not fs.exists(path):

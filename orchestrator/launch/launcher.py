@@ -5,6 +5,7 @@ Used by ``pretrain``/``finetune``, pipelines and sweeps, so the world size is de
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -37,6 +38,10 @@ def preflight(recipe: Recipe, source: str, world: int | list[int], require_init:
     if require_init and not recipe.model.init:
         raise RecipeError(f"{source}: model.init: fine-tuning needs a run name or checkpoint URL to start from")
     storage.check_reachable(recipe.run.storage, recipe.run.storage_options, "run.storage", "run.storage_options")
+    for name in recipe.run.trackers:
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise RecipeError(f"{source}: run.trackers: {name} is not installed here "
+                              "(pip install 'inceptionnext-orchestrator[trackers]')")
     for key in ("train", "val"):
         url = getattr(recipe.data, key)
         if url:

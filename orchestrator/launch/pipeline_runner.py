@@ -4,11 +4,15 @@ another in this process, inside one Ray job or as local runs. Complete stages ar
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from orchestrator import recipe as recipes
+from orchestrator import storage
 from orchestrator.launch import slurm_cluster
 from orchestrator.launch.launcher import launch, launch_world_sizes, preflight
 from orchestrator.pipeline_file import Pipeline, Stage, read_state, record, stage_recipe
+from orchestrator.rundir import RunDir
+from orchestrator.train import trackers
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,10 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
         preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", pipeline.slurm_of(s).world_size,
                   check_init=not produced_later)
     state, submitted, after = read_state(pipeline), [], None
+    parent = tracker_parent(pipeline, recipes_[todo[0].name])  # left open: the jobs run later
     for s in todo:
+        if parent is not None:
+            trackers.set_parent(pipeline.run(s), {**parent, "job_type": s.name})
         jobs = state["stages"].get(s.name, {}).get("jobs", [])
         if jobs and slurm_cluster.job_states(jobs[-1:])[0].get(jobs[-1]) in slurm_cluster.LIVE:
             log.info("%s: Slurm job %s is still queued or running, kept", s.name, jobs[-1])
@@ -45,14 +52,28 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
 
 def run_in_process(pipeline: Pipeline, launcher: str) -> None:
     """Stages one after another in this process: inside one Ray job (``ray``) or as local runs (``local``)."""
+    parent = None
     for s in pipeline.stages:
         if _skip_complete(pipeline, s):
             continue
         recipe = stage_recipe(pipeline, s)  # as orchestrator.pretrain would run it, under the same launcher
         preflight(recipe, f"{pipeline.path}: stage {s.name}", launch_world_sizes(recipe, launcher))
         record(pipeline, s, launcher)
+        parent = parent or tracker_parent(pipeline, recipe)
+        if parent is not None:
+            trackers.set_parent(pipeline.run(s), {**parent, "job_type": s.name})
         log.info("%s: running %s", s.name, pipeline.run(s).url)
         launch(recipe, launcher)
+    if parent is not None:
+        trackers.close_parent(recipe, parent, "finished")
+
+
+def tracker_parent(pipeline: Pipeline, recipe: recipes.Recipe) -> dict[str, Any] | None:
+    """One parent tracker run per pipeline (its id under ``<storage>/_pipelines/<name>/``), a child per stage."""
+    if not trackers.uses_trackers(recipe):
+        return None
+    folder = RunDir(storage.join(pipeline.storage, "_pipelines", pipeline.name), pipeline.storage_options)
+    return trackers.open_parent(recipe, folder, pipeline.name, "pipeline")
 
 
 def _skip_complete(pipeline: Pipeline, stage: Stage) -> bool:

@@ -39,6 +39,7 @@ from orchestrator.launch import faults
 from orchestrator.launch.distributed import collective_timeout
 from orchestrator.recipe import SECRETS_ENV, Recipe, absolute_paths, from_dict, secret_options
 from orchestrator.rundir import RunDir
+from orchestrator.train import trackers
 from orchestrator.train.checkpoint import Snapshot
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
@@ -187,6 +188,12 @@ def secret_environment(recipe: Recipe) -> dict[str, str]:
     return {SECRETS_ENV: json.dumps(secrets)} if any(secrets.values()) else {}
 
 
+def job_environment(recipe: Recipe) -> dict[str, str]:
+    """What a training job's workers need from this driver's environment: the storage secrets and the
+    trackers' settings (``trackers.job_environment``)."""
+    return {**trackers.job_environment(recipe), **secret_environment(recipe)}
+
+
 def connect(env_vars: dict[str, str] | None = None) -> None:
     """Attach to the cluster of this Ray job (or ``RAY_ADDRESS``); otherwise start a local one on 127.0.0.1.
 
@@ -226,7 +233,8 @@ def _check_job_environment(env_vars: dict[str, str]) -> None:
         return
     if all(os.environ.get(k) == v for k, v in env_vars.items()):
         return
-    keys = [f"{section}.storage_options.{k}" for section, opts in json.loads(env_vars[SECRETS_ENV]).items() for k in opts]
+    keys = [f"{section}.storage_options.{k}" for section, opts in json.loads(env_vars.get(SECRETS_ENV, "{}")).items()
+            for k in opts] or sorted(env_vars)
     raise RecipeError(f"{', '.join(keys)}: secrets reach Ray's processes only through the job's environment, fixed "
                       f"when the job was submitted; submit with --runtime-env-json '{{\"env_vars\": {{\"{SECRETS_ENV}\": "
                       "...}}' or give credentials as AWS_* variables there instead of in the recipe")
@@ -276,7 +284,7 @@ def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = Non
 def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     """Fit under Ray. SIGTERM or Ctrl-C to this driver: the workers checkpoint at the next step and
     return, then Interrupted says where the run resumes; a second signal stops at once."""
-    connect(secret_environment(recipe))
+    connect(job_environment(recipe))
     recipe = with_absolute_paths(recipe)
     run_dir = RunDir.of(recipe)
     if fresh:
@@ -301,14 +309,31 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
 
 def probe(recipe: Recipe, stamp: str, seconds: float) -> None:
     """``orchestrator.doctor`` on the Ray cluster: one worker per ``scaling.num_workers`` (the largest of a range)."""
+    run_on_workers(recipe, probe_worker, f".doctor-{stamp}", {"stamp": stamp, "seconds": seconds})
+
+
+def evaluate(recipe: Recipe, job: dict[str, Any], stamp: str) -> None:
+    """``orchestrator.evaluate`` on the Ray cluster's ``scaling.num_workers`` workers; rank 0 saves the result."""
+    run_on_workers(recipe, evaluate_worker, f".evaluate-{stamp}", {"job": job})
+
+
+def evaluate_worker(config: dict[str, Any]) -> None:
+    from orchestrator import evaluate as evaluation
+
+    logs.setup()
+    recipe = from_dict(config["recipe"])
+    evaluation.on_rank(evaluation.Job(**config["job"]), recipe, ray_context(recipe))
+
+
+def run_on_workers(recipe: Recipe, fn: Any, name: str, extra: dict[str, Any]) -> None:
+    """``fn(config)`` once on each worker of a Ray Train job that is not a run (the largest of a worker range)."""
     connect(secret_environment(recipe))
     recipe = with_absolute_paths(recipe)
     workers = recipe.scaling.num_workers
     if isinstance(workers, list):
         recipe = dataclasses.replace(recipe, scaling=dataclasses.replace(recipe.scaling, num_workers=workers[-1]))
-    name = f".doctor-{stamp}"
     try:
-        result = trainer(recipe, fn=probe_worker, name=name, extra={"stamp": stamp, "seconds": seconds}).fit()
+        result = trainer(recipe, fn=fn, name=name, extra=extra).fit()
     finally:  # Ray's own state of this job, not a run
         fs, root = storage.filesystem(recipe.run.storage, recipe.run.storage_options)
         with contextlib.suppress(OSError):

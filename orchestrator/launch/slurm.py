@@ -71,14 +71,24 @@ def _submit(fn: Any, name: str, recipe: Recipe, options: SlurmOptions, after: st
 
 def probe(recipe: Recipe, options: SlurmOptions, stamp: str, seconds: float) -> None:
     """``orchestrator.doctor`` as a Slurm job of the stage's shape; waits for it (a few minutes at most)."""
-    job = _submit(SlurmProbe(recipe.to_dict(redact=True), stamp, seconds), f"doctor-{recipe.run.name}", recipe, options)
-    log.info("doctor: Slurm job %s (logs: %s)", job.job_id, Path(options.log_dir) / job.job_id)
+    run_and_wait(SlurmProbe(recipe.to_dict(redact=True), stamp, seconds), "doctor", recipe, options)
+
+
+def evaluate(recipe: Recipe, options: SlurmOptions, job: dict[str, Any]) -> None:
+    """``orchestrator.evaluate`` as a Slurm job of ``options``' shape; rank 0 saves the result."""
+    run_and_wait(SlurmEvaluate(recipe.to_dict(redact=True), job), "evaluate", recipe, options)
+
+
+def run_and_wait(fn: Any, what: str, recipe: Recipe, options: SlurmOptions) -> None:
+    """Submit ``fn`` (every task runs it) and wait for the job; one line when it does not complete."""
+    job = _submit(fn, f"{what}-{recipe.run.name}", recipe, options)
+    log.info("%s: Slurm job %s (logs: %s)", what, job.job_id, Path(options.log_dir) / job.job_id)
     try:
         job.results()
     except submitit.core.utils.UncompletedJobError as exc:
-        raise OrchestratorError(f"the doctor's Slurm job {job.job_id} did not complete: {one_line(exc)[:300]}") from None
+        raise OrchestratorError(f"the {what} Slurm job {job.job_id} did not complete: {one_line(exc)[:300]}") from None
     except submitit.core.utils.FailedJobError as exc:
-        raise OrchestratorError(f"the doctor's Slurm job {job.job_id} failed: {one_line(exc)[-300:]}") from None
+        raise OrchestratorError(f"the {what} Slurm job {job.job_id} failed: {one_line(exc)[-300:]}") from None
 
 
 def distributed_context(recipe: Recipe) -> TrainContext:
@@ -98,6 +108,25 @@ def requeue_on_stall(line: str) -> None:
     if job:
         subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
     exit_process(1)(f"{line}; Slurm job {job} requeued")
+
+
+class SlurmEvaluate:
+    """The submitit callable of ``orchestrator.evaluate``: every task evaluates its share; rank 0 saves."""
+
+    def __init__(self, recipe: dict[str, Any], job: dict[str, Any]) -> None:
+        self.recipe, self.job = recipe, job
+
+    def __call__(self) -> None:
+        from orchestrator import evaluate as evaluation
+
+        logs.setup()
+        recipe = from_dict(self.recipe)
+        ctx = distributed_context(recipe)
+        try:
+            evaluation.on_rank(evaluation.Job(**self.job), recipe, ctx)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 class SlurmProbe:

@@ -19,6 +19,8 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,7 @@ from orchestrator.errors import CheckpointError, DataError, TrainingError
 from orchestrator.launch import faults
 from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
-from orchestrator.train import checkpoint, components, tasks, watchdog
+from orchestrator.train import checkpoint, components, tasks, trackers, watchdog
 from orchestrator.train.components import Components
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.metrics import MetricsWriter, interactive
@@ -94,8 +96,27 @@ def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
 def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     saved = newest_state(ctx)
     c = build(recipe, ctx, resuming=saved is not None)
+    writer = MetricsWriter(ctx.run, enabled=ctx.is_main, metrics=c.task.metrics, tensorboard="tensorboard" in recipe.run.trackers,
+                           trackers=tracker_factory(recipe, ctx))
+    try:
+        return _train_with(c, recipe, ctx, saved, writer)
+    except StopRequested:
+        raise
+    except BaseException:
+        writer.close("failed")
+        raise
+
+
+def tracker_factory(recipe: Recipe, ctx: TrainContext) -> Callable[[Path], trackers.Trackers] | None:
+    """MLflow / W&B beside metrics.jsonl (``run.trackers``), given the writer's local folder."""
+    if not set(recipe.run.trackers) - {"tensorboard"}:
+        return None
+    return lambda local: trackers.Trackers(recipe, ctx.run, ctx.launcher, ctx.world_size, local)
+
+
+def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[str, dict[str, Any]] | None,
+                writer: MetricsWriter) -> dict[str, Any]:
     state = {"step": 0, "epoch": 0, "nonfinite": 0}
-    writer = MetricsWriter(ctx.run, enabled=ctx.is_main, metrics=c.task.metrics)
     if saved:
         state = restore(c, saved, recipe, ctx)
         writer.truncate_after(state["step"])
@@ -108,7 +129,7 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     if ctx.is_main:
         ctx.run.write_bytes(CONFIG, recipe.to_json().encode())
         ctx.run.write_status("running", launcher=ctx.launcher, step=state["step"], total_steps=stop_at,
-                             world_size=ctx.world_size)
+                             schedule_steps=total_steps, steps_per_epoch=c.steps_per_epoch, world_size=ctx.world_size)
         log_header(c, recipe, ctx, state["step"], stop_at)
     last: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
     if state["step"] >= stop_at:  # stopped after its last checkpoint, before the final weights: nothing to train
@@ -139,7 +160,7 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
                 ctx.report(last)
         if stop and state["step"] < stop_at:
             ctx.flush()
-            writer.close()
+            writer.close("stopped")
             if ctx.is_main:
                 ctx.run.write_status("stopped", step=state["step"])
             log.info("stopping at step %d as the launcher asked (checkpoint saved); the next run resumes here",
@@ -149,8 +170,16 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     if ctx.is_main:
         write_final_weights(c, ctx, recipe)
         ctx.run.write_status("finished", step=state["step"])
-    writer.close()
+    writer.close("finished", tracker_artifacts(recipe, ctx))
     return last
+
+
+def tracker_artifacts(recipe: Recipe, ctx: TrainContext) -> dict[str, bytes]:
+    """What the trackers keep of a finished run besides curves.png: config.json, and the weights if asked."""
+    if not ctx.is_main or not set(recipe.run.trackers) - {"tensorboard"}:
+        return {}
+    names = [CONFIG, *([WEIGHTS, EMA_WEIGHTS] if recipe.run.tracker_weights else [])]
+    return {name: data for name in names if (data := ctx.run.read_bytes(name)) is not None}
 
 
 def log_header(c: Components, recipe: Recipe, ctx: TrainContext, step: int, stop_at: int) -> None:

@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: metrics.jsonl, TensorBoard events and PNG plots, in any storage.
+"""Run outputs on rank 0: metrics.jsonl, TensorBoard events and PNG plots, in any storage, and the same
+records to MLflow / Weights & Biases (``run.trackers``, ``trackers.py``).
 
 Object stores cannot append, so files are kept locally (``~/.cache/inceptionnext/<run>``) and copied
 to the run folder at each flush; on a local run folder they are written in place.
@@ -12,10 +13,14 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.rundir import METRICS, RunDir
+
+if TYPE_CHECKING:
+    from orchestrator.train.trackers import Trackers
 
 log = logging.getLogger(__name__)
 KEYS = ("epoch", "step", "lr", "train_loss", "images_per_sec")
@@ -25,21 +30,25 @@ class MetricsWriter:
     """``metrics``: the task's validation metrics, the first plotted (with its EMA) in curves.png; every
     record carries them (null where not evaluated) with the common ``KEYS``."""
 
-    def __init__(self, run: RunDir, enabled: bool = True, metrics: tuple[str, ...] = ("top1", "top5")) -> None:
+    def __init__(self, run: RunDir, enabled: bool = True, metrics: tuple[str, ...] = ("top1", "top5"),
+                 trackers: Callable[[Path], Trackers] | None = None, tensorboard: bool = True) -> None:
         self.run, self.enabled, self.metrics = run, enabled, metrics
         self.keys = KEYS[:4] + metrics + KEYS[4:]
         self.local = run.is_local
         self.dir = Path(run.path if self.local else tempfile.mkdtemp(prefix="inceptionnext-run-"))
         self.records: list[dict[str, Any]] = []
-        self.tb = None
+        self.tb = self.trackers = None
+        self.closed = False
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.records = run.records()
         (self.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        from torch.utils.tensorboard import SummaryWriter
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self.trackers = trackers(self.dir) if trackers is not None else None
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (a resumed run re-logs them), so the file has no duplicate steps."""
@@ -56,15 +65,19 @@ class MetricsWriter:
         self.records.append(full)
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(full) + "\n")
-        for k, v in full.items():
-            if full.get("kind") != "resume" and isinstance(v, int | float) and k not in ("epoch", "step", "time"):
-                self.tb.add_scalar(k, v, full["step"])
+        if self.tb is not None:
+            for k, v in full.items():
+                if full.get("kind") != "resume" and isinstance(v, int | float) and k not in ("epoch", "step", "time"):
+                    self.tb.add_scalar(k, v, full["step"])
+        if self.trackers is not None:
+            self.trackers.log(full)
 
     def flush(self, plots: bool = False) -> None:
         """Copy outputs to the run folder (object storage) and optionally redraw the plots."""
         if not self.enabled:
             return
-        self.tb.flush()
+        if self.tb is not None:
+            self.tb.flush()
         if plots:
             self.plot()
         if not self.local:
@@ -97,10 +110,19 @@ class MetricsWriter:
         fig.savefig(self.dir / "curves.png", dpi=100)
         plt.close(fig)
 
-    def close(self) -> None:
+    def close(self, state: str = "finished", artifacts: dict[str, bytes] | None = None) -> None:
+        """The last flush and plots; the trackers get ``curves.png`` and ``artifacts`` and end as ``state``
+        (finished, stopped, failed). Only the first call counts."""
+        if not self.enabled or self.closed:
+            return
+        self.closed = True
+        self.flush(plots=state != "failed")
         if self.tb is not None:
-            self.flush(plots=True)
             self.tb.close()
+        if self.trackers is not None:
+            curves = self.dir / "curves.png"
+            files = {"curves.png": curves.read_bytes()} if curves.exists() else {}
+            self.trackers.finish(state, files | (artifacts or {}))
 
 
 def interactive() -> bool:

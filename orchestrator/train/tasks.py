@@ -41,11 +41,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalSetup:
-    """What ``Task.evaluate`` reads of the components (``orchestrator.evaluate`` has no optimizer to build)."""
+    """What ``Task.evaluate`` reads of the components (``orchestrator.evaluate`` has no optimizer to build), and
+    what only evaluation asks of a classifier: timm's ``--valid-labels`` and ImageNet-ReaL scoring."""
 
     val_loader: Any
     autocast: torch.dtype | None
     channels_last: bool
+    label_subset: list[int] | None = None  # score these outputs only, in the data's class order (ImageNet-A/R)
+    real_labels: dict[int, list[int]] | None = None  # sample id -> its ImageNet-ReaL labels (empty: not scored)
 
 
 def autocast(dtype: torch.dtype | None, ctx: TrainContext) -> contextlib.AbstractContextManager[Any]:
@@ -148,22 +151,54 @@ class Classification(Task):
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, c: Components | EvalSetup, ctx: TrainContext, tag: str = "",
                  final: bool = False) -> dict[str, Any]:
-        """Top-1/top-5 over the whole validation split; each image counted once across ranks (corrupt excluded)."""
+        """Top-1/top-5 over the whole validation split; each image counted once across ranks (corrupt excluded).
+        At the end of training (and in ``orchestrator.evaluate``) per class too, in ``per_class_acc{_tag}.csv``."""
         assert c.val_loader is not None
+        subset = c.label_subset if isinstance(c, EvalSetup) else None
+        real = c.real_labels if isinstance(c, EvalSetup) else None
+        n = len(subset) if subset is not None else int(getattr(model, "num_classes", self.recipe.model.num_classes))
         model.eval()
-        counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-        for images, targets, _ids, corrupt in c.val_loader:
+        counts = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # top-1, top-5, images; the same for ReaL
+        per_class = torch.zeros(3, n, dtype=torch.float64, device=ctx.device)  # top-1, top-5, images by class
+        for images, targets, ids, corrupt in c.val_loader:
             images, targets = device.normalize(images, ctx.device, c.channels_last), targets.to(ctx.device)
             with autocast(c.autocast, ctx):
                 logits = model(images)
+            if subset is not None:
+                logits = logits[:, subset]
             top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
             valid = (corrupt == 0).to(ctx.device)
             hits = top5.eq(targets[:, None])
-            counts += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(1) & valid).sum(), valid.sum()]).double()
+            for row, hit in enumerate((hits[:, 0] & valid, hits.any(1) & valid, valid)):  # no host sync (a GPU)
+                per_class[row].index_add_(0, targets, hit.double())
+            if real is not None:
+                counts[3:] += real_hits(top5.cpu(), ids, corrupt, real).to(ctx.device)
+        counts[:3] = per_class.sum(1)
         if ctx.world_size > 1:
             dist.all_reduce(counts)
-        return {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2]),
-                "val_images": int(counts[2])}
+            dist.all_reduce(per_class)
+        out = {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2]),
+               "val_images": int(counts[2])}
+        if real is not None:
+            out |= {"real_top1": float(100 * counts[3] / counts[5]), "real_top5": float(100 * counts[4] / counts[5]),
+                    "real_images": int(counts[5])}
+        if final and ctx.is_main:
+            names = [cl.name or cl.wnid for cl in c.val_loader.dataset.manifest.classes]
+            ctx.run.write_bytes(f"per_class_acc{'_' + tag if tag else ''}.csv",
+                                table_csv(["top1", "top5"], per_class[:2].T / per_class[2:].T, names,
+                                          per_class[2].long().tolist()))
+        return out
+
+
+def real_hits(top5: torch.Tensor, ids: torch.Tensor, corrupt: torch.Tensor, real: dict[int, list[int]]) -> torch.Tensor:
+    """timm's ``RealLabelsImagenet``: a prediction is right when it is among the image's ReaL labels; images
+    without any are not scored. Returns (top-1 hits, top-5 hits, images scored)."""
+    out = torch.zeros(3, dtype=torch.float64)
+    for preds, sample, bad in zip(top5.tolist(), ids.tolist(), corrupt.tolist(), strict=True):
+        labels = real.get(sample)
+        if labels and not bad:
+            out += torch.tensor([preds[0] in labels, any(p in labels for p in preds), 1], dtype=torch.float64)
+    return out
 
 
 class Segmentation(Task):
@@ -246,7 +281,7 @@ class Segmentation(Task):
         metrics, table = confusion_metrics(confusion.view(n, n).cpu())
         if ctx.is_main:
             names = [cl.name for cl in c.val_loader.dataset.manifest.classes] or [str(i) for i in range(n)]
-            ctx.run.write_bytes(f"per_class_iou{'_' + tag if tag else ''}.csv", per_class_csv(table, names))
+            ctx.run.write_bytes(f"per_class_iou{'_' + tag if tag else ''}.csv", table_csv(["IoU", "Acc"], table, names))
         return {**metrics, "val_images": int(images_seen)}
 
     def predict(self, model: torch.nn.Module, x: torch.Tensor, ratios: list[float], flip: bool) -> torch.Tensor:
@@ -304,12 +339,14 @@ def confusion_metrics(confusion: torch.Tensor) -> tuple[dict[str, float], torch.
     return metrics, torch.stack([iou, acc], dim=1)
 
 
-def per_class_csv(table: torch.Tensor, names: list[str]) -> bytes:
+def table_csv(columns: list[str], table: torch.Tensor, names: list[str], images: list[int] | None = None) -> bytes:
+    """A per-class CSV: index, class, each column of ``table`` (fractions, written as percent), images."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["index", "class", "IoU", "Acc"])
-    for i, (iou, acc) in enumerate(table.tolist()):
-        writer.writerow([i, names[i] if i < len(names) else str(i), f"{100 * iou:.2f}", f"{100 * acc:.2f}"])
+    writer.writerow(["index", "class", *columns, *(["images"] if images is not None else [])])
+    for i, values in enumerate(table.tolist()):
+        writer.writerow([i, names[i] if i < len(names) else str(i), *(f"{100 * v:.2f}" for v in values),
+                         *([images[i]] if images is not None else [])])
     return out.getvalue().encode()
 
 

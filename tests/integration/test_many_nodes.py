@@ -109,6 +109,37 @@ def test_the_doctor_measures_both_ray_nodes_and_plans_a_real_run_within_a_factor
     assert 1 / PLAN_FACTOR < factor < PLAN_FACTOR
 
 
+def test_evaluate_on_two_ray_nodes_and_as_a_two_node_slurm_job_gives_the_local_result(
+        second_node: RayWorkerNode, driver: RayCluster, slurm2: SlurmCluster, synth_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``orchestrator.evaluate --launcher ray|slurm``: two ranks on two nodes, each image once, the counts of
+    one local process; rank 0 saves the result where the command said."""
+    import timm
+    from safetensors.torch import save_file
+
+    from orchestrator import evaluate
+
+    weights = tmp_path / "atto.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model("inception_next_atto", num_classes=10).state_dict(), weights,
+              metadata={"model": "inception_next_atto"})
+    argv = [str(weights), "--data", f"{synth_dir}/val", "--json", "--batch-size", "16", "--set", "data.input_size=32",
+            "data.num_workers=0", f"run.storage={tmp_path}/runs", "scaling.num_workers=2", "scaling.gpus_per_worker=0",
+            "scaling.cpus_per_worker=1"]
+    results = {}
+    for launcher, extra in (("local", []), ("ray", []), ("slurm", ["--nodes", "2", "--gpus-per-node", "0", "--time",
+                                                                   "00:05:00", f"--log-dir={tmp_path}/logs"])):
+        code = evaluate.main([*argv, "--launcher", launcher, "--out", str(tmp_path / f"{launcher}.json"), *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-3000:]
+        results[launcher] = json.loads(out.splitlines()[-1])
+        assert results[launcher] == json.loads((tmp_path / f"{launcher}.json").read_text())
+    counts = {k: (r["val_images"], r["top1"], r["top5"], r["world_size"]) for k, r in results.items()}
+    assert counts["ray"] == counts["slurm"] == (*counts["local"][:3], 2) and counts["local"][0] == 80
+    assert [results[k]["launcher"] for k in ("ray", "slurm")] == ["ray", "slurm"]
+    assert (tmp_path / "per_class_acc_slurm.csv").exists()
+
+
 def assert_stall_found(run: Path, marker: Path, rank: int) -> None:
     """The stalled rank's stack file names the injected frame, written within the timeout and the slack."""
     (stacks,) = run.glob(f"stalls/*/rank-{rank}.txt")

@@ -6,6 +6,7 @@ Each Ray Train ``fit`` costs 15-30 s here, so the runs are few and tiny (32 px, 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -22,18 +23,50 @@ from orchestrator.launch import faults, ray_train
 from orchestrator.rundir import MARKER, RunDir
 from orchestrator.train.context import TrainContext
 from tests.conftest import ROOT, smoke_recipe
-from tests.services import ACCESS_KEY, SECRET_KEY, RayCluster, S3Store
+from tests.services import ACCESS_KEY, SECRET_KEY, MlflowServer, RayCluster, S3Store
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_cluster_yaml_passes_rays_own_schema() -> None:
+def test_cluster_yaml_passes_rays_own_schema_and_is_locked() -> None:
+    """Ray's own validation; token authentication on every node, the token file shipped from outside the
+    checkout, and no Ray port opened to the network (the dashboard and job server on the head's loopback)."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config = prepare_config(raw)
     validate_config(config)
     assert config["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"].startswith("p")
     assert any("pip install" in c and "-e" in c for c in config["setup_commands"])
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in starts)
+    (head,) = [c for c in raw["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in yaml.safe_dump(raw)
+    token = [(remote, local) for remote, local in raw["file_mounts"].items() if "token" in remote]
+    assert len(token) == 1 and token[0][1].startswith("~/") and not (ROOT / token[0][1]).exists()
+
+
+def test_a_job_without_the_clusters_token_is_refused(ray_cluster: RayCluster) -> None:
+    """The test cluster runs with token authentication (as cluster.yaml): ``ray job submit`` without the token,
+    or with another, is refused and runs nothing; the job API refuses an unauthenticated request; the token works."""
+    import urllib.error
+    import urllib.request
+
+    marker = Path(ray_cluster.temp_dir).parent / "pwned"
+    ray = str(Path(sys.executable).parent / "ray")
+    for auth in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "not-the-token"}):
+        env = {**{k: v for k, v in ray_cluster.env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}, **auth}
+        done = subprocess.run([ray, "job", "submit", "--address", ray_cluster.dashboard, "--", "touch", str(marker)],
+                              env=env, capture_output=True, text=True, timeout=60)
+        refused = re.search(r"Unauthorized|Forbidden|token is missing or incorrect", done.stdout + done.stderr)
+        assert done.returncode != 0 and refused, done.stdout + done.stderr
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{ray_cluster.dashboard}/api/jobs/", timeout=30)
+    assert refused.value.code == 401
+    token = ray_cluster.token_path.read_text().strip()
+    request = urllib.request.Request(f"{ray_cluster.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    assert urllib.request.urlopen(request, timeout=30).status == 200
+    assert not marker.exists()
 
 
 def unique(prefix: str) -> str:
@@ -177,17 +210,22 @@ def test_worker_fault_restarts_from_the_latest_checkpoint(kind: str, driver: Ray
     assert (run / "model.safetensors").exists()
 
 
-def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: RayCluster, synth_dir: Path,
-                                                                      tmp_path: Path) -> None:
-    """Stage 1 stopped (as if preempted) under the local launcher; the Ray pipeline finishes it, then runs stage 2."""
+def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: RayCluster, mlflow_server: MlflowServer,
+                                                                      synth_dir: Path, tmp_path: Path) -> None:
+    """Stage 1 stopped (as if preempted) under the local launcher; the Ray pipeline finishes it, then runs stage 2.
+    In MLflow: one parent run for the pipeline, each stage's run nested under it (stage 1's since it resumed)."""
+    from mlflow.tracking import MlflowClient
+
     from orchestrator import pipeline, pipeline_file
     from orchestrator.train.context import StopRequested
     from orchestrator.train.loop import train
     from tests.conftest import StopAfter
 
+    experiment = unique("pipeline")
     sets = [f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0", "data.input_size=32",
             "batch.global_batch_size=32", "batch.per_device_max=32", "run.log_every_steps=2",
-            "pretrain:schedule.epochs=1", "finetune:run.max_steps=2"]
+            "pretrain:schedule.epochs=1", "finetune:run.max_steps=2", "run.trackers=[mlflow]",
+            f"run.tracking_uri={mlflow_server.uri}", f"run.experiment={experiment}"]
     smoke = ROOT / "recipes" / "pipelines" / "smoke.yaml"
     p = pipeline_file.load(smoke, sets, storage_url=str(tmp_path / "runs"))
     pretrain = pipeline_file.stage_recipe(p, p.stages[0])
@@ -204,5 +242,12 @@ def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: Ray
         assert (tmp_path / "runs" / stage / "model.safetensors").exists()
     rows, _ = pipeline.status(p)
     assert rows[1]["state"] == "complete" and rows[1]["launcher"] == "ray"
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    assert (parent.info.run_name, parent.info.status) == ("smoke", "FINISHED")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == ["smoke-finetune", "smoke-pretrain"] and len(runs) == 3
+    assert all(r.info.status == "FINISHED" and r.data.tags["launcher"] == "ray" for r in children.values())
 
 

@@ -1,20 +1,20 @@
-"""Segmentation through the one training loop: the smoke recipe learns, resume is exact, and the mIoU of
-several ranks (gloo) is the mIoU of one process on the same weights, every validation image counted once."""
+"""Segmentation through the one training loop: the smoke recipe learns, resume is exact, and
+``orchestrator.evaluate`` gives the run's recorded mIoU on one and two ranks (gloo), every validation image
+counted once, from its shards and from an ADE20K-layout folder."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from orchestrator import recipe as recipes
@@ -23,10 +23,8 @@ from orchestrator.data.reader import ShardDataset, ShardLoader
 from orchestrator.data.seg_transforms import SegEval
 from orchestrator.launch import local
 from orchestrator.rundir import RunDir
-from orchestrator.train import loop
-from orchestrator.train.context import TrainContext
 from orchestrator.train.tasks import confusion_metrics
-from tests.conftest import seg_recipe
+from tests.conftest import ROOT, seg_recipe
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -82,37 +80,50 @@ def test_n_plus_n_iterations_equal_2n_bitwise(seg_dir: Path, tmp_path: Path) -> 
     assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def _evaluate(rank: int, world: int, recipe_dict: dict[str, Any], out: str, port: int) -> None:
-    """One rank: the loop's components with the trained weights (model.init), then the task's evaluation."""
-    if world > 1:
-        os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    recipe = recipes.from_dict(recipe_dict)
-    ctx = TrainContext(run=RunDir(f"{out}.run"), rank=rank, world_size=world)
-    c = loop.build(recipe, ctx, resuming=False)
-    metrics = c.task.evaluate(c.model, c, ctx, final=True)
-    if rank == 0:
-        Path(out).write_text(json.dumps(metrics))
-    if world > 1:
-        dist.destroy_process_group()
+def test_evaluate_gives_the_recorded_miou_on_one_and_two_ranks_and_from_an_ade20k_folder(
+        trained: tuple[Path, dict[str, Any]], seg_dir: Path, tmp_path: Path) -> None:
+    """``orchestrator.evaluate`` of the run: exactly the single- and multi-scale mIoU/mAcc/aAcc its end recorded;
+    the same under torchrun on 2 ranks (30 images: 15 each, the confusion matrices summed); the same again from
+    the val images and masks laid out as ADEChallengeData2016 and read directly (no shards, no objectInfo150.txt:
+    the 5 classes are counted from the masks)."""
+    run, result = trained
+    keys = ("mIoU", "mAcc", "aAcc", "ms_mIoU", "ms_mAcc", "ms_aAcc")
+    command = ["-m", "orchestrator.evaluate", str(run), "--json"]
+    one = json.loads(subprocess.run([sys.executable, *command, "--data", str(seg_dir / "val")], cwd=ROOT, check=True,
+                                    capture_output=True, text=True, timeout=300).stdout.splitlines()[-1])
+    assert {k: one[k] for k in keys} == {k: result[k] for k in keys} and one["val_images"] == 30
+    with open(run / "eval" / "per_class_iou_synth_seg0-val.csv") as f:
+        assert [r["class"] for r in csv.DictReader(f)] == ["background", "circle", "square", "triangle", "cross"]
+    assert (run / "eval" / "per_class_iou_synth_seg0-val_ms.csv").exists()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *command,
+                           "--data", str(seg_dir / "val"), "--out", str(tmp_path / "two.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2 and {k: two[k] for k in (*keys, "val_images")} == {k: one[k] for k in (*keys, "val_images")}
+
+    ade = tmp_path / "ADEChallengeData2016"
+    for folder in ("images", "annotations"):
+        (ade / folder / "validation").mkdir(parents=True)
+    for path, (image, mask) in stored_pairs(seg_dir / "val").items():
+        (ade / "images" / "validation" / f"{Path(path).stem}.jpg").write_bytes(image)
+        (ade / "annotations" / "validation" / f"{Path(path).stem}.png").write_bytes(mask)
+    done = subprocess.run([sys.executable, *command, "--data", str(ade), "--out", str(tmp_path / "ade.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "5 classes found in the masks" in done.stderr
+    folder = json.loads((tmp_path / "ade.json").read_text())
+    assert {k: folder[k] for k in (*keys, "val_images")} == {k: one[k] for k in (*keys, "val_images")}
 
 
-def test_distributed_miou_equals_single_process_miou(trained: tuple[Path, dict[str, Any]], seg_dir: Path,
-                                                    tmp_path: Path) -> None:
-    """30 validation images over 2 ranks x 2 workers (8/7/8/7): the confusion matrix summed across ranks gives
-    the same mIoU, mAcc and aAcc (single- and multi-scale) as one process over all of them."""
-    run, _ = trained
-    recipe = seg_recipe(tmp_path, seg_dir, f"model.init={run / 'model.safetensors'}", "data.num_workers=2",
-                        "segment.aug_test=true")
-    _evaluate(0, 1, recipe.to_dict(redact=False), str(tmp_path / "one.json"), 0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_evaluate, args=(2, recipe.to_dict(redact=False), str(tmp_path / "two.json"), port), nprocs=2,
-                       start_method="spawn")
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert one["val_images"] == two["val_images"] == 30
-    assert one == two and one["mIoU"] > 40  # the trained weights, not a fresh head
+def stored_pairs(split: Path) -> dict[str, tuple[bytes, bytes]]:
+    """path -> (image bytes, mask bytes) of a segmentation split's shards."""
+    out = {}
+    for shard in sorted(split.glob("*.parquet")):
+        table = pq.read_table(shard)
+        for image, mask in zip(table.column("image").to_pylist(), table.column("mask").to_pylist(), strict=True):
+            out[image["path"]] = (image["bytes"], mask["bytes"])
+    return out
 
 
 def test_runs_listing_and_the_mask_figure_of_a_segmentation_run(trained: tuple[Path, dict[str, Any]], seg_dir: Path,

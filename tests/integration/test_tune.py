@@ -18,7 +18,7 @@ from orchestrator import sweep as sweeps
 from orchestrator import tune as sweep_runner
 from orchestrator.rundir import Checkpoint, RunDir
 from tests.conftest import ROOT
-from tests.services import RayCluster, S3Store, poll
+from tests.services import MlflowServer, RayCluster, S3Store, poll
 
 pytestmark = pytest.mark.timeout(300)  # a Tune failure tends to be a silent hang
 
@@ -72,17 +72,32 @@ def test_drop_path_grid_survives_an_interruption_and_gives_table_plot_and_best_r
         assert load_file(run / "model.safetensors")
 
 
-def test_asha_stops_a_hopeless_trial_early(driver: RayCluster, synth_dir: Path, tmp_path: Path) -> None:
+def test_asha_stops_a_hopeless_trial_early(driver: RayCluster, mlflow_server: MlflowServer, synth_dir: Path,
+                                          tmp_path: Path) -> None:
+    """ASHA stops the lr=5 trial after its first epoch. In MLflow: one parent run for the sweep, a child per trial."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"asha-{tmp_path.name}"
     sweep = sweeps.load(ROOT / "recipes" / "sweeps" / "smoke.yaml", [
         *data_sets(synth_dir, tmp_path), "schedule.warmup_epochs=0", "sweep.name=asha",
         "sweep.search={optimizer.lr: {grid: [4.0e-3, 5.0]}}", "sweep.proxy={schedule.epochs: 3}",
         "sweep.max_concurrent_trials=1", "sweep.scheduler={grace_period: 1, reduction_factor: 2}",
+        "run.trackers=[mlflow]", f"run.tracking_uri={mlflow_server.uri}", f"run.experiment={experiment}",
     ])
     table = sweep_runner.run(sweep).set_index("optimizer.lr")
 
     assert not table.loc[4.0e-3, "stopped_early"] and table.loc[4.0e-3, "epochs"] == 3
     assert table.loc[5.0, "stopped_early"] and table.loc[5.0, "epochs"] == 1
     assert table.loc[5.0, "best_top1"] < table.loc[4.0e-3, "best_top1"]
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert (parent.info.run_name, parent.info.status) == ("asha", "FINISHED")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(table["trial"]) and len(runs) == 3
+    finished = children[table.loc[4.0e-3, "trial"]]
+    assert finished.info.status == "FINISHED" and finished.data.params["optimizer.lr"] == "0.004"
+    assert len(client.get_metric_history(finished.info.run_id, "top1")) == 3  # an evaluation per epoch
 
 
 def test_inline_storage_secrets_reach_the_trials_through_the_environment_only(

@@ -184,6 +184,7 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     from tests.conftest import StopAfter, smoke_recipe
 
     local.run(smoke_recipe(tmp_path, synth_dir, "run.name=done", "schedule.epochs=1"))
+    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=capped", "schedule.epochs=1", "run.max_steps=3"))
     with pytest.raises(StopRequested):
         train(smoke_recipe(tmp_path, synth_dir, "run.name=cut"), StopAfter(3, tmp_path / "runs" / "cut"))
     with pytest.raises(TrainingError):
@@ -194,6 +195,9 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     assert rows["done"]["state"] == "finished" and rows["done"]["step"] == 10 and rows["done"]["epochs_done"] == 1
     assert rows["done"]["weights"].endswith("done/model.safetensors") and rows["done"]["launcher"] == "local"
     assert rows["done"]["best"] is not None and rows["done"]["metric"] == "top1"
+    capped = rows["capped"]  # the schedule's steps beside the cap, not "1/1 epochs, 3/3 steps, finished"
+    assert (capped["state"], capped["epochs_done"], capped["step"], capped["schedule_steps"], capped["max_steps"]) == \
+        ("finished at max_steps 3 of 10", 0, 3, 10, 3)
     assert rows["cut"]["state"] == "stopped at step 3" and rows["cut"]["checkpoint"].endswith("step-00000003")
     assert rows["cut"]["weights"] is None
     assert rows["nan"]["state"].startswith("failed at step") and "non-finite loss" in rows["nan"]["error"]
@@ -201,6 +205,7 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     table = capsys.readouterr().out
     assert re.search(r"done\s+finished\s+local\s+1/1\s+10/10", table), table
     assert re.search(r"cut\s+stopped at step 3\s+", table), table
+    assert re.search(r"capped\s+finished at max_steps 3 of 10\s+local\s+0/1\s+3/10", table), table
 
 
 def test_a_world_size_that_breaks_the_sample_order_is_refused_before_anything_starts(

@@ -4,6 +4,7 @@ named before anything is written."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from orchestrator import evaluate, runs
 from orchestrator.data.transforms import timm_eval_transform
@@ -64,32 +65,151 @@ def test_a_run_evaluated_gives_exactly_the_top1_it_recorded(trained: Path, synth
         assert result["top1"] == recorded(trained, key) and result["val_images"] == 80
     saved = json.loads((trained / "eval" / "synth0-val.json").read_text())  # saved with the run
     assert saved["top1"] == recorded(trained, "ema_top1") and saved["weights"].endswith("model_ema.safetensors")
+    # Per class, beside it (and the run's own at its end): 10 classes whose images and hits add up to top-1.
+    for table in (trained / "eval" / "per_class_acc_synth0-val.csv", trained / "per_class_acc_ema.csv"):
+        with open(table) as f:
+            rows = list(csv.DictReader(f))
+        names = [c["name"] for c in json.loads((synth_dir / "val" / "manifest.json").read_text())["classes"]]
+        assert [r["class"] for r in rows] == names and sum(int(r["images"]) for r in rows) == 80
+        hits = sum(float(r["top1"]) * int(r["images"]) / 100 for r in rows)
+        assert hits / 80 * 100 == pytest.approx(saved["top1"], abs=1e-6)
     assert runs.summary(RunDir(str(trained)))["evaluations"]["synth0-val"]["top1"] == saved["top1"]  # runs --json
     code, result, err = run_main([str(trained), "--data", f"{synth_dir}/val", "--which", "step-10"], capsys)
     assert code == 0 and result["weights"].endswith("step-00000010"), err
 
 
+def timm_top5(sd: dict[str, torch.Tensor], paths: list[Path]) -> list[list[int]]:
+    """The peer: timm's create_transform(is_training=False) on PIL images and a plain torch loop; each image's
+    top-5 classes."""
+    model = timm.create_model("inception_next_atto", num_classes=len(sd["head.fc2.bias"]))
+    model.load_state_dict(sd)
+    model.eval()
+    transform = timm_eval_transform(32, 0.875, "bicubic")  # the smoke recipe's data settings
+    with torch.no_grad():
+        return [model(transform(Image.open(p).convert("RGB"))[None]).topk(5).indices[0].tolist() for p in paths]
+
+
 def test_top1_and_top5_match_timms_own_evaluation_of_a_folder(trained: Path, image_folder: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """The folder read directly (no shards) against timm's create_transform(is_training=False) on PIL images
-    and a plain torch loop."""
+    """The folder read directly (no shards) against timm's evaluation within 0.1 point."""
     code, ours, err = run_main([str(trained), "--data", str(image_folder), "--which", "model", "--out",
                                 str(image_folder.parent / "out.json")], capsys)
     assert code == 0, err
-    model = timm.create_model("inception_next_atto", num_classes=10)
-    model.load_state_dict(load_file(trained / "model.safetensors"))
-    model.eval()
-    transform = timm_eval_transform(32, 0.875, "bicubic")  # the smoke recipe's data settings
-    classes = sorted(p.name for p in image_folder.iterdir())
-    hits1 = hits5 = total = 0
-    with torch.no_grad():
-        for label, wnid in enumerate(classes):
-            for path in sorted((image_folder / wnid).iterdir()):
-                logits = model(transform(Image.open(path).convert("RGB"))[None])
-                top5 = logits.topk(5).indices[0].tolist()
-                hits1, hits5, total = hits1 + (top5[0] == label), hits5 + (label in top5), total + 1
-    assert ours["val_images"] == total == 80
-    assert abs(ours["top1"] - 100 * hits1 / total) <= 0.1 and abs(ours["top5"] - 100 * hits5 / total) <= 0.1
+    labelled = [(label, path) for label, wnid in enumerate(sorted(p.name for p in image_folder.iterdir()))
+                for path in sorted((image_folder / wnid).iterdir())]
+    top5 = timm_top5(load_file(trained / "model.safetensors"), [p for _, p in labelled])
+    hits1 = sum(t[0] == label for t, (label, _) in zip(top5, labelled, strict=True))
+    hits5 = sum(label in t for t, (label, _) in zip(top5, labelled, strict=True))
+    assert ours["val_images"] == len(labelled) == 80
+    assert abs(ours["top1"] - 100 * hits1 / 80) <= 0.1 and abs(ours["top5"] - 100 * hits5 / 80) <= 0.1
+
+
+def imagenet_classifier(trained: Path, rows: list[int], path: Path) -> dict[str, torch.Tensor]:
+    """The trained 10-class weights as a 1000-class ImageNet classifier: class k's row at ``rows[k]``, every
+    other output far below (never predicted), saved to ``path`` with its architecture."""
+    sd = load_file(trained / "model.safetensors")
+    weight, bias = torch.zeros(1000, sd["head.fc2.weight"].shape[1]), torch.full((1000,), -1e4)
+    weight[rows], bias[rows] = sd["head.fc2.weight"], sd["head.fc2.bias"]
+    sd["head.fc2.weight"], sd["head.fc2.bias"] = weight, bias
+    save_file(sd, path, metadata={"model": "inception_next_atto"})
+    return sd
+
+
+def test_imagenet_a_layout_with_its_label_subset(trained: Path, image_folder: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """ImageNet-A's 200 class folders (the images in the first 10): the 1000 outputs restricted to timm's
+    index list score exactly what the 10-class weights score on their own classes."""
+    synsets = (Path(timm.__file__).parent / "data" / "_info" / "imagenet_a_synsets.txt").read_text().split()
+    indices = [int(v) for v in (Path(timm.__file__).parent / "data" / "_info" / "imagenet_a_indices.txt").read_text().split()]
+    root = tmp_path / "imagenet-a"
+    for k, wnid in enumerate(synsets):
+        (root / wnid).mkdir(parents=True)
+        if k < 10:
+            for image in (image_folder / sorted(p.name for p in image_folder.iterdir())[k]).iterdir():
+                (root / wnid / image.name).write_bytes(image.read_bytes())
+    weights = tmp_path / "in1k.safetensors"
+    imagenet_classifier(trained, indices[:10], weights)
+    sets = ["--set", "data.input_size=32", "--batch-size", "32"]
+    code, ours, err = run_main([str(weights), "--data", str(root), "--label-subset", "imagenet-a", *sets], capsys)
+    assert code == 0, err
+    code, own, err = run_main([str(trained), "--data", str(image_folder), "--which", "model", "--out",
+                               str(tmp_path / "own.json")], capsys)
+    assert (ours["val_images"], ours["top1"], ours["top5"]) == (80, own["top1"], own["top5"]), err
+    assert (tmp_path / "in1k.imagenet-a.eval.json").exists() and ours["label_subset"] == "imagenet-a"
+    # Without the subset the class counts differ; with ImageNet-R's the synsets do: both named, nothing written.
+    for extra, message in (([], "classifier has 1000 classes; --data"), (["--label-subset", "imagenet-r"],
+                                                                         "are not imagenet-r's 200 synsets")):
+        code, _, err = run_main([str(weights), "--data", str(root), *sets, *extra, "--out", str(tmp_path / "x.json")],
+                                capsys)
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.fixture(scope="module")
+def flat_val(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int]]:
+    """The images as a flat ILSVRC-2012 val folder (ILSVRC2012_val_<n>.JPEG) with its labels file, the 10
+    classes being ImageNet's first 10 synsets; and each image's class."""
+    from timm.data import ImageNetInfo
+
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    root = tmp_path_factory.mktemp("flat") / "val"
+    root.mkdir()
+    labels, lines = [], []
+    for label, folder in enumerate(sorted(image_folder.iterdir())):
+        for image in sorted(folder.iterdir()):
+            name = f"ILSVRC2012_val_{len(labels) + 1:08d}.JPEG"
+            (root / name).write_bytes(image.read_bytes())
+            labels.append(label)
+            lines.append(f"{name} {wnids[label]}")
+    (root / "val_labels.txt").write_text("\n".join(lines) + "\n")
+    return root, labels
+
+
+def test_a_flat_val_folder_and_real_labels_match_timms_validator(trained: Path, flat_val: tuple[Path, list[int]],
+                                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flat val folder alone (the 1000 ImageNet classes, labels from its file) and ReaL labels scored as timm's
+    RealLabelsImagenet scores them: some images with no ReaL label (not scored), some with two."""
+    from timm.data import RealLabelsImagenet
+
+    root, labels = flat_val
+    sd = imagenet_classifier(trained, list(range(10)), tmp_path / "in1k.safetensors")
+    real = [[] if i % 7 == 0 else [label, (label + 1) % 10] if i % 3 == 0 else [(label + 2) % 10] if i % 5 == 0
+            else [label] for i, label in enumerate(labels)]
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    code, ours, err = run_main([str(tmp_path / "in1k.safetensors"), "--data", str(root), "--set", "data.input_size=32",
+                                "--real-labels", str(tmp_path / "real.json")], capsys)
+    assert code == 0, err
+    paths = sorted(root.glob("*.JPEG"))
+    top5 = timm_top5(sd, paths)
+    peer = RealLabelsImagenet([p.name for p in paths], real_json=str(tmp_path / "real.json"))
+    peer.add_result(torch.zeros(len(top5), 1000).scatter_(1, torch.tensor(top5), torch.tensor([[5.0, 4, 3, 2, 1]] * len(top5))))
+    assert ours["real_images"] == sum(1 for r in real if r) and ours["val_images"] == 80
+    assert abs(ours["real_top1"] - peer.get_accuracy(1)) <= 0.1 and abs(ours["real_top5"] - peer.get_accuracy(5)) <= 0.1
+    assert abs(ours["top1"] - 100 * sum(t[0] == y for t, y in zip(top5, labels, strict=True)) / 80) <= 0.1
+    assert ours["real_top1"] != ours["top1"]  # the ReaL labels were used
+
+
+def test_a_timm_tag_is_read_from_the_local_cache_only(trained: Path, flat_val: tuple[Path, list[int]], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``inception_next_atto.sail_in1k``: not cached, one line saying so (nothing is downloaded); in the Hugging
+    Face cache's layout, evaluated as its file is."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["inception_next_atto.sail_in1k", "--data", str(flat_val[0]), "--set", "data.input_size=32"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and "are not in the local cache" in err and "nothing is downloaded" in err, err
+    snapshot = tmp_path / "hub" / "models--timm--inception_next_atto.sail_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    imagenet_classifier(trained, list(range(10)), snapshot / "model.safetensors")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    code, tagged, err = run_main(argv, capsys)
+    assert code == 0, err
+    code, filed, err = run_main([str(snapshot / "model.safetensors"), *argv[1:], "--out", str(tmp_path / "f.json")], capsys)
+    assert (tagged["top1"], tagged["top5"]) == (filed["top1"], filed["top5"]) and tagged["val_images"] == 80, err
+    assert tagged["transform"] == {"input_size": 32, "crop_pct": 0.875, "interpolation": "bicubic"}  # the tag's cfg
+    assert tagged["saved"] == "eval/inception_next_atto.sail_in1k.flat0-val.json" and (tmp_path / tagged["saved"]).exists()
 
 
 def test_an_official_release_file_is_evaluated_with_the_architecture_given(trained: Path, synth_dir: Path,
@@ -113,9 +233,9 @@ def test_an_official_release_file_is_evaluated_with_the_architecture_given(train
 def test_bad_input_is_named_and_nothing_is_written(trained: Path, synth_dir: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out.json"
+    empty = tmp_path / "folder"
+    empty.mkdir()
     wide = tmp_path / "wide.safetensors"
-    from safetensors.torch import save_file
-
     sd = load_file(trained / "model.safetensors")
     sd["head.fc2.weight"], sd["head.fc2.bias"] = torch.zeros(12, sd["head.fc2.weight"].shape[1]), torch.zeros(12)
     save_file(sd, wide, metadata={"model": "inception_next_atto"})
@@ -124,6 +244,9 @@ def test_bad_input_is_named_and_nothing_is_written(trained: Path, synth_dir: Pat
         ([str(trained), "--data", str(tmp_path / "empty")], f"{tmp_path}/empty: not found"),
         ([str(trained), "--data", f"{synth_dir}/val", "--which", "step-7"], "no committed checkpoint at step 7"),
         ([str(tmp_path / "nothing.safetensors"), "--data", f"{synth_dir}/val"], "nothing.safetensors: not found"),
+        ([str(trained), "--data", str(empty)], f"{empty}: no class folders found"),
+        ([str(trained), "--data", "s3://nowhere/val", "--storage-option", "endpoint_url=http://127.0.0.1:9",
+          "--storage-option", "key=k", "--storage-option", "secret=s"], "--data=s3://nowhere/val: cannot connect"),
     ]
     for argv, message in cases:
         code, _, err = run_main([*argv, "--out", str(out)], capsys)

@@ -102,19 +102,28 @@ def jpeg(array: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def ade_layout(root: Path, masks: dict[str, list[np.ndarray]]) -> Path:
+    """The ADEChallengeData2016 layout under ``root``: per folder (training, validation) each mask as a PNG and a
+    random JPEG of its size, named as ADE20K's files are."""
+    rng = np.random.default_rng(1)
+    for folder, arrays in masks.items():
+        (root / "images" / folder).mkdir(parents=True)
+        (root / "annotations" / folder).mkdir(parents=True)
+        for i, mask in enumerate(arrays):
+            name = f"ADE_{folder}_{i:08d}"
+            (root / "images" / folder / f"{name}.jpg").write_bytes(jpeg(rng.integers(0, 255, (*mask.shape, 3), dtype=np.uint8)))
+            (root / "annotations" / folder / f"{name}.png").write_bytes(png(mask))
+    return root
+
+
 @pytest.fixture
 def ade(tmp_path: Path) -> Path:
     """The ADEChallengeData2016 layout: 10 training and 5 validation pairs of several sizes (values 0-150),
     a training image whose mask has another size, and objectInfo150.txt naming three classes."""
-    root = tmp_path / "ADEChallengeData2016"
     rng = np.random.default_rng(0)
-    for folder, n in (("training", 10), ("validation", 5)):
-        (root / "images" / folder).mkdir(parents=True)
-        (root / "annotations" / folder).mkdir(parents=True)
-        for i in range(n):
-            h, w = int(rng.integers(20, 40)), int(rng.integers(20, 40))
-            (root / "images" / folder / f"ADE_{folder}_{i:08d}.jpg").write_bytes(jpeg(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
-            (root / "annotations" / folder / f"ADE_{folder}_{i:08d}.png").write_bytes(png(rng.integers(0, 151, (h, w))))
+    root = ade_layout(tmp_path / "ADEChallengeData2016", {
+        folder: [rng.integers(0, 151, (int(rng.integers(20, 40)), int(rng.integers(20, 40)))) for _ in range(n)]
+        for folder, n in (("training", 10), ("validation", 5))})
     (root / "images" / "training" / "ADE_bad.jpg").write_bytes(jpeg(np.zeros((20, 30, 3), np.uint8)))
     (root / "annotations" / "training" / "ADE_bad.png").write_bytes(png(np.zeros((21, 30))))
     (root / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\twall\n"
@@ -178,6 +187,31 @@ def test_parquet_with_a_mask_column_is_sharded_with_its_masks(tmp_path: Path) ->
                   WriteOptions(shard_size_mb=1, rows_per_group=2, seed=0))
     for split, part in (("train", pairs[:4]), ("val", pairs[4:])):
         assert sorted(stored(tmp_path / "shards" / split).values()) == sorted(part)
+
+
+def test_a_set_of_our_own_in_the_ade20k_layout_is_counted_from_its_masks(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """No objectInfo150.txt: 10 classes (mask values 1-10 after reduce_zero_label), named by index with one
+    warning, not ADE20K's 150; ``--classes FILE`` names them, and a file naming too few is refused."""
+    from orchestrator.data.__main__ import main as data_main
+
+    rng = np.random.default_rng(2)
+    masks = {folder: [rng.integers(0, 10, (16, 24)) for _ in range(n)] for folder, n in (("training", 3), ("validation", 2))}
+    masks["validation"][1][0, 0] = 10  # the largest label, in one mask
+    root = ade_layout(tmp_path / "mine", masks)
+    shard = ["shard", str(root), "--task", "segmentation", "--shard-size-mb", "1"]
+    assert data_main([*shard, str(tmp_path / "counted")]) == 0
+    assert [c.name for c in mf.load(str(tmp_path / "counted" / "val")).classes] == [str(i) for i in range(10)]
+    assert "10 classes found in the masks (largest label 10, reduce_zero_label), named by index" in caplog.text
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(f"thing {i}" for i in range(10)) + "\n")
+    assert data_main([*shard, str(tmp_path / "named"), "--classes", str(names)]) == 0
+    assert [c.name for c in mf.load(str(tmp_path / "named" / "train")).classes] == [f"thing {i}" for i in range(10)]
+    names.write_text("a\nb\nc\n")
+    capsys.readouterr()
+    assert data_main([*shard, str(tmp_path / "refused"), "--classes", str(names)]) == 2
+    assert f"--classes {names} names 3 classes, but the masks of {root} have label 10" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_classification_shards_are_refused_for_a_segmentation_recipe(synth_dir: Path, tmp_path: Path) -> None:
