@@ -109,7 +109,7 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
 
 def tracker_factory(recipe: Recipe, ctx: TrainContext) -> Callable[[Path], trackers.Trackers] | None:
     """MLflow / W&B beside metrics.jsonl (``run.trackers``), given the writer's local folder."""
-    if not set(recipe.run.trackers) - {"tensorboard"}:
+    if not trackers.uses_trackers(recipe):
         return None
     return lambda local: trackers.Trackers(recipe, ctx.run, ctx.launcher, ctx.world_size, local)
 
@@ -176,7 +176,7 @@ def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[s
 
 def tracker_artifacts(recipe: Recipe, ctx: TrainContext) -> dict[str, bytes]:
     """What the trackers keep of a finished run besides curves.png: config.json, and the weights if asked."""
-    if not ctx.is_main or not set(recipe.run.trackers) - {"tensorboard"}:
+    if not ctx.is_main or not trackers.uses_trackers(recipe):
         return {}
     names = [CONFIG, *([WEIGHTS, EMA_WEIGHTS] if recipe.run.tracker_weights else [])]
     return {name: data for name in names if (data := ctx.run.read_bytes(name)) is not None}

@@ -38,7 +38,6 @@ from orchestrator.rundir import RunDir
 
 log = logging.getLogger(__name__)
 TRACKERS = "trackers.json"
-KNOWN = ("tensorboard", "mlflow", "wandb")
 QUEUE_SIZE = 10_000  # calls waiting for one tracker; more are dropped
 CLOSE_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 60.0  # after a failure, calls are dropped for this long, then tried again
