@@ -14,7 +14,11 @@ import math
 import random
 
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+# timm's IMAGENET_DEFAULT_MEAN and _STD (tests/unit/test_transforms.py checks them against timm's). Not imported
+# from timm: importing any of timm loads its models and torchvision, seconds of every command's startup.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 ERASE_SALT = 1 << 40  # keeps an image's erasing draws apart from its worker-side augmentation draws
 

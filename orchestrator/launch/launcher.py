@@ -11,7 +11,6 @@ from typing import Any
 
 from orchestrator import storage, weights
 from orchestrator.data import manifest
-from orchestrator.data.gpu_decode import TrainDraws
 from orchestrator.data.reader import checked_order, select_groups
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.recipe import Recipe, micro_batch, plan_batch, world_sizes
@@ -57,7 +56,9 @@ def preflight(recipe: Recipe, source: str, world: int | list[int], require_init:
                                   recipe.batch.global_batch_size, recipe.data.partitions, worlds, f"data.train={url}")
                 except OrchestratorError as exc:
                     raise RecipeError(f"{source}: {exc}") from exc
-    if recipe.data.decode == "gpu":  # every RandAugment op must have a device version
+    if recipe.data.decode == "gpu":  # every RandAugment op must have a device version (torchvision: imported only now)
+        from orchestrator.data.gpu_decode import TrainDraws
+
         try:
             TrainDraws(recipe.data.input_size, recipe.augment.auto_augment, recipe.data.train_interpolation)
         except RecipeError as exc:

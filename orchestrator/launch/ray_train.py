@@ -42,7 +42,6 @@ from orchestrator.rundir import RunDir
 from orchestrator.train import trackers
 from orchestrator.train.checkpoint import Snapshot
 from orchestrator.train.context import StopRequested, TrainContext
-from orchestrator.train.loop import train
 from orchestrator.train.stop import StopSignals, interrupted
 
 log = logging.getLogger(__name__)
@@ -107,7 +106,10 @@ def probe_worker(config: dict[str, Any]) -> None:
 
 
 def worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: rebuild the recipe, make the context, train."""
+    """Runs on every Ray Train worker: rebuild the recipe, make the context, train. (The loop is imported here,
+    not at the top: Ray Train's controller unpickles this module and needs none of it.)"""
+    from orchestrator.train.loop import train
+
     logs.setup()
     # Ray logs every report at INFO under a logger named by its file path, outside "ray.train" where
     # LoggingConfig would hold it back; the metrics are in metrics.jsonl already.

@@ -130,3 +130,11 @@ def test_eval_crop_matches_timms_eval_transform() -> None:
     pixels = (normalised * std + mean) * 255
     assert ours.shape == pixels.shape and (ours - pixels).abs().mean() < 1.0
 
+
+
+def test_the_normalisation_constants_are_timms() -> None:
+    from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from orchestrator.data import device
+
+    assert (device.IMAGENET_DEFAULT_MEAN, device.IMAGENET_DEFAULT_STD) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
