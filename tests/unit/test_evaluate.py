@@ -136,6 +136,10 @@ def test_imagenet_a_layout_with_its_label_subset(trained: Path, image_folder: Pa
                                str(tmp_path / "own.json")], capsys)
     assert (ours["val_images"], ours["top1"], ours["top5"]) == (80, own["top1"], own["top5"]), err
     assert (tmp_path / "in1k.imagenet-a.eval.json").exists() and ours["label_subset"] == "imagenet-a"
+    (tmp_path / "indices.txt").write_text("\n".join(map(str, indices)) + "\n")  # the same list as a file
+    code, listed, err = run_main([str(weights), "--data", str(root), "--label-subset", str(tmp_path / "indices.txt"), *sets,
+                                  "--out", str(tmp_path / "listed.json")], capsys)
+    assert code == 0 and (listed["top1"], listed["top5"]) == (ours["top1"], ours["top5"]), err
     # Without the subset the class counts differ; with ImageNet-R's the synsets do: both named, nothing written.
     for extra, message in (([], "classifier has 1000 classes; --data"), (["--label-subset", "imagenet-r"],
                                                                          "are not imagenet-r's 200 synsets")):
@@ -187,6 +191,11 @@ def test_a_flat_val_folder_and_real_labels_match_timms_validator(trained: Path, 
     assert abs(ours["real_top1"] - peer.get_accuracy(1)) <= 0.1 and abs(ours["real_top5"] - peer.get_accuracy(5)) <= 0.1
     assert abs(ours["top1"] - 100 * sum(t[0] == y for t, y in zip(top5, labels, strict=True)) / 80) <= 0.1
     assert ours["real_top1"] != ours["top1"]  # the ReaL labels were used
+    # Without FILE: timm's copy of real.json, whose first 80 entries these file names select.
+    code, timms, err = run_main([str(tmp_path / "in1k.safetensors"), "--data", str(root), "--set", "data.input_size=32",
+                                 "--real-labels", "--out", str(tmp_path / "timms.json")], capsys)
+    shipped = json.loads((Path(timm.__file__).parent / "data" / "_info" / "imagenet_real_labels.json").read_text())[:80]
+    assert code == 0 and timms["real_images"] == sum(1 for r in shipped if r), err
 
 
 def test_a_timm_tag_is_read_from_the_local_cache_only(trained: Path, flat_val: tuple[Path, list[int]], tmp_path: Path,
