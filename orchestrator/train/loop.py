@@ -103,7 +103,8 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     except StopRequested:
         raise
     except BaseException:
-        writer.close("failed")
+        with contextlib.suppress(Exception):  # the failure is what gets reported, not a flush after it
+            writer.close("failed")
         raise
 
 
