@@ -67,7 +67,7 @@ def test_mlflow_and_wandb_get_the_run_and_a_resume_on_another_launcher_continues
 
     experiment = f"resume-{uuid.uuid4().hex[:8]}"
     sets = smoke_sets(synth_dir, tmp_path / "runs", "tracked", "run.trackers=[tensorboard, mlflow, wandb]",
-                      f"run.experiment={experiment}")
+                      f"run.experiment={experiment}", "run.tracker_weights=true")
     settings = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     done = subprocess.run([sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set", *sets,
                            "run.max_steps=10"], cwd=ROOT, env={**ray_cluster.env, **settings}, capture_output=True,
@@ -97,7 +97,7 @@ def test_mlflow_and_wandb_get_the_run_and_a_resume_on_another_launcher_continues
     assert {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "train_loss")} == train
     top1 = {r["step"]: r["top1"] for r in records if r["kind"] == "epoch"}
     assert sorted(top1) == [10, 20] and {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "top1")} == top1
-    assert {a.path for a in client.list_artifacts(ids["mlflow"])} >= {"curves.png", "config.json"}
+    assert {a.path for a in client.list_artifacts(ids["mlflow"])} == {"curves.png", "config.json", "model.safetensors"}
 
     assert wandb_history(run, "train_loss") == train and wandb_history(run, "top1") == top1
     assert len(list(run.glob("wandb/offline-run-*"))) == 2  # one per attempt, the same W&B run id
