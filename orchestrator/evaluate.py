@@ -241,10 +241,9 @@ def open_data(recipe: recipes.Recipe, val_labels: str | None, classes_file: str 
         return EvalData(manifest, options=d.storage_options)
     if recipe.task == "segmentation":
         source: Any = ADESource(d.val, d.storage_options, recipe_reduce_zero_label(recipe), classes_file)
-        split = source.splits(("val",))
     else:
         source = FolderSource(d.val, d.storage_options, val_labels=val_labels)
-        split = source.splits(("val",))
+    split = source.splits(("val",))
     items = [item for block in (split.get("val") or split.get("train") or []) for item in block]
     if not items:
         raise DataError(f"--data {d.val}: no images")

@@ -63,8 +63,7 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     storage_path, filesystem = ray_train.storage_for_ray(root, sweep.storage_options)
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
     # One parent tracker run per sweep (continued with it), a child per trial.
-    parent = trackers.open_parent(base, RunDir(sweep_url, sweep.storage_options), sweep.name, "sweep") \
-        if trackers.uses_trackers(base) else None
+    parent = trackers.open_parent(base, RunDir(sweep_url, sweep.storage_options), sweep.name, "sweep")
     trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=True), parent=parent),
                                     {"cpu": 0, "memory": 1})
     param_space = {"params": sweeps.space(sweep)}

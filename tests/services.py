@@ -51,6 +51,19 @@ def poll(check: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
     raise TimeoutError(f"{what} not ready after {timeout}s (last error: {last})")
 
 
+def stop_group(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM a service started in its own process group; SIGKILL the group after ``timeout`` seconds."""
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @dataclass
 class S3Store:
     """A ``weed mini`` process: S3 on ``endpoint``, restartable on the same ports and data folder."""
@@ -92,14 +105,7 @@ class S3Store:
         return True
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)  # it waits for idle client connections; no need to be polite for long
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, 10)  # it waits for idle client connections; no need to be polite for long
         self.proc = None
 
     def bucket(self, name: str) -> str:
@@ -158,15 +164,7 @@ class MlflowServer:
         return urllib.request.urlopen(f"{self.uri}/health", timeout=5).status == 200
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, 15)
         self.proc = None
 
 

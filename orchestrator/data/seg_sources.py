@@ -85,14 +85,15 @@ def largest_label(masks: Iterable[tuple[bytes, str]], reduce_zero_label: bool) -
     return (top if reduce_zero_label else top + 1), top
 
 
-def seg_classes(url: str, names: list[str] | None, masks: Iterable[tuple[bytes, str]], reduce_zero_label: bool,
-                named: str) -> list[ClassInfo]:
-    """The classes of a segmentation source: ``names`` (``named`` says where from), checked against the masks'
-    largest label; or counted from the masks, with one warning."""
+def seg_classes(url: str, classes_file: str | None, options: dict[str, Any] | None,
+                masks: Iterable[tuple[bytes, str]], reduce_zero_label: bool) -> list[ClassInfo]:
+    """The classes of a segmentation source: ``--classes FILE``'s names, checked against the masks' largest
+    label; or counted from the masks, with one warning."""
+    names = class_names_file(classes_file, options) if classes_file else None
     count, top = largest_label(masks, reduce_zero_label)
     if names is not None:
         if count > len(names):
-            raise DataError(f"{named} names {len(names)} classes, but the masks of {url} have label {top} "
+            raise DataError(f"--classes {classes_file} names {len(names)} classes, but the masks of {url} have label {top} "
                             f"({count} classes{' after reduce_zero_label' if reduce_zero_label else ''})")
         return class_list(names)
     if count == len(ADE20K_CLASSES):
@@ -132,9 +133,8 @@ class ADESource:
             self.classes = class_list(info)
         else:
             masks = [p for folder in ADE_SPLITS for p in self._masks(folder).values()]
-            self.classes = seg_classes(url, class_names_file(classes_file, options) if classes_file else None,
-                                       ((self.fs.cat_file(p), p) for p in masks), reduce_zero_label,
-                                       f"--classes {classes_file}")
+            self.classes = seg_classes(url, classes_file, options, ((self.fs.cat_file(p), p) for p in masks),
+                                       reduce_zero_label)
 
     def _masks(self, folder: str) -> dict[str, str]:
         found = storage.join(self.root, "annotations", folder)
@@ -190,8 +190,7 @@ class SegParquetSource:
             raise DataError(f"{storage.unstrip(self.fs, self.files[0])}: expected an 'image' column and a mask column "
                             f"(one of {', '.join(MASK_COLUMNS)}); found {names}")
         self.mask_column = found[0]
-        self.classes = seg_classes(url, class_names_file(classes_file, options) if classes_file else None,
-                                   self._all_masks(), reduce_zero_label, f"--classes {classes_file}")
+        self.classes = seg_classes(url, classes_file, options, self._all_masks(), reduce_zero_label)
 
     def _all_masks(self) -> Iterable[tuple[bytes, str]]:
         for f in self.files:

@@ -70,8 +70,6 @@ def run_in_process(pipeline: Pipeline, launcher: str) -> None:
 
 def tracker_parent(pipeline: Pipeline, recipe: recipes.Recipe) -> dict[str, Any] | None:
     """One parent tracker run per pipeline (its id under ``<storage>/_pipelines/<name>/``), a child per stage."""
-    if not trackers.uses_trackers(recipe):
-        return None
     folder = RunDir(storage.join(pipeline.storage, "_pipelines", pipeline.name), pipeline.storage_options)
     return trackers.open_parent(recipe, folder, pipeline.name, "pipeline")
 

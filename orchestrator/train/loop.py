@@ -130,7 +130,7 @@ def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[s
     if ctx.is_main:
         ctx.run.write_bytes(CONFIG, recipe.to_json().encode())
         ctx.run.write_status("running", launcher=ctx.launcher, step=state["step"], total_steps=stop_at,
-                             schedule_steps=total_steps, steps_per_epoch=c.steps_per_epoch, world_size=ctx.world_size)
+                             schedule_steps=total_steps, world_size=ctx.world_size)
         log_header(c, recipe, ctx, state["step"], stop_at)
     last: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
     if state["step"] >= stop_at:  # stopped after its last checkpoint, before the final weights: nothing to train

@@ -158,8 +158,8 @@ class Classification(Task):
         real = c.real_labels if isinstance(c, EvalSetup) else None
         n = len(subset) if subset is not None else int(getattr(model, "num_classes", self.recipe.model.num_classes))
         model.eval()
-        counts = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # top-1, top-5, images; the same for ReaL
         per_class = torch.zeros(3, n, dtype=torch.float64, device=ctx.device)  # top-1, top-5, images by class
+        real_counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # the same over all ReaL-labelled images
         for images, targets, ids, corrupt in c.val_loader:
             images, targets = device.normalize(images, ctx.device, c.channels_last), targets.to(ctx.device)
             with autocast(c.autocast, ctx):
@@ -172,16 +172,16 @@ class Classification(Task):
             for row, hit in enumerate((hits[:, 0] & valid, hits.any(1) & valid, valid)):  # no host sync (a GPU)
                 per_class[row].index_add_(0, targets, hit.double())
             if real is not None:
-                counts[3:] += real_hits(top5.cpu(), ids, corrupt, real).to(ctx.device)
-        counts[:3] = per_class.sum(1)
+                real_counts += real_hits(top5.cpu(), ids, corrupt, real).to(ctx.device)
         if ctx.world_size > 1:
-            dist.all_reduce(counts)
             dist.all_reduce(per_class)
-        out = {"top1": float(100 * counts[0] / counts[2]), "top5": float(100 * counts[1] / counts[2]),
-               "val_images": int(counts[2])}
+            dist.all_reduce(real_counts)
+        top1, top5, images = per_class.sum(1).tolist()
+        out = {"top1": 100 * top1 / images, "top5": 100 * top5 / images, "val_images": int(images)}
         if real is not None:
-            out |= {"real_top1": float(100 * counts[3] / counts[5]), "real_top5": float(100 * counts[4] / counts[5]),
-                    "real_images": int(counts[5])}
+            real_top1, real_top5, real_images = real_counts.tolist()
+            out |= {"real_top1": 100 * real_top1 / real_images, "real_top5": 100 * real_top5 / real_images,
+                    "real_images": int(real_images)}
         if final and ctx.is_main:
             names = [cl.name or cl.wnid for cl in c.val_loader.dataset.manifest.classes]
             ctx.run.write_bytes(f"per_class_acc{'_' + tag if tag else ''}.csv",

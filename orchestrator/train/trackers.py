@@ -81,10 +81,12 @@ def job_environment(recipe: Recipe) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "WANDB_"))}
 
 
-def open_parent(recipe: Recipe, folder: RunDir, name: str, job_type: str) -> dict[str, Any]:
+def open_parent(recipe: Recipe, folder: RunDir, name: str, job_type: str) -> dict[str, Any] | None:
     """The parent of a sweep's trials or a pipeline's stages: an MLflow run they nest under (its id kept in
     ``folder/trackers.json``, so continuing the sweep or pipeline reuses it) and a W&B group. Returns what
-    ``set_parent`` gives each child; a tracker that is down is warned about and left out."""
+    ``set_parent`` gives each child (None without trackers); a tracker that is down is warned about and left out."""
+    if not uses_trackers(recipe):
+        return None
     parent: dict[str, Any] = {"group": name, "job_type": job_type}
     if "mlflow" not in recipe.run.trackers:
         return parent
@@ -93,10 +95,8 @@ def open_parent(recipe: Recipe, folder: RunDir, name: str, job_type: str) -> dic
         client = MlflowTracker.client(recipe)
         run_id = ids.get("mlflow")
         if run_id is None:
-            experiment = client.get_experiment_by_name(recipe.run.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(recipe.run.experiment)
-            run_id = client.create_run(experiment_id, run_name=name, tags={"kind": job_type,
-                                                                           "code_version": code_version()}).info.run_id
+            run_id = client.create_run(MlflowTracker.experiment_id(client, recipe), run_name=name,
+                                       tags={"kind": job_type, "code_version": code_version()}).info.run_id
             folder.write_json(TRACKERS, {**ids, "mlflow": run_id})
         else:
             client.update_run(run_id, status="RUNNING")
@@ -226,6 +226,12 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         return MlflowClient(tracking_uri=recipe.run.tracking_uri)
 
+    @staticmethod
+    def experiment_id(client: Any, recipe: Recipe) -> str:
+        """``run.experiment``'s id, the experiment made when it does not exist yet."""
+        found = client.get_experiment_by_name(recipe.run.experiment)
+        return found.experiment_id if found else client.create_experiment(recipe.run.experiment)
+
     def start(self) -> None:
         from mlflow.entities import Param, RunTag
 
@@ -236,10 +242,8 @@ class MlflowTracker:
             self.mlflow.update_run(self.run_id, status="RUNNING")
             self.mlflow.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             return
-        name = self.recipe.run.experiment
-        experiment = self.mlflow.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.mlflow.create_experiment(name)
-        run = self.mlflow.create_run(experiment_id, run_name=self.recipe.run.name, tags=tags)
+        run = self.mlflow.create_run(MlflowTracker.experiment_id(self.mlflow, self.recipe), run_name=self.recipe.run.name,
+                                     tags=tags)
         self.run_id = run.info.run_id
         self.save_id("mlflow", self.run_id)
         params = [Param(k, v[:6000]) for k, v in flatten(self.recipe.to_dict(redact=True)).items()]
