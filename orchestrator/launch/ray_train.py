@@ -196,6 +196,9 @@ def job_environment(recipe: Recipe) -> dict[str, str]:
     return {**trackers.job_environment(recipe), **secret_environment(recipe)}
 
 
+LOCAL_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def connect(env_vars: dict[str, str] | None = None) -> None:
     """Attach to the cluster of this Ray job (or ``RAY_ADDRESS``); otherwise start a local one on 127.0.0.1.
 
@@ -203,17 +206,19 @@ def connect(env_vars: dict[str, str] | None = None) -> None:
     included); inside ``ray job submit`` the job's own environment holds them or nothing does.
     The local cluster gets its dashboard: Ray Train's placement-group cleaner asks the state API
     (served by the dashboard) whether the controller is alive, and without it warns every few
-    seconds; Tune's stopped trials also kept their placement groups without it (Ray 2.60).
+    seconds; Tune's stopped trials also kept their placement groups without it (Ray 2.60). Its job runs
+    without Ray Train's preemption watcher, an actor per run (about 1 s of a laptop's start, measured by
+    ``bench/orchestration_overhead.py``) that waits for drain notices no local node gets; a value in this
+    driver's environment still wins, as Ray Train forwards it to its controller.
     """
     if env_vars:
         _check_job_environment(env_vars)
         os.environ.update(env_vars)  # this driver opens what its job's processes open
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": env_vars} if env_vars else None
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars} if env_vars else None)
     else:
         # Ray turns token authentication on for a cluster it starts and warns that it did; on our own
         # 127.0.0.1 cluster that is the right default, so the warning is held back for this call.
@@ -222,7 +227,7 @@ def connect(env_vars: dict[str, str] | None = None) -> None:
         auth.setLevel(logging.ERROR)
         try:
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING,
-                     runtime_env=runtime_env)
+                     runtime_env={"env_vars": {LOCAL_PREEMPTION_WATCHER: "0", **(env_vars or {})}})
         finally:
             auth.setLevel(level)
     logs.setup()  # ray.init configures the "ray" logger; hold it at WARNING again

@@ -6,9 +6,12 @@ Each Ray Train ``fit`` costs 15-30 s here, so the runs are few and tiny (32 px, 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +26,7 @@ from orchestrator.launch import faults, ray_train
 from orchestrator.rundir import MARKER, RunDir
 from orchestrator.train.context import TrainContext
 from tests.conftest import ROOT, smoke_recipe
-from tests.services import ACCESS_KEY, SECRET_KEY, MlflowServer, RayCluster, S3Store
+from tests.services import ACCESS_KEY, SECRET_KEY, MlflowServer, RayCluster, S3Store, poll
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,6 +47,39 @@ def test_cluster_yaml_passes_rays_own_schema_and_is_locked() -> None:
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in yaml.safe_dump(raw)
     token = [(remote, local) for remote, local in raw["file_mounts"].items() if "token" in remote]
     assert len(token) == 1 and token[0][1].startswith("~/") and not (ROOT / token[0][1]).exists()
+
+
+def test_without_a_cluster_address_the_driver_starts_a_local_cluster_and_stops_it(synth_dir: Path) -> None:
+    """The laptop path (the README's first command): no ``RAY_ADDRESS``, so the driver starts a cluster on
+    127.0.0.1, trains on it without Ray Train's preemption watcher (no local node is ever drained), and
+    leaves no process of it behind."""
+    import psutil
+
+    temp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))  # Ray's socket paths must stay short
+
+    def left() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)}
+    env.pop(ray_train.LOCAL_PREEMPTION_WATCHER, None)
+    name = unique("laptop")
+    sets = [f"data.train={synth_dir}/train", "data.val=null", "data.input_size=32", "data.num_workers=0",
+            "batch.global_batch_size=32", "batch.per_device_max=32", "run.max_steps=2", f"run.name={name}",
+            f"run.storage={temp}/runs", "scaling.cpus_per_worker=1"]
+    try:
+        done = subprocess.run([sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set", *sets],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert RunDir(f"{temp}/runs/{name}").last_record()["step"] == 2
+        (session,) = (temp / "ray").glob("session_2*")
+        actors = {m.group(1) for f in (session / "logs").glob("worker-*.out")
+                  if (m := re.search(r"^:actor_name:(\w+)$", f.read_text(), re.M))}
+        assert {"TrainController", "RayTrainWorker", "StopRelay"} <= actors and "PreemptionWatcher" not in actors, actors
+        poll(lambda: not left(), 30, "the exit of every process of the local cluster")
+    finally:
+        for proc in left():
+            proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_job_without_the_clusters_token_is_refused(ray_cluster: RayCluster) -> None:
