@@ -25,6 +25,7 @@ STALE_AFTER_S = 15 * 60  # a running run writes status.json at least every minut
 
 def summary(run: RunDir) -> dict[str, Any]:
     config, status, records = run.config() or {}, run.status(), run.records()
+    schedule = config.get("schedule") or {}  # an iteration schedule (schedule.iterations) has no epoch count
     latest = run.latest()
     epochs = [r for r in records if r.get("kind") in ("epoch", "stop")]
     metric = METRICS.get(config.get("task", "classification"), ("top1",))[0]
@@ -47,7 +48,7 @@ def summary(run: RunDir) -> dict[str, Any]:
     return {
         "name": run.name, "state": state, "launcher": status.get("launcher", ""),
         "epochs_done": max((r["epochs_done"] if "epochs_done" in r else r.get("epoch", -1) + 1 for r in epochs), default=0),
-        "epochs": (config.get("schedule") or {}).get("epochs"), "step": step, "total_steps": status.get("total_steps"),
+        "epochs": None if schedule.get("iterations") else schedule.get("epochs"), "step": step, "total_steps": status.get("total_steps"),
         "schedule_steps": schedule_steps, "max_steps": (config.get("run") or {}).get("max_steps"),
         "metric": metric, "best": max(scores) if scores else None, "last": scores[-1] if scores else None,
         "checkpoint": latest.url if latest else None, "weights": run.final_weights(), "url": run.url,
@@ -66,7 +67,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'run':{width}s} {'state':{state_width}s} {'launcher':8s} {'epochs':>9s} {'steps':>13s} {'best':>6s} "
           f"{'last':>6s}  checkpoint / weights   (best, last: top-1 or mIoU; steps of the schedule)")
     for r in rows:
-        epochs = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
+        epochs = f"{r['epochs_done']}/{r['epochs']}" if r["epochs"] is not None else str(r["epochs_done"])
         total = r["schedule_steps"] if r["schedule_steps"] is not None else r["total_steps"]
         steps = f"{r['step']}/{total if total is not None else '?'}"
         where = r["weights"] or r["checkpoint"] or "-"

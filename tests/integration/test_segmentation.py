@@ -137,6 +137,11 @@ def test_runs_listing_and_the_mask_figure_of_a_segmentation_run(trained: tuple[P
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert (row["metric"], row["state"], row["last"]) == ("mIoU", "finished", result["mIoU"])
     assert row["best"] == max(r["mIoU"] for r in RunDir(str(run)).records() if r.get("mIoU") is not None)
+    # an iteration schedule: steps of its iterations, passes over the data done, and no epoch count
+    assert (row["step"], row["schedule_steps"], row["epochs"]) == (60, 60, None) and row["epochs_done"] >= 1
+    assert runs_main([str(run.parent)]) == 0
+    line = capsys.readouterr().out.splitlines()[1].split()
+    assert line[:5] == [run.name, "finished", "local", str(row["epochs_done"]), "60/60"], line
 
     recipe = recipes.from_dict(json.loads((run / "config.json").read_text()))
     rows, names = predictions(recipe, str(run / "model.safetensors"), str(seg_dir / "val"), 3, torch.device("cpu"), {})
