@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator import recipe as recipes
 from orchestrator import storage
+from orchestrator.errors import Interrupted
 from orchestrator.launch import slurm_cluster
 from orchestrator.launch.launcher import launch, launch_world_sizes, preflight
 from orchestrator.pipeline_file import Pipeline, Stage, read_state, record, stage_recipe
@@ -35,10 +36,11 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
         preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", pipeline.slurm_of(s).world_size,
                   check_init=not produced_later)
     state, submitted, after = read_state(pipeline), [], None
-    parent = tracker_parent(pipeline, recipes_[todo[0].name])  # left open: the jobs run later
+    parent = tracker_parent(pipeline, recipes_[todo[0].name])  # the stages' jobs end it (close_parent)
     for s in todo:
         if parent is not None:
-            trackers.set_parent(pipeline.run(s), {**parent, "job_type": s.name})
+            ends = ["failed", "finished"] if s is todo[-1] else ["failed"]
+            trackers.set_parent(pipeline.run(s), {**parent, "job_type": s.name, "ends_parent_on": ends})
         jobs = state["stages"].get(s.name, {}).get("jobs", [])
         if jobs and slurm_cluster.job_states(jobs[-1:])[0].get(jobs[-1]) in slurm_cluster.LIVE:
             log.info("%s: Slurm job %s is still queued or running, kept", s.name, jobs[-1])
@@ -53,17 +55,22 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
 def run_in_process(pipeline: Pipeline, launcher: str) -> None:
     """Stages one after another in this process: inside one Ray job (``ray``) or as local runs (``local``)."""
     parent = None
-    for s in pipeline.stages:
-        if _skip_complete(pipeline, s):
-            continue
-        recipe = stage_recipe(pipeline, s)  # as orchestrator.pretrain would run it, under the same launcher
-        preflight(recipe, f"{pipeline.path}: stage {s.name}", launch_world_sizes(recipe, launcher))
-        record(pipeline, s, launcher)
-        parent = parent or tracker_parent(pipeline, recipe)
+    try:
+        for s in pipeline.stages:
+            if _skip_complete(pipeline, s):
+                continue
+            recipe = stage_recipe(pipeline, s)  # as orchestrator.pretrain would run it, under the same launcher
+            preflight(recipe, f"{pipeline.path}: stage {s.name}", launch_world_sizes(recipe, launcher))
+            record(pipeline, s, launcher)
+            parent = parent or tracker_parent(pipeline, recipe)
+            if parent is not None:
+                trackers.set_parent(pipeline.run(s), {**parent, "job_type": s.name})
+            log.info("%s: running %s", s.name, pipeline.run(s).url)
+            launch(recipe, launcher)
+    except BaseException as exc:
         if parent is not None:
-            trackers.set_parent(pipeline.run(s), {**parent, "job_type": s.name})
-        log.info("%s: running %s", s.name, pipeline.run(s).url)
-        launch(recipe, launcher)
+            trackers.close_parent(recipe, parent, "stopped" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed")
+        raise
     if parent is not None:
         trackers.close_parent(recipe, parent, "finished")
 

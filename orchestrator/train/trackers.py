@@ -43,6 +43,7 @@ CLOSE_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 60.0  # after a failure, calls are dropped for this long, then tried again
 NOT_METRICS = ("epoch", "step", "time", "samples_digest")
 ROOT = Path(__file__).resolve().parents[2]
+MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}  # a stopped run is KILLED (resumable)
 
 
 def code_version() -> str:
@@ -108,9 +109,12 @@ def open_parent(recipe: Recipe, folder: RunDir, name: str, job_type: str) -> dic
 
 
 def close_parent(recipe: Recipe, parent: dict[str, Any], state: str) -> None:
+    """End the parent run as ``state`` (finished, stopped or failed): by the sweep or pipeline that opened it, or,
+    for Slurm pipelines whose stages run later in their own jobs, by the child whose end is the pipeline's
+    (``ends_parent_on`` in its ``parent``: every stage's failure, the last stage's finish)."""
     if "mlflow" in parent:
         try:
-            MlflowTracker.client(recipe).set_terminated(parent["mlflow"], "FINISHED" if state == "finished" else "KILLED")
+            MlflowTracker.client(recipe).set_terminated(parent["mlflow"], MLFLOW_STATUS.get(state, "KILLED"))
         except Exception as exc:  # noqa: BLE001
             log.warning("MLflow: could not end the parent run (%s)", exc)
 
@@ -261,7 +265,10 @@ class MlflowTracker:
             self.mlflow.log_artifact(self.run_id, str(path))
 
     def finish(self, state: str) -> None:
-        self.mlflow.set_terminated(self.run_id, {"finished": "FINISHED", "failed": "FAILED"}.get(state, "KILLED"))
+        self.mlflow.set_terminated(self.run_id, MLFLOW_STATUS.get(state, "KILLED"))
+        parent = self.ids.get("parent") or {}
+        if state in parent.get("ends_parent_on", ()):
+            close_parent(self.recipe, parent, state)
 
 
 class WandbTracker:

@@ -17,7 +17,7 @@ from orchestrator.launch import local
 from orchestrator.launch.slurm_cluster import job_states
 from orchestrator.rundir import RunDir
 from tests.conftest import ROOT, assert_backbone_from, seg_tiny, steps_of
-from tests.services import poll
+from tests.services import MlflowServer, poll
 from tests.slurm import SlurmCluster
 
 pytestmark = pytest.mark.timeout(400)
@@ -53,10 +53,16 @@ def submit(args: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
 
 
 def test_smoke_pipeline_runs_stage_after_stage_then_resubmission_skips_it(
-        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        slurm: SlurmCluster, mlflow_server: MlflowServer, synth_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two stages chained with afterok; in MLflow the pipeline's parent run is ended by the last stage's job."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = f"slurm-{tmp_path.name}"
     args = [str(SMOKE), "--launcher=slurm", "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
             f"--log-dir={tmp_path}/logs", *tiny(synth_dir), "--set=pretrain:schedule.epochs=1",
-            "--set=finetune:data.input_size=48", "--set=finetune:run.max_steps=2", "--set=finetune:optimizer.lr=1e-6"]
+            "--set=finetune:data.input_size=48", "--set=finetune:run.max_steps=2", "--set=finetune:optimizer.lr=1e-6",
+            "--set=run.trackers=[mlflow]", f"--set=run.tracking_uri={mlflow_server.uri}", f"--set=run.experiment={experiment}"]
     first, second = submit(args, capsys)
     assert f"Dependency=afterok:{first}" in slurm.run("scontrol", "show", "job", second)
 
@@ -67,6 +73,13 @@ def test_smoke_pipeline_runs_stage_after_stage_then_resubmission_skips_it(
     conv = "stages.2.blocks.0.token_mixer.dwconv_hw.weight"
     torch.testing.assert_close(tuned[conv], pretrained[conv], atol=1e-4, rtol=0)  # initialised from stage 1
     assert json.loads((runs / "smoke-finetune" / "config.json").read_text())["data"]["input_size"] == 48
+    client = MlflowClient(mlflow_server.uri)
+    tracked = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in tracked if r.data.tags.get("kind") == "pipeline"]
+    assert parent.info.status == "FINISHED"  # ended by the finetune job, not left RUNNING
+    children = {r.info.run_name: r for r in tracked if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == ["smoke-finetune", "smoke-pretrain"] and len(tracked) == 3
+    assert all(r.info.status == "FINISHED" and r.data.tags["launcher"] == "slurm" for r in children.values())
 
     assert pipelines.main([*args[:1], f"--storage={tmp_path}/runs", "--status"]) == 0
     status = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """MLflow against a real ``mlflow server`` (SQLite, local artifacts) on loopback, W&B in its offline mode read
 back from its own files: params, metrics at their steps, artifacts, one tracker run across a resume on another
-launcher, and a server that dies mid-run costing one warning. (Sweeps and pipelines as parent and child runs:
-test_tune.py's ASHA test and test_ray.py's pipeline test.)"""
+launcher, a server that dies mid-run costing one warning, and a failed pipeline's parent run. (Sweeps and
+pipelines as parent and child runs: test_tune.py's ASHA test, test_ray.py's and test_slurm.py's pipeline tests.)"""
 
 from __future__ import annotations
 
@@ -130,3 +130,27 @@ def test_a_tracking_server_that_dies_mid_run_costs_one_warning(synth_dir: Path, 
     records = RunDir(str(run)).records()
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(2, 41, 2))
     assert (run / "model.safetensors").exists()
+
+
+def test_a_pipeline_whose_stage_fails_ends_its_parent_run_failed(mlflow_server: MlflowServer, synth_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """A local pipeline: stage 1 trains, stage 2's data is missing. The error is the pipeline's, and in MLflow the
+    pipeline's parent run ends FAILED (not RUNNING forever) with stage 1's run, FINISHED, under it."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import pipeline
+
+    experiment = f"failing-{uuid.uuid4().hex[:8]}"
+    sets = [f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0", "data.input_size=32",
+            "batch.global_batch_size=32", "batch.per_device_max=32", "pretrain:run.max_steps=2",
+            f"finetune:data.train={tmp_path}/missing", "run.trackers=[mlflow]", f"run.tracking_uri={mlflow_server.uri}",
+            f"run.experiment={experiment}"]
+    smoke = ROOT / "recipes" / "pipelines" / "smoke.yaml"
+    assert pipeline.main([str(smoke), "--launcher=local", f"--storage={tmp_path}/runs", *(f"--set={s}" for s in sets)]) == 2
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    assert (parent.info.run_name, parent.info.status) == ("smoke", "FAILED")
+    (child,) = [r for r in runs if r is not parent]
+    assert (child.info.run_name, child.info.status, child.data.tags["mlflow.parentRunId"]) == (
+        "smoke-pretrain", "FINISHED", parent.info.run_id)
