@@ -196,7 +196,7 @@ def job_environment(recipe: Recipe) -> dict[str, str]:
     return {**trackers.job_environment(recipe), **secret_environment(recipe)}
 
 
-LOCAL_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def connect(env_vars: dict[str, str] | None = None) -> None:
@@ -227,7 +227,7 @@ def connect(env_vars: dict[str, str] | None = None) -> None:
         auth.setLevel(logging.ERROR)
         try:
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {LOCAL_PREEMPTION_WATCHER: "0", **(env_vars or {})}})
+                     runtime_env={"env_vars": {PREEMPTION_WATCHER_ENV: "0", **(env_vars or {})}})
         finally:
             auth.setLevel(level)
     logs.setup()  # ray.init configures the "ray" logger; hold it at WARNING again

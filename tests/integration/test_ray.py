@@ -61,7 +61,7 @@ def test_without_a_cluster_address_the_driver_starts_a_local_cluster_and_stops_i
         return [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
 
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)}
-    env.pop(ray_train.LOCAL_PREEMPTION_WATCHER, None)
+    env.pop(ray_train.PREEMPTION_WATCHER_ENV, None)
     name = unique("laptop")
     sets = [f"data.train={synth_dir}/train", "data.val=null", "data.input_size=32", "data.num_workers=0",
             "batch.global_batch_size=32", "batch.per_device_max=32", "run.max_steps=2", f"run.name={name}",
