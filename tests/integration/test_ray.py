@@ -50,9 +50,9 @@ def test_cluster_yaml_passes_rays_own_schema_and_is_locked() -> None:
 
 
 def test_without_a_cluster_address_the_driver_starts_a_local_cluster_and_stops_it(synth_dir: Path) -> None:
-    """The laptop path (the README's first command): no ``RAY_ADDRESS``, so the driver starts a cluster on
-    127.0.0.1, trains on it without Ray Train's preemption watcher (no local node is ever drained), and
-    leaves no process of it behind."""
+    """The laptop path (the README's first command): no ``RAY_ADDRESS``, so the driver starts its own cluster,
+    trains on it without Ray Train's preemption watcher (no local node is ever drained), and leaves no
+    process of it behind."""
     import psutil
 
     temp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))  # Ray's socket paths must stay short
