@@ -88,7 +88,7 @@ DOCTOR_SETS = ("batch.per_device_max=16", "data.input_size=48", "scaling.num_wor
 def test_the_doctor_measures_both_ray_nodes_and_plans_a_real_run_within_a_factor(
         second_node: RayWorkerNode, driver: RayCluster, synth_dir: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    recipe = smoke_recipe(tmp_path, synth_dir, *DOCTOR_SETS, "run.name=doctored", "run.max_steps=6")
+    recipe = smoke_recipe(tmp_path, synth_dir, *DOCTOR_SETS, "run.name=doctored", "run.max_steps=10")
     sets = [f"{k}={v}" for k, v in (("data.train", recipe.data.train), ("data.val", recipe.data.val))]
     argv = [str(ROOT / "recipes" / "smoke.yaml"), "--launcher", "ray", "--json", "--seconds", "2", "--set", *sets, "data.num_workers=0",
             "data.shuffle_buffer=64", "batch.global_batch_size=32", f"run.storage={tmp_path}/runs", *DOCTOR_SETS]
@@ -103,7 +103,9 @@ def test_the_doctor_measures_both_ray_nodes_and_plans_a_real_run_within_a_factor
     poll(lambda: ray.available_resources().get("CPU", 0) >= 4, 60, "the doctor's workers to give their CPUs back")
     ray_train.run(recipe)
     rates = [r["images_per_sec"] for r in RunDir(str(tmp_path / "runs" / "doctored")).records() if r["kind"] == "train"]
-    real_step = recipe.batch.global_batch_size / statistics.median(rates[1:])  # the first window holds the warm-up
+    # steps 7-10: the first windows hold the warm-up, which on this shared machine once made the median of
+    # steps 3-6 three times the plan
+    real_step = recipe.batch.global_batch_size / statistics.median(rates[3:])
     factor = real_step / planned["step_s"]
     print(f"doctor plan vs real run: {planned['step_s']:.3f} s against {real_step:.3f} s a step (factor {factor:.2f})")
     assert 1 / PLAN_FACTOR < factor < PLAN_FACTOR
