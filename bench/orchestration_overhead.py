@@ -126,10 +126,11 @@ def main() -> None:
     first = {k: statistics.median(f for _, f in v) for k, v in results.items()}
     for k in results:
         print(f"{k:8s}: {step[k] * 1000:7.1f} ms/step ({args.batch / step[k]:.0f} img/s), time to first step {first[k]:.1f} s")
-    print(f"Ray Train's floor (an empty training function): {statistics.median(floors):.1f} s; "
-          f"the Ray run's first step {first['ray'] - statistics.median(floors):.1f} s after it")
+    floor_s = statistics.median(floors)
+    print(f"Ray Train's floor (an empty training function): {floor_s:.1f} s; "
+          f"the Ray run's first step {first['ray'] - floor_s:.1f} s after it")
     print(f"first_step_ratio={first['ray'] / first['torchrun']:.2f}")
-    print(f"floor_ratio={statistics.median(floors) / first['torchrun']:.2f}")
+    print(f"floor_ratio={floor_s / first['torchrun']:.2f}")
     print(f"overhead_ratio={statistics.median(ratios):.3f}")
 
 

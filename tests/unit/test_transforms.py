@@ -131,7 +131,6 @@ def test_eval_crop_matches_timms_eval_transform() -> None:
     assert ours.shape == pixels.shape and (ours - pixels).abs().mean() < 1.0
 
 
-
 def test_the_normalisation_constants_are_timms() -> None:
     from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
