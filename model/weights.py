@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -50,11 +51,37 @@ def state_dict_from_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tenso
     raise WeightsError(f"{name}: no state dict under {', '.join(EMA_KEYS + MODEL_KEYS)} and not a plain state dict")
 
 
+def timm_config(architecture: str, num_classes: int, label_names: list[str], descriptions: list[str],
+                pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What final weights need to be used elsewhere, in the shape of timm's Hugging Face ``config.json``
+    (``timm.models.save_for_hf``): architecture, classes and the preprocessing (``pretrained_cfg``: input size,
+    crop_pct, interpolation, mean, std). Stored in the safetensors file's own metadata, so it travels with it."""
+    return {"architecture": architecture, "num_classes": num_classes, "label_names": label_names,
+            "label_descriptions": dict(zip(label_names, descriptions, strict=True)),
+            "pretrained_cfg": {**pretrained_cfg, "num_classes": num_classes}}
+
+
+def safetensors_metadata(architecture: str, config: dict[str, Any]) -> dict[str, str]:
+    return {"model": architecture, "config": json.dumps(config)}
+
+
+def _safetensors_header(data: bytes) -> dict[str, str]:
+    size = int.from_bytes(data[:8], "little")  # 8-byte header length, then the JSON header with __metadata__
+    return json.loads(data[8:8 + size]).get("__metadata__", {})
+
+
+def recorded_config(data: bytes, name: str) -> dict[str, Any] | None:
+    """The ``timm_config`` a safetensors file of this project carries; None for any other file."""
+    if not name.endswith(".safetensors"):
+        return None
+    config = _safetensors_header(data).get("config")
+    return json.loads(config) if config else None
+
+
 def architecture_in(data: bytes, name: str) -> str | None:
     """The timm architecture this project recorded in a file: safetensors metadata or a checkpoint's ``model_name``."""
-    if name.endswith(".safetensors"):  # 8-byte header length, then the JSON header with __metadata__
-        size = int.from_bytes(data[:8], "little")
-        return json.loads(data[8:8 + size]).get("__metadata__", {}).get("model")
+    if name.endswith(".safetensors"):
+        return _safetensors_header(data).get("model")
     obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return obj.get("model_name") if isinstance(obj, dict) else None
 

@@ -138,7 +138,9 @@ def verdicts(recipe: Recipe, probes: list[dict[str, Any]], planned: dict[str, An
         lines.append("checkpoint-bound: writes to run.storage take longer than the steps between them: raise "
                      "run.checkpoint_every_steps")
     for n, row in planned["larger"].items():
-        if "error" in row or not row["keeps_order"]:
+        if "error" in row:  # the global batch does not split over these devices: the plan's own reason
+            lines.append(f"--nodes {n}: {row['error']}")
+        elif not row["keeps_order"]:
             ok = [w for w in planned["world_sizes_keeping_order"] if w > 1]
             lines.append(f"--nodes {n}: world size {row['world_size']} cannot keep the sample order: use "
                          f"{' or '.join(map(str, ok[-2:])) or 'fewer devices'} (data.partitions sets which)")

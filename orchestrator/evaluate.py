@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from model.weights import WeightsError, architecture_in, classifier_size, load_state_dict
+from model.weights import WeightsError, architecture_in, classifier_size, load_state_dict, recorded_config
 from orchestrator import cli, storage, weights
 from orchestrator import overrides as overrides_
 from orchestrator import recipe as recipes
@@ -73,6 +73,7 @@ class Job:
     classes_file: str | None = None
     label_subset: str | None = None  # imagenet-a, imagenet-r or a file of class indices
     real_labels: str | None = None  # a ReaL labels file; "" for timm's copy
+    which: str = "final"  # of a run: which weights (--which); recorded with the result
 
 
 # --- weights -----------------------------------------------------------------------------------------------
@@ -92,11 +93,15 @@ def resolve(spec: str, which: str, sets: list[str], data: str, options: dict[str
                                   "run": {**config["run"], "storage_options": options}})
     else:
         run = None
-        url, arch, cfg = _weights_file(spec, fs, path, given.get("model.name"))
+        url, arch, cfg, recorded = _weights_file(spec, fs, path, given.get("model.name"))
         base = recipes.load(recipe_file or ROOT / "recipes" / "a.yaml")
         if base.task == "classification":  # the transform the weights were made for (a segmentation recipe has its own)
-            values = {"data.input_size": int(cfg.input_size[-1]), "data.crop_pct": float(cfg.crop_pct),
-                      "data.interpolation": cfg.interpolation}
+            values = {"data.input_size": int(cfg["input_size"][-1]), "data.crop_pct": float(cfg["crop_pct"]),
+                      "data.interpolation": cfg["interpolation"]}
+            defaulted = [f"{k}={v}" for k, v in values.items() if k not in given]
+            if not recorded and defaulted:
+                log.warning("%s records no preprocessing: evaluating with timm's defaults for %s: %s (--set a key to "
+                            "change it)", spec, arch, ", ".join(defaulted))
         values |= {"model.name": arch, "data.storage_options": options, "run.storage_options": options,
                    "data.num_workers": min(base.data.num_workers, os.cpu_count() or 1)}
     values |= {"data.train": data, "data.val": data, "run.stall_timeout_s": None}
@@ -104,19 +109,24 @@ def resolve(spec: str, which: str, sets: list[str], data: str, options: dict[str
     return recipes.with_values(base, values, "evaluate"), url, run
 
 
-def _weights_file(spec: str, fs: Any, path: str, arch: str | None) -> tuple[str, str, Any]:
-    """(URL, architecture, timm's pretrained config) of a weights file, or of a timm tag's cached weights."""
+def _weights_file(spec: str, fs: Any, path: str, arch: str | None) -> tuple[str, str, dict[str, Any], bool]:
+    """(URL, architecture, preprocessing, whether the weights carry it) of a weights file, or of a timm tag's cached
+    weights. A file of this project records its preprocessing (``model.weights.timm_config``); a timm tag has timm's
+    own; any other file gets timm's defaults for the architecture."""
     if fs.exists(path):
-        arch = arch or architecture_in(fs.cat_file(path), spec)
+        data = fs.cat_file(path)
+        config = recorded_config(data, spec) or {}
+        arch = arch or config.get("architecture") or architecture_in(data, spec)
         if not arch:
             raise RecipeError(f"{spec}: the file does not record its architecture; add --set model.name=<timm name>")
         if not timm.is_model(arch):
             raise RecipeError(f"model.name={arch!r} is not a timm architecture")
-        return spec, arch, timm.models.get_pretrained_cfg(arch)
+        cfg = config.get("pretrained_cfg") or {}
+        return spec, arch, {**timm.models.get_pretrained_cfg(arch).to_dict(), **cfg}, "crop_pct" in cfg
     name, _ = timm.models.split_model_name_tag(spec)
     if "/" in spec or not timm.is_model(name):
         raise CheckpointError(f"{spec}: not found (neither a file, a run folder nor a timm model tag)")
-    return cached_timm_weights(spec), name, timm.models.get_pretrained_cfg(spec)
+    return cached_timm_weights(spec), name, timm.models.get_pretrained_cfg(spec).to_dict(), True
 
 
 def cached_timm_weights(tag: str) -> str:
@@ -148,6 +158,9 @@ def _run_weights(run: RunDir, which: str) -> str:
     if which in ("final", "ema", "model"):
         name = {"ema": EMA_WEIGHTS, "model": WEIGHTS}.get(which)
         url = run.final_weights() if name is None else run.url_of(name) if run.fs.exists(f"{run.path}/{name}") else None
+        if url is None and which == "ema" and ((run.config() or {}).get("ema") or {}).get("decay") is None:
+            raise CheckpointError(f"{run.url}: its recipe has no EMA (ema.decay: null), so there are no EMA weights; "
+                                  "try --which final or model")
         if url is None:
             raise CheckpointError(f"{run.url}: no {name or f'{EMA_WEIGHTS} or {WEIGHTS}'} (the run has not finished); "
                                   "try --which best or step-N")
@@ -239,6 +252,11 @@ def open_data(recipe: recipes.Recipe, val_labels: str | None, classes_file: str 
                 if manifest.task == "segmentation" else ""
             raise DataError(f"--data {d.val}: {manifest.task} shards; the model is a {recipe.task} model{hint}")
         return EvalData(manifest, options=d.storage_options)
+    splits = [name for name in SPLITS if fs.exists(storage.join(path, name, mf.MANIFEST))]
+    if splits:  # a dataset root (data/synth), not one of its splits
+        pick = "val" if "val" in splits else splits[0]
+        raise DataError(f"--data {d.val}: a dataset root holding the shards of {', '.join(splits)}, not an evaluation "
+                        f"set itself; give one split, e.g. --data {d.val.rstrip('/')}/{pick}")
     if recipe.task == "segmentation":
         source: Any = ADESource(d.val, d.storage_options, recipe_reduce_zero_label(recipe), classes_file)
     else:
@@ -383,21 +401,22 @@ def on_rank(job: Job, recipe: recipes.Recipe, ctx: TrainContext) -> dict[str, An
     result = {**metrics, "task": task.name, "images": data.images,
               "images_per_s": round(metrics["val_images"] / max(seconds, 1e-9), 1), "world_size": ctx.world_size,
               "launcher": ctx.launcher, "weights": storage.redact(job.weights), "data": storage.redact(d.val),
-              "model": recipe.model.name, "transform": settings, "label_subset": job.label_subset,
+              "model": recipe.model.name, "which": job.which, "transform": settings, "label_subset": job.label_subset,
               "time": round(time.time(), 3), "saved": storage.redact(storage.join(job.out, f"{job.name}.json"))}
     if ctx.is_main:
         ctx.run.write_json(f"{job.name}.json", result)
     return result
 
 
-def target(spec: str, url: str, run: RunDir | None, out: str | None, data: str) -> tuple[str, str]:
-    """(folder, file stem) of the result: ``--out``; ``<run>/eval/<data name>``; beside a weights file; for a
-    timm tag (``url`` is then its cached file), ``eval/<tag>.<data name>`` here."""
+def target(spec: str, url: str, run: RunDir | None, out: str | None, data: str, which: str = "final") -> tuple[str, str]:
+    """(folder, file stem) of the result: ``--out``; ``<run>/eval/<data name>`` for a run's final weights and
+    ``<data name>.<which>`` for any other ``--which`` (so a checkpoint's result never stands in for the run's);
+    beside a weights file; for a timm tag (``url`` is then its cached file), ``eval/<tag>.<data name>`` here."""
     if out is not None:
         folder, _, file = out.rstrip("/").rpartition("/")
         return folder or ".", file.removesuffix(".json")
     if run is not None:
-        return run.url_of("eval"), data_name(data)
+        return run.url_of("eval"), data_name(data) + ("" if which == "final" else f".{which}")
     if url != spec:
         return "eval", f"{spec}.{data_name(data)}"
     folder, _, file = url.rpartition("/")
@@ -478,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                               f"{recipe.task}" + ("; give the weights' recipe with --recipe" if run is None else ""))
         task = tasks.for_recipe(recipe)
         batch = task.val_batch(args.batch_size or (recipes.micro_batch(recipe) if run is not None else 64))
-        folder, name = target(args.weights, url, run, args.out, args.data)
-        job = Job(url, batch, folder, name, args.val_labels, args.classes, args.label_subset, args.real_labels)
+        folder, name = target(args.weights, url, run, args.out, args.data, args.which)
+        job = Job(url, batch, folder, name, args.val_labels, args.classes, args.label_subset, args.real_labels,
+                  args.which if run is not None else "final")
         result = launch(job, recipe, args.launcher, cli.slurm_flags(args))
         if result is not None:
             print(json.dumps(result) if args.json else summary(result))

@@ -116,7 +116,10 @@ def stage_recipe(pipeline: Pipeline, stage: Stage, world_size: int | None = None
     ``gpus`` replace the recipe's scaling when the launcher (Slurm) decides the shape."""
     in_file = overrides_.from_mapping(stage.set, f"{pipeline.path}: stage {stage.name}: set")
     mine = [dataclasses.replace(o, scope=None) for o in pipeline.overrides if o.scope in (None, stage.name)]
-    recipe = recipes.load(pipeline.path.parent / stage.recipe, in_file + mine)  # the command line wins over the file
+    path = pipeline.path.parent / stage.recipe
+    if not path.is_file():
+        raise RecipeError(f"{pipeline.path}: stage {stage.name}: recipe {stage.recipe}: recipe file not found ({path})")
+    recipe = recipes.load(path, in_file + mine)  # the command line wins over the file
     values: dict[str, Any] = {"run.name": pipeline.run_name(stage), "run.storage": pipeline.storage,
                               "run.storage_options": pipeline.storage_options}
     if world_size is not None:

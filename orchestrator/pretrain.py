@@ -9,7 +9,7 @@ import sys
 from orchestrator import cli
 from orchestrator import recipe as recipes
 from orchestrator.errors import RecipeError
-from orchestrator.launch.launcher import LAUNCHERS, launch, launch_world_sizes, preflight
+from orchestrator.launch.launcher import LAUNCHERS, finished, launch, launch_world_sizes, preflight
 from orchestrator.rundir import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None, prog: str = "orchestrator.pretrain", req
             print(recipe.to_json())
             return
         preflight(recipe, args.recipe, launch_world_sizes(recipe, args.launcher), require_init)
+        done = None if args.fresh else finished(recipe)
+        if done:
+            log.info("%s", done)
+            return
         result = launch(recipe, args.launcher, args.fresh)
         metric = recipes.METRICS[task][0]
         score = f", {metric} {result[metric]:.2f}%" if isinstance(result.get(metric), float) else ""

@@ -143,13 +143,15 @@ class RunDir:
         summaries = [r for r in records if r.get("kind") in ("epoch", "stop")]
         return summaries[-1] if summaries else records[-1] if records else {}
 
-    def evaluations(self) -> dict[str, dict[str, Any]]:
-        """``orchestrator.evaluate``'s results saved with the run (``eval/<data name>.json``), by data name."""
+    def evaluations(self, every: bool = False) -> dict[str, dict[str, Any]]:
+        """``orchestrator.evaluate``'s results saved with the run, by file stem: those of its final weights
+        (``eval/<data name>.json``), or with ``every`` also those of other ``--which`` (``<data name>.<which>``)."""
         folder = self._p("eval")
         if not self.fs.exists(folder):
             return {}
         names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
-        return {n.removesuffix(".json"): self.read_json(f"eval/{n}") or {} for n in names if n.endswith(".json")}
+        found = {n.removesuffix(".json"): self.read_json(f"eval/{n}") or {} for n in names if n.endswith(".json")}
+        return {n: e for n, e in found.items() if every or e.get("which", "final") == "final"}
 
     # --- status -------------------------------------------------------------------------------------
     def write_status(self, state: str, **fields: Any) -> None:

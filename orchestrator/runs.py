@@ -23,7 +23,7 @@ from orchestrator.rundir import RunDir
 STALE_AFTER_S = 15 * 60  # a running run writes status.json at least every minute and at every checkpoint
 
 
-def summary(run: RunDir) -> dict[str, Any]:
+def summary(run: RunDir, every_evaluation: bool = False) -> dict[str, Any]:
     config, status, records = run.config() or {}, run.status(), run.records()
     schedule = config.get("schedule") or {}  # an iteration schedule (schedule.iterations) has no epoch count
     latest = run.latest()
@@ -53,8 +53,8 @@ def summary(run: RunDir) -> dict[str, Any]:
         "metric": metric, "best": max(scores) if scores else None, "last": scores[-1] if scores else None,
         "checkpoint": latest.url if latest else None, "weights": run.final_weights(), "url": run.url,
         "error": status.get("error") if state.startswith("failed") else None,
-        "evaluations": {name: {k: e.get(k) for k in ("top1", "top5", "val_images", "weights")}
-                        for name, e in run.evaluations().items()},
+        "evaluations": {name: {k: e.get(k) for k in ("top1", "top5", "val_images", "weights", "which")}
+                        for name, e in run.evaluations(every_evaluation).items()},
     }
 
 
@@ -79,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser("orchestrator.runs", __doc__)
     p.add_argument("storage", help="where the runs live (run.storage), e.g. runs or s3://bucket/runs")
     p.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
+    p.add_argument("--every-evaluation", action="store_true",
+                   help="--json: also the evaluations of other weights than the final ones (evaluate --which ...)")
     cli.add_storage_option(p)
 
     def body(args: argparse.Namespace) -> None:
         options = cli.storage_options(args.storage_option)
         storage.check_reachable(args.storage, options, "STORAGE", "--storage-option")
-        rows = [summary(run) for run in RunDir.list(args.storage, options)]
+        rows = [summary(run, args.every_evaluation) for run in RunDir.list(args.storage, options)]
         if args.json:
             for row in rows:
                 print(json.dumps(row))

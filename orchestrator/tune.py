@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
+import signal
 import sys
 from typing import Any
 
@@ -31,25 +33,37 @@ log = logging.getLogger("orchestrator.tune")
 COLUMN = {"epochs_done": "epochs", "step": "steps"}  # results.csv's column for what ASHA counts
 
 
-def trial(config: dict[str, Any], recipe: dict[str, Any], parent: dict[str, Any] | None = None) -> None:
+class TrialStopped(Interrupted):
+    """The sweep's driver was stopped (Ctrl-C, SIGTERM): this trial checkpointed at its stop step, or never started.
+    Tune records it as errored, which the next run of the sweep resumes (``resume_errored``)."""
+
+
+def trial(config: dict[str, Any], recipe: dict[str, Any], parent: dict[str, Any] | None = None,
+          relay: str | None = None) -> None:
     """Tune function trainable: one Ray Train run of the loop with this trial's parameters (its tracker runs
-    under the sweep's ``parent``)."""
+    under the sweep's ``parent``). A stop the driver relays stops it at the next step, checkpointed."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     recipe = recipes.with_values(recipes.from_dict(recipe),
                                  {**config["params"], "run.name": tune.get_context().get_trial_id()}, "trial")
+    if relay is not None and ray_train.stop_relayed(relay):
+        raise TrialStopped(f"trial {recipe.run.name}: not started, the sweep was stopped")
     if parent is not None:
         trackers.set_parent(RunDir.of(recipe), parent)
-    result = ray_train.trainer(recipe, callbacks=[TuneReportCallback()]).fit()
+    result = ray_train.trainer(recipe, callbacks=[TuneReportCallback()], relay=relay).fit()
     if result.error:
         raise result.error
+    run = RunDir.of(recipe)
+    if relay is not None and not run.complete and ray_train.stop_relayed(relay):
+        latest = run.latest()
+        raise TrialStopped(f"trial {recipe.run.name}: stopped at step {latest.step if latest else 0}, checkpointed")
 
 
-def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
-    """Run (or continue) the sweep; returns the results table, also written to the sweep folder."""
+def run(sweep: sweeps.Sweep, fresh: bool = False, verbose: bool = False) -> pd.DataFrame:
+    """Run (or continue) the sweep; returns the results table, also written to the sweep folder and printed. Tune's
+    own status tables only with ``verbose`` (each trial's rank 0 prints its epoch lines anyway)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     root = storage.absolute(sweep.storage)
     sweep_url = storage.join(root, sweep.name)
@@ -64,8 +78,42 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs/GPUs. ({"cpu": 0} alone is refused.)
     # One parent tracker run per sweep (continued with it), a child per trial.
     parent = trackers.open_parent(base, RunDir(sweep_url, sweep.storage_options), sweep.name, "sweep")
-    trainable = tune.with_resources(tune.with_parameters(trial, recipe=base.to_dict(redact=True), parent=parent),
-                                    {"cpu": 0, "memory": 1})
+    # Ctrl-C and SIGTERM are the driver's StopSignals' (relayed to every trial's workers), not Tune's handler, which
+    # would end the trials without a checkpoint at the stop.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    if not verbose:  # Tune's newer output prints its configuration box at any verbosity; the older one is silent at 0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    with ray_train.relayed_stop() as (relay, stop):
+        trainable = tune.with_resources(
+            tune.with_parameters(trial, recipe=base.to_dict(redact=True), parent=parent, relay=relay),
+            {"cpu": 0, "memory": 1})
+        grid, experiment = _fit(trainable, sweep, storage_path, filesystem, sweep_url, base, verbose)
+    unit, length = sweep.progress(base)
+    table = summarise(grid, sweep, unit, length)
+    # After Ctrl-C the returned grid calls every trial terminated; the saved state (what a re-run continues) does not.
+    saved = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
+    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
+    stopped = stop.received is not None or unfinished > 0
+    write_outputs(table, grid, sweep, sweep_url, unit, best=not stopped)
+    if parent is not None:
+        trackers.close_parent(base, parent, "stopped" if stopped else "finished")
+    if stopped:
+        raise interrupted_sweep(sweep, sweep_url, stop.received)
+    return table
+
+
+def interrupted_sweep(sweep: sweeps.Sweep, sweep_url: str, signum: int | None) -> Interrupted:
+    how = f"on {signal.Signals(signum).name}, each running trial checkpointed at its stop step" if signum else "with unfinished trials"
+    return Interrupted(f"sweep {sweep.name} stopped {how}; run the same command again to continue it (state in "
+                       f"{sweep_url})", 128 + (signum or signal.SIGINT))
+
+
+def _fit(trainable: Any, sweep: sweeps.Sweep, storage_path: str, filesystem: Any, sweep_url: str,
+         base: recipes.Recipe, verbose: bool) -> tuple[Any, str]:
+    """Tune's fit of the sweep, a new one or the saved one continued; (results, experiment path)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
     param_space = {"params": sweeps.space(sweep)}
     unit, length = sweep.progress(base)
     experiment = storage.join(storage_path, sweep.name)
@@ -84,20 +132,10 @@ def run(sweep: sweeps.Sweep, fresh: bool = False) -> pd.DataFrame:
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=filesystem,
+                                      verbose=1 if verbose else 0),
         )
-    grid = tuner.fit()
-    table = summarise(grid, sweep, unit, length)
-    # After Ctrl-C the returned grid calls every trial terminated; the saved state (what a re-run continues) does not.
-    saved = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
-    unfinished = sum(t.status not in ("TERMINATED", "ERROR") for t in saved)
-    write_outputs(table, grid, sweep, sweep_url, unit, best=unfinished == 0)
-    if parent is not None:
-        trackers.close_parent(base, parent, "stopped" if unfinished else "finished")
-    if unfinished:
-        raise Interrupted(f"sweep {sweep.name} stopped with {unfinished} unfinished trial(s); run the same "
-                               f"command again to continue it (state in {sweep_url})")
-    return table
+    return tuner.fit(), experiment
 
 
 def summarise(grid: Any, sweep: sweeps.Sweep, unit: str, length: int) -> pd.DataFrame:
@@ -208,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         base = sweep.trial_base()
         preflight(base, args.sweep, launch_world_sizes(base, "ray"))
         storage.check_reachable(sweep.storage, sweep.storage_options, "sweep.storage", "sweep.storage_options")
-        run(sweep, args.fresh)
+        run(sweep, args.fresh, args.verbose)
 
     return cli.run(body, p, argv)
 

@@ -34,13 +34,16 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
+def smoke_sets(tmp_path: Path, data: Path) -> list[str]:
+    """The ``--set`` pairs that make the shipped smoke recipe tiny and fast on the test dataset, its runs under ``tmp_path``."""
+    return [f"data.train={data}/train", f"data.val={data}/val", "data.input_size=32", "data.num_workers=0",
+            "data.shuffle_buffer=64", "batch.global_batch_size=32", "batch.per_device_max=32", "schedule.epochs=2",
+            f"run.storage={tmp_path}/runs", "run.log_every_steps=2"]
+
+
 def smoke_recipe(tmp_path: Path, data: Path, *overrides: str) -> recipes.Recipe:
-    """The shipped smoke recipe on the test dataset, tiny and fast, with a run folder under ``tmp_path``."""
-    return recipes.load(ROOT / "recipes" / "smoke.yaml", [
-        f"data.train={data}/train", f"data.val={data}/val", "data.input_size=32", "data.num_workers=0",
-        "data.shuffle_buffer=64", "batch.global_batch_size=32", "batch.per_device_max=32", "schedule.epochs=2",
-        f"run.storage={tmp_path}/runs", "run.log_every_steps=2", *overrides,
-    ])
+    """The shipped smoke recipe on the test dataset (``smoke_sets``)."""
+    return recipes.load(ROOT / "recipes" / "smoke.yaml", [*smoke_sets(tmp_path, data), *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -80,24 +83,32 @@ def assert_backbone_from(seg_run: Path, pretrain_run: Path) -> None:
     assert (seg_run / "per_class_iou.csv").exists()
 
 
-def sigterm_after_step(command: list[str], run: Path, step: int, timeout: float, group: bool = False,
-                       **popen: Any) -> tuple[int, int, str]:
-    """Start ``command``, SIGTERM it once ``run`` has logged a training step >= ``step``; returns its exit
+def signal_after_step(command: list[str], run: Path, step: int, timeout: float, sig: int = signal.SIGTERM,
+                      group: bool = False, **popen: Any) -> tuple[int, int, str]:
+    """Start ``command``, send it ``sig`` once ``run`` has logged a training step >= ``step``; returns its exit
     code, the step it says it stopped at, and its stderr. ``group``: signal its whole process group,
-    DataLoader workers included, as Slurm and a terminal's Ctrl-C do."""
+    DataLoader workers (and a local Ray cluster) included, as Slurm and a terminal's Ctrl-C do."""
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=group, **popen)
     try:
         poll(lambda: any(r.get("kind") == "train" and r["step"] >= step for r in RunDir(str(run)).records()), timeout,
              f"training to pass step {step}")
         if group:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         else:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
-    stopped = re.search(r"stopped on SIGTERM at step (\d+)", err)
+    stopped = re.search(rf"stopped on {signal.Signals(sig).name} at step (\d+)", err)
     return proc.returncode, int(stopped.group(1)) if stopped else -1, err
+
+
+def assert_stopped_at(run: Path, step: int, sig: str) -> None:
+    """What a graceful stop leaves: the stop step checkpointed, a ``stop`` record naming the signal, status stopped."""
+    assert steps_of(run)[-1] == step and not (run / "model.safetensors").exists()
+    (stop,) = [r for r in RunDir(str(run)).records() if r["kind"] == "stop"]
+    assert (stop["step"], stop["reason"]) == (step, sig)
+    assert RunDir(str(run)).status()["state"] == "stopped"
 
 
 def steps_of(run: Path) -> list[int]:

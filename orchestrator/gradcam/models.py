@@ -7,6 +7,7 @@ crop, interpolation) or the timm model's own data config.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,13 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
-from model.weights import WeightsError, architecture_in, classifier_size, load_state_dict
+from model.weights import WeightsError, architecture_in, classifier_size, load_state_dict, recorded_config
 from orchestrator import storage, weights
 from orchestrator.data import manifest
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.rundir import RunDir
 
+log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
@@ -77,6 +79,9 @@ def load(spec: str, options: dict[str, Any] | None = None, device: torch.device 
         raise RecipeError(f"--model {spec}: {exc}") from exc
     model.eval().to(device or torch.device("cpu"))
     cfg = resolve_data_config(data_cfg, model=model)
+    if not data_cfg:  # a file from elsewhere: say what it is shown at
+        log.warning("--model %s: the weights record no preprocessing: timm's defaults for %s: input size %s, crop_pct "
+                    "%s, %s", spec, arch, cfg["input_size"][-1], cfg["crop_pct"], cfg["interpolation"])
     transform = create_transform(**cfg)
     crop = T.Compose([t for t in transform.transforms if not isinstance(t, T.Normalize) and "ToTensor" not in type(t).__name__])
     layer_module, reshape = target_layer(model, layer)
@@ -88,21 +93,21 @@ def load(spec: str, options: dict[str, Any] | None = None, device: torch.device 
 def _resolve(source: str, options: dict[str, Any]) -> tuple[str, str, dict[str, Any], list[str] | None]:
     """(timm architecture, weights URL, data config overrides, class names) for a model source."""
     if "@" in source and not source.split("@", 1)[0].count("/"):
-        arch, weights = source.split("@", 1)
+        arch, url = source.split("@", 1)
         if not timm.is_model(arch):
             raise RecipeError(f"{arch!r} is not a timm architecture")
-        _must_exist(weights, options)
-        return arch, weights, {}, None
+        _must_exist(url, options)
+        return (arch, url, *_recorded(url, options)[1:])
     fs, path = storage.filesystem(source, options)
     if fs.isdir(path):
         return _from_run(source, options)
     _must_exist(source, options)
     if not source.endswith(WEIGHT_SUFFIXES):
         raise RecipeError(f"{source}: not a run folder, a weights file ({', '.join(WEIGHT_SUFFIXES)}) or ARCH@FILE")
-    arch = _arch_in(source, options)
+    arch, data_cfg, classes = _recorded(source, options)
     if arch is None:
         raise RecipeError(f"{source}: the file does not say its architecture; write it as ARCH@{source}")
-    return arch, source, {}, None
+    return arch, source, data_cfg, classes
 
 
 def _from_run(url: str, options: dict[str, Any]) -> tuple[str, str, dict[str, Any], list[str] | None]:
@@ -130,9 +135,15 @@ def _from_run(url: str, options: dict[str, Any]) -> tuple[str, str, dict[str, An
     return config["model"]["name"], best, data_cfg, classes
 
 
-def _arch_in(url: str, options: dict[str, Any]) -> str | None:
+def _recorded(url: str, options: dict[str, Any]) -> tuple[str | None, dict[str, Any], list[str] | None]:
+    """(architecture, data config, class names) a weights file records (``model.weights.timm_config``)."""
     data, name = weights.read(url, options)
-    return architecture_in(data, name)
+    config = recorded_config(data, name) or {}
+    cfg = config.get("pretrained_cfg") or {}
+    data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()
+                if k in ("input_size", "crop_pct", "interpolation", "mean", "std")}
+    classes = list((config.get("label_descriptions") or {}).values()) or None
+    return config.get("architecture") or architecture_in(data, name), data_cfg, classes
 
 
 def _must_exist(url: str, options: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from orchestrator.data import manifest
 from orchestrator.data.reader import checked_order, select_groups
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.recipe import Recipe, micro_batch, plan_batch, world_sizes
+from orchestrator.rundir import RunDir
 
 LAUNCHERS = ("ray", "local")
 
@@ -78,6 +79,20 @@ def check_task(recipe: Recipe, found: manifest.Manifest, where: str) -> None:
     if recipe.task == "segmentation" and found.classes and len(found.classes) != recipe.model.num_classes:
         raise RecipeError(f"{where}: the dataset has {len(found.classes)} classes, model.num_classes is "
                           f"{recipe.model.num_classes}")
+
+
+def finished(recipe: Recipe) -> str | None:
+    """Why running ``recipe`` has nothing to do, or None: its run is complete (final weights) and did its whole
+    schedule, or all of a ``run.max_steps`` no larger than before. A finished run is never rewritten."""
+    run = RunDir.of(recipe)
+    if not run.complete:
+        return None
+    status = run.status()
+    step, schedule = status.get("step") or 0, status.get("schedule_steps") or 0
+    if step < schedule and (recipe.run.max_steps is None or step < recipe.run.max_steps):
+        return None  # it stopped at an earlier run.max_steps: a larger one continues it
+    return (f"{run.url} is finished (step {step}, weights {run.final_weights()}); nothing to do. --fresh starts it "
+            "over (the old run is kept beside it), or --set run.name=NEW trains another")
 
 
 def launch(recipe: Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -126,7 +127,7 @@ def worker(config: dict[str, Any]) -> None:
         # Every rank stops at the same step, checkpointed. A driver's request ends the run (the driver says
         # where it resumes); a worker's own SIGTERM (a node drain, a spot notice) is a failure of this worker
         # group, which Ray restarts from that checkpoint while max_failures lasts.
-        if ctx.relay is None or not ray.get(ctx.relay.requested.remote(), timeout=30):
+        if config.get("relay") is None or not stop_relayed(config["relay"]):
             raise interrupted(ctx.stop.received or signal.SIGTERM, stopped.args[0], ctx.run.url) from None
 
 
@@ -214,6 +215,8 @@ def connect(env_vars: dict[str, str] | None = None) -> None:
     if env_vars:
         _check_job_environment(env_vars)
         os.environ.update(env_vars)  # this driver opens what its job's processes open
+    if not sys.stdout.isatty():  # workers' lines reach a file or a pipe: no colour codes around their prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -266,15 +269,24 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     return absolute_paths(recipe)
 
 
+class Trainer(TorchTrainer):
+    """A TorchTrainer whose ``fit()`` leaves SIGINT to the driver's ``StopSignals``: Ray Train's own handler aborts
+    the run's controller at once (workers killed, no checkpoint at the stop, ``status.json`` left running), where
+    Ctrl-C must stop at the next step with a checkpoint, as on every launcher."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        return None
+
+
 def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None, relay: str | None = None,
-            fn: Any = worker, name: str | None = None, extra: dict[str, Any] | None = None) -> TorchTrainer:
+            fn: Any = worker, name: str | None = None, extra: dict[str, Any] | None = None) -> Trainer:
     """A TorchTrainer running ``fn`` (the training ``worker``) for ``recipe`` (paths already absolute): workers
     and resources from ``scaling``; ``relay`` names the driver's StopRelay actor; ``extra`` goes into ``fn``'s config."""
     s = recipe.scaling
     storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
     gpus = {"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}
     # The recipe goes redacted; secrets are in the job's environment (``connect(secret_environment(...))``).
-    return TorchTrainer(
+    return Trainer(
         fn,
         torch_config=TorchConfig(timeout_s=int(collective_timeout(recipe).total_seconds())),
         train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay,
@@ -296,22 +308,35 @@ def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
     run_dir = RunDir.of(recipe)
     if fresh:
         run_dir.set_aside()
-    name = f"stop-relay-{uuid.uuid4().hex}"
-    # On the driver's node: the relay must not go down with a worker node (elastic runs lose nodes).
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    relay = StopRelay.options(name=name, scheduling_strategy=here).remote()
-    stop = StopSignals(relay=lambda signum: relay.request.remote(signum)).install()
-    try:
-        result = trainer(recipe, relay=name).fit()
-    finally:
-        stop.restore()
-        ray.kill(relay)
+    with relayed_stop() as (relay, stop):
+        result = trainer(recipe, relay=relay).fit()
     if result.error:
         raise cause(result.error)
     if stop.received and not run_dir.complete:
         latest = run_dir.latest()
         raise interrupted(stop.received, latest.step if latest else 0, latest.url if latest else run_dir.url)
     return run_dir.last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
+
+
+@contextlib.contextmanager
+def relayed_stop() -> Iterator[tuple[str, StopSignals]]:
+    """While open, this driver's SIGTERM/SIGINT is a graceful stop request relayed to its workers: yields the name
+    of the ``StopRelay`` they poll (``RayContext.poll_stop``) and the driver's ``StopSignals``."""
+    name = f"stop-relay-{uuid.uuid4().hex}"
+    # On the driver's node: the relay must not go down with a worker node (elastic runs lose nodes).
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    relay = StopRelay.options(name=name, scheduling_strategy=here).remote()
+    stop = StopSignals(relay=lambda signum: relay.request.remote(signum)).install()
+    try:
+        yield name, stop
+    finally:
+        stop.restore()
+        ray.kill(relay)
+
+
+def stop_relayed(relay: str) -> int | None:
+    """The signal the driver behind ``relay`` relayed, if any (asked from a worker or a Tune trial)."""
+    return ray.get(ray.get_actor(relay).requested.remote(), timeout=30)
 
 
 def probe(recipe: Recipe, stamp: str, seconds: float) -> None:

@@ -8,6 +8,7 @@ running. Launchers override ``poll_stop`` (Ray relays requests) and ``report`` (
 
 from __future__ import annotations
 
+import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,10 @@ class TrainContext:
                 self.agreement = LaggedAgreement(self.device)
             return self.agreement(flag)
         return flag
+
+    def stop_reason(self) -> str:
+        """What stopped the loop, for its ``stop`` record: this rank's signal, or another rank's request."""
+        return signal.Signals(self.stop.received).name if self.stop.received else "another rank's stop request"
 
     def poll_stop(self) -> bool:
         """This rank's own view: a signal it caught (launchers that relay requests override this)."""

@@ -30,6 +30,7 @@ from safetensors.torch import save as save_safetensors
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
+from model.weights import safetensors_metadata, timm_config
 from orchestrator import storage
 from orchestrator.data import device
 from orchestrator.data.reader import corrupt_budget
@@ -161,6 +162,8 @@ def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[s
                 ctx.report(last)
         if stop and state["step"] < stop_at:
             ctx.flush()
+            writer.log({"kind": "stop", "epoch": epoch, "step": state["step"], "epochs_done": state["step"] // c.steps_per_epoch,
+                        "reason": ctx.stop_reason()})
             writer.close("stopped")
             if ctx.is_main:
                 ctx.run.write_status("stopped", step=state["step"])
@@ -407,13 +410,17 @@ def restore(c: Components, saved: tuple[str, dict[str, Any]], recipe: Recipe, ct
 
 
 def write_final_weights(c: Components, ctx: TrainContext, recipe: Recipe) -> None:
-    """``model.safetensors`` (and ``model_ema.safetensors``) that timm loads with ``pretrained_cfg_overlay``."""
+    """``model.safetensors`` (and ``model_ema.safetensors``) that timm loads with ``pretrained_cfg_overlay``, each
+    carrying its architecture, classes and evaluation preprocessing (``model.weights.timm_config``)."""
     weights = {WEIGHTS: c.model}
     if c.ema is not None:
         weights[EMA_WEIGHTS] = c.ema.module
+    classes = c.train_loader.dataset.manifest.classes
+    config = timm_config(recipe.model.name, recipe.model.num_classes, [cl.wnid or cl.name for cl in classes],
+                         [cl.name or cl.wnid for cl in classes], c.task.pretrained_cfg())
     for name, module in weights.items():
         tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        ctx.run.write_bytes(name, save_safetensors(tensors, metadata={"model": recipe.model.name}))
+        ctx.run.write_bytes(name, save_safetensors(tensors, metadata=safetensors_metadata(recipe.model.name, config)))
     log.info("final weights: %s", ", ".join(ctx.run.url_of(name) for name in weights))
 
 

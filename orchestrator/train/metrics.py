@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 KEYS = ("epoch", "step", "lr", "train_loss", "images_per_sec")
+NOT_CHARTED = ("epoch", "step", "time", "epochs_done", "samples_digest", "val_images")  # bookkeeping, not curves
 
 
 class MetricsWriter:
@@ -67,7 +68,7 @@ class MetricsWriter:
             f.write(json.dumps(full) + "\n")
         if self.tb is not None:
             for k, v in full.items():
-                if full.get("kind") != "resume" and isinstance(v, int | float) and k not in ("epoch", "step", "time"):
+                if full.get("kind") != "resume" and isinstance(v, int | float) and k not in NOT_CHARTED:
                     self.tb.add_scalar(k, v, full["step"])
         if self.trackers is not None:
             self.trackers.log(full)

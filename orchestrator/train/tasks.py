@@ -79,6 +79,10 @@ class Task:
         """The reader's ``(bytes, target) -> (input, target)`` for this split."""
         raise NotImplementedError
 
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The evaluation preprocessing final weights record (timm's ``pretrained_cfg`` keys)."""
+        return {"mean": device.IMAGENET_DEFAULT_MEAN, "std": device.IMAGENET_DEFAULT_STD}
+
     def device_step(self, ctx: TrainContext) -> Callable[[Any], Any] | None:
         """What turns a loaded training batch into uint8 NHWC images on the device, where the workers do not."""
         return None
@@ -124,6 +128,11 @@ class Classification(Task):
 
     def load_init(self, model: torch.nn.Module, url: str) -> None:
         weights.load_into(model, url, self.recipe.run.storage_options)
+
+    def pretrained_cfg(self) -> dict[str, Any]:
+        d = self.recipe.data
+        return {**super().pretrained_cfg(), "input_size": [3, d.input_size, d.input_size], "crop_pct": d.crop_pct,
+                "interpolation": d.interpolation}
 
     def transform(self, manifest: Manifest, train: bool) -> Any:
         d, a = self.recipe.data, self.recipe.augment
@@ -220,6 +229,11 @@ class Segmentation(Task):
 
     def load_init(self, model: torch.nn.Module, url: str) -> None:
         weights.load_into(model, url, self.recipe.run.storage_options, load=load_pretrained)
+
+    def pretrained_cfg(self) -> dict[str, Any]:
+        s = self.recipe.segment
+        return {**super().pretrained_cfg(), "task": "segmentation", "crop_size": s.crop_size, "scale": list(s.scale),
+                "test_mode": s.test_mode}
 
     def transform(self, manifest: Manifest, train: bool) -> Any:
         s = self.recipe.segment

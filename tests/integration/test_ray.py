@@ -70,6 +70,7 @@ def test_without_a_cluster_address_the_driver_starts_a_local_cluster_and_stops_i
         done = subprocess.run([sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set", *sets],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert "(RayTrainWorker pid=" in done.stdout + done.stderr and "\x1b[" not in done.stdout + done.stderr  # no colour
         assert RunDir(f"{temp}/runs/{name}").last_record()["step"] == 2
         (session,) = (temp / "ray").glob("session_2*")
         actors = {m.group(1) for f in (session / "logs").glob("worker-*.out")

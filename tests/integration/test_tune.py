@@ -4,6 +4,7 @@ iterations, for segmentation)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from orchestrator import recipe as recipes
 from orchestrator import sweep as sweeps
 from orchestrator import tune as sweep_runner
 from orchestrator.rundir import Checkpoint, RunDir
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_stopped_at
 from tests.services import MlflowServer, RayCluster, S3Store, poll
 
 pytestmark = pytest.mark.timeout(300)  # a Tune failure tends to be a silent hang
@@ -31,23 +32,34 @@ def data_sets(data: Path, storage: Path) -> list[str]:
 
 def test_drop_path_grid_survives_an_interruption_and_gives_table_plot_and_best_recipe(
         driver: RayCluster, synth_dir: Path, tmp_path: Path) -> None:
-    """The shipped smoke sweep, stopped with Ctrl-C after the first checkpoint, then continued by the same command."""
-    sets = [*data_sets(synth_dir, tmp_path), "sweep.scheduler=null"]  # ASHA could stop either trial; tested below
+    """The shipped smoke sweep, stopped with Ctrl-C (SIGINT to its process group) after the first checkpoint: each
+    running trial checkpoints at its stop step, as one run does; then the same command continues it."""
+    sets = [*data_sets(synth_dir, tmp_path), "sweep.scheduler=null",  # ASHA could stop either trial; tested below
+            "sweep.proxy={schedule.epochs: 2, data.train_fraction: 0.25, scaling.cpus_per_worker: 1}"]
     command = [sys.executable, "-m", "orchestrator.tune", "recipes/sweeps/smoke.yaml", *(f"--set={s}" for s in sets)]
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen(command, cwd=ROOT, env=driver.env, stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(command, cwd=ROOT, env=driver.env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     def first_checkpoint() -> tuple[Path, Checkpoint] | None:
         return next(((run, c) for run in (tmp_path / "smoke" / "trials").glob("*") for c in RunDir(str(run)).committed()),
                     None)
 
     try:
         run_path, _ = poll(first_checkpoint, 180, "the first committed trial checkpoint")
-        first.send_signal(signal.SIGINT)
+        os.killpg(first.pid, signal.SIGINT)
         assert first.wait(timeout=60) == 130, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         first.kill()
+    printed = (tmp_path / "first.log").read_text()
+    assert "stopped on SIGINT, each running trial checkpointed at its stop step" in printed
+    assert "Trial status" not in printed and "╭" not in printed and "best_top1" in printed  # our table, not Tune's boxes
     interrupted_trials = {p.name for p in (tmp_path / "smoke" / "trials").iterdir()}
     checkpoint = RunDir(str(run_path)).latest()  # where that trial stood when the sweep was interrupted
+    for trial in (tmp_path / "smoke" / "trials").iterdir():  # every trial that had started stopped gracefully
+        stop = [r for r in RunDir(str(trial)).records() if r["kind"] == "stop"]
+        if stop:
+            assert_stopped_at(trial, stop[0]["step"], "SIGINT")
+    assert [r["kind"] for r in RunDir(str(run_path)).records()][-1] == "stop"
 
     table = sweep_runner.run(sweeps.load(ROOT / "recipes" / "sweeps" / "smoke.yaml", sets))
 
@@ -57,7 +69,7 @@ def test_drop_path_grid_survives_an_interruption_and_gives_table_plot_and_best_r
     assert next(c for c in RunDir(str(run_path)).committed() if c.step == checkpoint.step).meta == checkpoint.meta
     records = RunDir(str(run_path)).records()
     assert [r["step"] for r in records if r["kind"] == "resume"] == [checkpoint.step]
-    assert sorted(table["model.drop_path_rate"]) == [0.0, 0.2]
+    assert sorted(table["model.drop_path_rate"]) == [0.0, 0.6]
     assert (table["epochs"] == 2).all() and not table["stopped_early"].any() and (table["error"] == "").all()
     out = tmp_path / "smoke"
     assert pd.read_csv(out / "results.csv")["trial"].tolist() == table["trial"].tolist()

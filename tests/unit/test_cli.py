@@ -23,6 +23,7 @@ from orchestrator.finetune import main as finetune_main
 from orchestrator.gradcam.__main__ import main as gradcam_main
 from orchestrator.pipeline import main as pipeline_main
 from orchestrator.pretrain import main as pretrain_main
+from orchestrator.rundir import RunDir
 from orchestrator.runs import main as runs_main
 from orchestrator.tune import main as tune_main
 from tests.conftest import ROOT
@@ -177,11 +178,12 @@ def test_status_and_the_run_listing_import_neither_torch_nor_submitit() -> None:
     assert out.strip() == "[]"
 
 
-def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
     from orchestrator.launch import local
     from orchestrator.train.context import StopRequested
     from orchestrator.train.loop import train
-    from tests.conftest import StopAfter, smoke_recipe
+    from tests.conftest import StopAfter, smoke_recipe, smoke_sets
 
     local.run(smoke_recipe(tmp_path, synth_dir, "run.name=done", "schedule.epochs=1"))
     local.run(smoke_recipe(tmp_path, synth_dir, "run.name=capped", "schedule.epochs=1", "run.max_steps=3"))
@@ -206,6 +208,20 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
     assert re.search(r"done\s+finished\s+local\s+1/1\s+10/10", table), table
     assert re.search(r"cut\s+stopped at step 3\s+", table), table
     assert re.search(r"capped\s+finished at max_steps 3 of 10\s+local\s+0/1\s+3/10", table), table
+
+    # The same command again on a finished run says so and writes nothing (not a "resume" that rewrites the weights
+    # and the launcher); a capped run continues with a larger run.max_steps.
+    def files(run: str) -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in (tmp_path / "runs" / run).rglob("*")}
+
+    before = files("done")
+    argv = [str(R / "smoke.yaml"), "--launcher", "local", "--set", *smoke_sets(tmp_path, synth_dir), "schedule.epochs=1"]
+    with caplog.at_level("INFO", "orchestrator"):
+        assert pretrain_main([*argv, "run.name=done"]) == 0
+    assert f"{tmp_path}/runs/done is finished (step 10, weights" in caplog.text and "--fresh starts it over" in caplog.text
+    assert files("done") == before
+    assert pretrain_main([*argv, "run.name=capped", "run.max_steps=5"]) == 0
+    assert RunDir(str(tmp_path / "runs" / "capped")).status()["step"] == 5
 
 
 def test_a_world_size_that_breaks_the_sample_order_is_refused_before_anything_starts(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from model.weights import recorded_config
 from orchestrator import evaluate, runs
 from orchestrator.data.transforms import timm_eval_transform
 from orchestrator.launch import local
@@ -76,6 +78,14 @@ def test_a_run_evaluated_gives_exactly_the_top1_it_recorded(trained: Path, synth
     assert runs.summary(RunDir(str(trained)))["evaluations"]["synth0-val"]["top1"] == saved["top1"]  # runs --json
     code, result, err = run_main([str(trained), "--data", f"{synth_dir}/val", "--which", "step-10"], capsys)
     assert code == 0 and result["weights"].endswith("step-00000010"), err
+    # Each --which has its own file; the run's own result (its final weights) is untouched and is what runs shows.
+    assert json.loads((trained / "eval" / "synth0-val.json").read_text()) == saved
+    step = json.loads((trained / "eval" / "synth0-val.step-10.json").read_text())
+    assert step["which"] == "step-10" and step["weights"] == result["weights"]
+    assert (trained / "eval" / "synth0-val.model.json").exists()
+    assert list(runs.summary(RunDir(str(trained)))["evaluations"]) == ["synth0-val"]
+    assert set(runs.summary(RunDir(str(trained)), every_evaluation=True)["evaluations"]) == {
+        "synth0-val", "synth0-val.model", "synth0-val.step-10"}
 
 
 def timm_top5(sd: dict[str, torch.Tensor], paths: list[Path]) -> list[list[int]]:
@@ -223,7 +233,8 @@ def test_a_timm_tag_is_read_from_the_local_cache_only(trained: Path, flat_val: t
 
 def test_an_official_release_file_is_evaluated_with_the_architecture_given(trained: Path, synth_dir: Path,
                                                                            tmp_path: Path,
-                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                                                           capsys: pytest.CaptureFixture[str],
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """sail-sg/inceptionnext's release files are a plain ``torch.save(model.state_dict())`` with timm's keys and
     no architecture recorded: it is asked for, then taken from ``--set model.name``."""
     official = tmp_path / "inceptionnext_atto.pth"
@@ -235,8 +246,31 @@ def test_an_official_release_file_is_evaluated_with_the_architecture_given(train
                                  capsys)
     assert code == 0, err
     assert result["transform"] == {"input_size": 32, "crop_pct": 0.875, "interpolation": "bicubic"}  # timm's cfg, size given
+    assert ("records no preprocessing: evaluating with timm's defaults for inception_next_atto: data.crop_pct=0.875, "
+            "data.interpolation=bicubic") in caplog.text  # the file says nothing of them: the defaults used, in one line
     assert result["top1"] == recorded(trained, "top1")
     assert (tmp_path / "inceptionnext_atto.synth0-val.eval.json").exists()
+
+
+def test_a_weights_file_alone_is_evaluated_with_the_preprocessing_it_records(trained: Path, synth_dir: Path,
+                                                                            tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The final weights carry architecture, classes and evaluation transform: the file copied away from its run gives
+    the run's own top-1 with no --set, and timm users get the same settings through ``pretrained_cfg_overlay``."""
+    alone = tmp_path / "model_ema.safetensors"
+    shutil.copy(trained / "model_ema.safetensors", alone)
+    code, result, err = run_main([str(alone), "--data", f"{synth_dir}/val"], capsys)
+    assert code == 0, err
+    assert result["top1"] == recorded(trained, "ema_top1") and "records no preprocessing" not in err
+    assert result["transform"] == {"input_size": 32, "crop_pct": 0.875, "interpolation": "bicubic"}
+    config = recorded_config(alone.read_bytes(), alone.name)
+    classes = json.loads((synth_dir / "train" / "manifest.json").read_text())["classes"]
+    assert config["label_names"] == [c["wnid"] for c in classes] and config["num_classes"] == 10
+    model = timm.create_model(config["architecture"], pretrained=True, num_classes=config["num_classes"],
+                              pretrained_cfg_overlay=dict(file=str(alone), **config["pretrained_cfg"]))
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert (tuple(data_cfg["input_size"]), data_cfg["crop_pct"]) == ((3, 32, 32), 0.875)
+    assert torch.equal(model.state_dict()["head.fc2.bias"], load_file(alone)["head.fc2.bias"])
 
 
 def test_bad_input_is_named_and_nothing_is_written(trained: Path, synth_dir: Path, tmp_path: Path,
@@ -248,12 +282,20 @@ def test_bad_input_is_named_and_nothing_is_written(trained: Path, synth_dir: Pat
     sd = load_file(trained / "model.safetensors")
     sd["head.fc2.weight"], sd["head.fc2.bias"] = torch.zeros(12, sd["head.fc2.weight"].shape[1]), torch.zeros(12)
     save_file(sd, wide, metadata={"model": "inception_next_atto"})
+    no_ema = tmp_path / "no-ema"  # the run as a recipe without EMA leaves it
+    shutil.copytree(trained, no_ema)
+    (no_ema / "model_ema.safetensors").unlink()
+    config = json.loads((no_ema / "config.json").read_text())
+    (no_ema / "config.json").write_text(json.dumps({**config, "ema": {"decay": None}}))
     cases = [
+        ([str(no_ema), "--data", f"{synth_dir}/val", "--which", "ema"], "its recipe has no EMA (ema.decay: null)"),
         ([str(wide), "--data", f"{synth_dir}/val"], "classifier has 12 classes; --data"),
         ([str(trained), "--data", str(tmp_path / "empty")], f"{tmp_path}/empty: not found"),
         ([str(trained), "--data", f"{synth_dir}/val", "--which", "step-7"], "no committed checkpoint at step 7"),
         ([str(tmp_path / "nothing.safetensors"), "--data", f"{synth_dir}/val"], "nothing.safetensors: not found"),
         ([str(trained), "--data", str(empty)], f"{empty}: no class folders found"),
+        ([str(trained), "--data", str(synth_dir)], f"a dataset root holding the shards of train, val, not an evaluation "
+                                                   f"set itself; give one split, e.g. --data {synth_dir}/val"),
         ([str(trained), "--data", "s3://nowhere/val", "--storage-option", "endpoint_url=http://127.0.0.1:9",
           "--storage-option", "key=k", "--storage-option", "secret=s"], "--data=s3://nowhere/val: cannot connect"),
     ]

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from orchestrator import recipe as recipes
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
@@ -72,6 +73,22 @@ def test_figure_has_a_row_per_image_and_a_column_per_model(trained: tuple[Path, 
     assert [ax.get_title() for ax in fig.axes[:3]] == ["input", "A", "R"]
     assert fig.axes[0].get_xlabel() == classes[samples[0].label]  # true class under the input
     assert fig.axes[1].get_xlabel().split(" (")[0] in classes  # predicted class name under each map
+
+
+def test_a_weights_file_is_shown_at_the_size_it_records(trained: tuple[Path, Path], tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The run's final weights alone (96 px, crop_pct 1.0) are drawn at 96 px with their class names; a file that
+    records nothing (a plain state dict, as ARCH@FILE) gets timm's defaults for the architecture, said in one line."""
+    _, run = trained
+    alone = models.load(f"A={run}/model.safetensors")
+    assert alone.crop(Image.new("RGB", (200, 150))).size == (SIZE, SIZE) and alone.classes and len(alone.classes) == 10
+    plain = tmp_path / "plain.pth"
+    torch.save(load_file(run / "model.safetensors"), plain)
+    with caplog.at_level("WARNING"):
+        foreign = models.load(f"B=inception_next_atto@{plain}")
+    assert foreign.crop(Image.new("RGB", (300, 300))).size == (224, 224)
+    assert "the weights record no preprocessing: timm's defaults for inception_next_atto: input size 224, crop_pct 0.875" \
+        in caplog.text
 
 
 def test_bad_sources_are_named(trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

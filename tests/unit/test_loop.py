@@ -19,7 +19,7 @@ from orchestrator.storage import RetryPolicy
 from orchestrator.train.checkpoint import BackgroundCommitter
 from orchestrator.train.context import StopRequested
 from orchestrator.train.loop import train
-from tests.conftest import ROOT, StopAfter, sigterm_after_step, smoke_recipe, steps_of
+from tests.conftest import ROOT, StopAfter, assert_stopped_at, signal_after_step, smoke_recipe, steps_of
 
 # Every source of randomness on: RandAugment, random erasing, mixup/cutmix, drop path, EMA, 2 workers, accumulation.
 RANDOM_EVERYTHING = ("augment.mixup=0.8", "augment.cutmix=1.0", "augment.re_prob=0.25", "model.drop_path_rate=0.1",
@@ -164,10 +164,10 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_is_bitwise_exa
     run = tmp_path / "runs" / "term"
     command = [sys.executable, "-m", "orchestrator.pretrain", str(ROOT / "recipes" / "smoke.yaml"), "--launcher=local",
                "--set", *sets]
-    code, stopped, err = sigterm_after_step(command, run, 4, 120, group=True, cwd=tmp_path)
+    code, stopped, err = signal_after_step(command, run, 4, 120, group=True, cwd=tmp_path)
     assert code == 143, err[-2000:]
     assert 4 <= stopped < 30 and stopped % 10  # not at an epoch end, whose scheduled checkpoint would pass for it
-    assert steps_of(run)[-1] == stopped and not (run / "model.safetensors").exists()
+    assert_stopped_at(run, stopped, "SIGTERM")
 
     local.run(recipes.load(ROOT / "recipes" / "smoke.yaml", sets))  # the same command again
     records = RunDir(str(run)).records()

@@ -71,7 +71,7 @@ def test_bad_sweeps_fail_naming_the_key(override: str, message: str) -> None:
 def test_recipe_overrides_reach_the_trials(tmp_path: Path) -> None:
     sweep = sweeps.load(SWEEPS / "smoke.yaml", [f"data.train={tmp_path}/train", "model.drop_path_rate=0.3"])
     assert sweep.trial_base().data.train == f"{tmp_path}/train"
-    assert sweeps.space(sweep)["model.drop_path_rate"] == {"grid_search": [0.0, 0.2]}
+    assert sweeps.space(sweep)["model.drop_path_rate"] == {"grid_search": [0.0, 0.6]}
 
 
 def test_inline_secrets_go_to_the_ray_job_environment_or_are_refused_once_it_is_fixed(
