@@ -58,7 +58,7 @@ def test_proxy_batch_scales_lr_and_the_best_recipe_scales_it_back() -> None:
     ("sweep.proxy={schedule.epoch: 3}", "schedule.epoch: no such recipe key"),
     ("sweep.metric=ema_top1", "needs EMA, but the recipe has ema.decay null"),
     ("sweep.metric=accuracy", "metric: 'accuracy' is not one of"),
-    ("sweep.scheduler={grace_period: 2}", "scheduler.grace_period: 2 must be at least 1 and less than"),
+    ("sweep.scheduler={grace_period: 3}", "scheduler.grace_period: 3 must be at least 1 and less than"),
     ("sweep.lr_rule=cubic", "lr_rule: 'cubic' is not linear, sqrt or none"),
     ("sweep.colour=red", "unknown key(s) ['colour']"),
 ])
