@@ -11,6 +11,12 @@ call and packing its outputs into one buffer). ``device_ops_growth`` is ops at t
 the smallest: 1.0 when the launches do not grow with the images; a per-image device step grows with the
 ratio of the sizes (4.0 for 32 -> 128).
 
+``host_syncs`` counts, on any device, what would make a CUDA host wait in a steady-state micro-batch
+(``orchestrator.data.host_syncs``: reads of device values, data-dependent shapes, tensors made from Python data
+on the device, copies from pageable memory): of the device step on both paths, and of the loop's whole
+``train_step`` (loader batch to optimizer and EMA step) on a generated dataset. The last line's
+``host_syncs=`` is their sum; the target is 0.
+
 With CUDA it also prints the device step's images/s and the training process's CPU ms per image (best
 of 3 passes), and runs the steady-state step under ``torch.cuda.set_sync_debug_mode("error")``: any
 host read of a device value or blocking copy raises.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +37,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import default_collate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from bench.data_pipeline import photo_like, reseed  # noqa: E402
 from orchestrator.data import device  # noqa: E402
 from orchestrator.data.gpu_decode import DeviceCrop, TrainDraws  # noqa: E402
+from orchestrator.data.host_syncs import HostSyncs  # noqa: E402
 
 POLICY, RE_PROB = "rand-m9-mstd0.5-inc1", 0.25
 
@@ -67,6 +76,87 @@ def step(where: torch.device, size: int, gpu_decode: bool) -> Callable[[Any], to
         x = device.normalize(images, where, channels_last=where.type == "cuda")
         return device.random_erase(x, [device.sample_seed(0, 0, i) for i in ids.tolist()], RE_PROB, batched=True)
     return run
+
+
+def host_syncs_per_batch(run: Callable[[Any], Any], batch: Any) -> list[str]:
+    """What would make a CUDA host wait in ``run(batch)`` once warm (its first call makes per-device constants)."""
+    mode = HostSyncs()
+    mode.pinned(batch)  # the loader pins its batches on CUDA
+    with mode:
+        with mode.warming():
+            run(batch)
+        run(batch)
+    return mode.events
+
+
+class Pinned:
+    """A loader whose batches ``mode`` counts as pinned (the loader pins them on CUDA)."""
+
+    def __init__(self, loader: Any, mode: HostSyncs) -> None:
+        self.loader, self.mode = loader, mode
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            self.mode.pinned(batch)
+            yield batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+def train_step_syncs(recipe: Any, steps: int = 2) -> list[str]:
+    """What would make a CUDA host wait in the loop's ``train_step`` over ``steps`` steady-state steps (after a warm
+    one, which makes the optimizer's state): the model, its EMA and optimizer on the device, batches pinned."""
+    from orchestrator.rundir import RunDir
+    from orchestrator.train import loop
+    from orchestrator.train.context import TrainContext
+
+    ctx = TrainContext(run=RunDir.of(recipe))
+    c = loop.build(recipe, ctx, resuming=False)
+    mode = HostSyncs()
+    mode.on_device(list(c.model.state_dict().values()), c.skipped,
+                   list(c.ema.module.state_dict().values()) if c.ema is not None else [])
+    state = {"step": 0, "epoch": 0, "nonfinite": 0}
+    batches = iter(Pinned(c.train_loader, mode))
+    with mode:
+        with mode.warming():
+            loop.train_step(c, recipe, ctx, state, batches)
+        for _ in range(steps):
+            loop.train_step(c, recipe, ctx, state, batches)
+    return mode.events
+
+
+def evaluation_syncs(recipe: Any) -> tuple[list[str], int]:
+    """What would make a CUDA host wait in the loop's (and ``orchestrator.evaluate``'s) classification evaluation,
+    and its batches: the tally it reads once at the end is the only read, whatever the number of batches."""
+    from orchestrator.rundir import RunDir
+    from orchestrator.train import loop
+    from orchestrator.train.context import TrainContext
+
+    ctx = TrainContext(run=RunDir.of(recipe))
+    c = loop.build(recipe, ctx, resuming=False)
+    mode = HostSyncs()
+    mode.on_device(list(c.model.state_dict().values()))
+    c.val_loader = Pinned(c.val_loader, mode)
+    with mode:
+        with mode.warming():  # per-device constants
+            c.task.evaluate(c.model, c, ctx)
+        c.task.evaluate(c.model, c, ctx)
+    return mode.events, len(c.val_loader.loader)
+
+
+def synth_recipe(folder: Path, size: int, decode: str) -> Any:
+    """The smoke recipe on a small generated dataset in ``folder`` (written once), decoded on ``decode``."""
+    from orchestrator import recipe as recipes
+    from orchestrator.data.shard_writer import WriteOptions, write_dataset
+    from orchestrator.data.synth import SynthSource
+
+    if not (folder / "train").exists():
+        write_dataset(SynthSource(classes=4, train=128, val=16, size=size), str(folder), WriteOptions(seed=0))
+    return recipes.load(ROOT / "recipes" / "smoke.yaml", [
+        f"data.train={folder}/train", f"data.val={folder}/val", f"data.input_size={size}", "data.num_workers=0",
+        f"data.decode={decode}", "batch.global_batch_size=32", "batch.per_device_max=32", "model.num_classes=4",
+        "ema.decay=0.99", f"run.storage={folder}/runs"])
 
 
 def ops_per_batch(run: Callable[[Any], torch.Tensor], batch: Any) -> int:
@@ -130,7 +220,21 @@ def main() -> None:
                 torch.cuda.set_sync_debug_mode(0)
             print(f"  {sizes[-1]} images a micro-batch: {rate:.0f} images/s, {cpu_ms:.3f} CPU ms per image in the "
                   f"training process; host syncs in the steady state: {synced}")
-    print(f"device_ops_growth={counts[True, sizes[-1]] / counts[True, sizes[0]]:.3f}")
+    syncs = 0
+    for gpu_decode in (True, False):
+        batch = gpu_batch(jpegs[:sizes[0]], args.size) if gpu_decode else cpu_batch(sizes[0], args.size)
+        events = host_syncs_per_batch(step(where, args.size, gpu_decode), batch)
+        syncs += len(events)
+        print(f"host syncs per micro-batch, device step, data.decode {'gpu' if gpu_decode else 'cpu'}: {len(events)} "
+              f"{events or ''}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for decode in ("gpu", "cpu"):
+            events = train_step_syncs(synth_recipe(Path(tmp), 64, decode))
+            syncs += len(events)
+            print(f"host syncs per step, the loop's train_step, data.decode {decode}: {len(events) / 2:g} {events or ''}")
+        events, batches = evaluation_syncs(synth_recipe(Path(tmp), 64, "cpu"))
+        print(f"host syncs in an evaluation of {batches} batches (the final tally included): {len(events)} {events}")
+    print(f"device_ops_growth={counts[True, sizes[-1]] / counts[True, sizes[0]]:.3f} host_syncs={syncs}")
 
 
 if __name__ == "__main__":

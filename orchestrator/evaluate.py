@@ -231,12 +231,12 @@ class EvalData:
         if self.items is None:
             ds = ShardDataset(self.manifest, transform, train=False, rank=ctx.rank, world_size=ctx.world_size,
                               seed=recipe.run.seed, options=components.reader_options(recipe))
-            return ShardLoader(ds, batch, recipe.data.num_workers)
+            return ShardLoader(ds, batch, recipe.data.num_workers, pin_memory=ctx.device.type == "cuda")
         size = recipe.data.input_size
         standin = (torch.zeros(size, size, 3, dtype=torch.uint8), 0) if task.name == "classification" \
             else (torch.zeros(1, 1, 3, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.uint8))
         ds = FolderEval(self, transform, standin, ctx.rank, ctx.world_size)
-        return DataLoader(ds, batch_size=batch, num_workers=recipe.data.num_workers)
+        return DataLoader(ds, batch_size=batch, num_workers=recipe.data.num_workers, pin_memory=ctx.device.type == "cuda")
 
 
 def open_data(recipe: recipes.Recipe, val_labels: str | None, classes_file: str | None) -> EvalData:

@@ -126,8 +126,10 @@ class RunConfig:
     dist_bn: str = "reduce"  # average BatchNorm statistics across ranks before eval: reduce | broadcast | none
     max_nonfinite_steps: int = 20
     # No progress (micro-batch, evaluation batch, checkpoint chunk) for this long ends the attempt; the launcher
-    # resumes from the newest checkpoint. Twice this before the first micro-batch (build, compile, first reads).
+    # resumes from the newest checkpoint. Twice this until the first optimizer step has finished (build, compile,
+    # first reads).
     stall_timeout_s: float | None = 600.0  # null: no watchdog
+    max_stall_restarts: int = 3  # Slurm: stall requeues of one job before it stops as stalled (Ray: max_failures)
     # Where else rank 0 logs params, metrics and artifacts: tensorboard, mlflow (MLFLOW_TRACKING_URI), wandb
     # (WANDB_API_KEY, WANDB_MODE); see orchestrator/train/trackers.py.
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -489,6 +491,8 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("run.precision", f"{r.run.precision!r} is not auto, fp32 or bf16")
     if r.run.dist_bn not in ("reduce", "broadcast", "none"):
         fail("run.dist_bn", f"{r.run.dist_bn!r} is not reduce, broadcast or none")
+    if r.run.max_stall_restarts < 0:
+        fail("run.max_stall_restarts", f"must be 0 or more, got {r.run.max_stall_restarts}")
     if r.run.stall_timeout_s is not None and r.run.stall_timeout_s <= 0:
         fail("run.stall_timeout_s", f"must be positive or null, got {r.run.stall_timeout_s}")
     unknown = [t for t in r.run.trackers if t not in TRACKERS]

@@ -15,6 +15,8 @@ import random
 
 import torch
 
+from orchestrator.data.host_syncs import HostSyncs
+
 # timm's IMAGENET_DEFAULT_MEAN and _STD (tests/unit/test_transforms.py checks them against timm's). Not imported
 # from timm: importing any of timm loads its models and torchvision, seconds of every command's startup.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -37,6 +39,14 @@ def _mean_inv_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
         _CONSTANTS[device] = mean, 1 / (torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255)
     return _CONSTANTS[device]
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (made on the host, so pageable) on ``device`` without the host waiting: pinned first on CUDA, then an
+    asynchronous copy. ``host_syncs.HostSyncs`` takes this path on the CPU too, to check it."""
+    if device.type == "cuda" or HostSyncs.active:
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def normalize(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -96,7 +106,7 @@ def _scatter_keyed_noise(x: torch.Tensor, boxes: list[tuple[int, ...]]) -> None:
     c = x.shape[1]
     host = torch.tensor(boxes, dtype=torch.float64)
     hmax, wmax = int(host[:, 3].max()), int(host[:, 4].max())
-    p = (host.pin_memory() if x.device.type == "cuda" else host).to(x.device, non_blocking=True)
+    p = to_device(host, x.device)
     index, top, left, h, w, key = (p[:, i].long().view(-1, 1, 1, 1) for i in range(6))
     dy = torch.minimum(torch.arange(hmax, device=x.device).view(1, 1, hmax, 1), h - 1)
     dx = torch.minimum(torch.arange(wmax, device=x.device).view(1, 1, 1, wmax), w - 1)

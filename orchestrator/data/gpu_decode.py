@@ -42,6 +42,7 @@ from torch.profiler import record_function
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from orchestrator.data import randaugment, transforms
+from orchestrator.data.device import to_device
 from orchestrator.data.randaugment import GEOMETRIC, RandAugmentDraws
 from orchestrator.errors import DataError, RecipeError
 
@@ -121,12 +122,22 @@ def _solarize_add(img: torch.Tensor, add: torch.Tensor, thresh: int = 128) -> to
     return torch.where(img < thresh, (img.int() + _per_image(add).trunc().int()).clamp(0, 255).to(torch.uint8), img)
 
 
+_SHARPNESS: dict[torch.device, torch.Tensor] = {}
+
+
+def _sharpness_kernel(device: torch.device) -> torch.Tensor:
+    """torchvision's 3x3 smoothing kernel, made once per device (a copy per micro-batch would wait for the device)."""
+    if device not in _SHARPNESS:
+        a, b = 1.0 / 13.0, 5.0 / 13.0
+        _SHARPNESS[device] = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=device).expand(3, 1, 3, 3)
+    return _SHARPNESS[device]
+
+
 def _sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_sharpness (the interior blended with a 3x3 smoothing, edges kept) per image."""
     if img.shape[-1] <= 2 or img.shape[-2] <= 2:
         return img
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=img.device).expand(3, 1, 3, 3)
+    kernel = _sharpness_kernel(img.device)
     out = img.float()
     blurred = F.conv2d(out, kernel, groups=3).round_()
     inner = out[..., 1:-1, 1:-1]
@@ -183,9 +194,7 @@ class HostParams:
 
     def to(self, device: torch.device) -> dict[str, torch.Tensor]:
         flat = torch.from_numpy(np.concatenate([p.ravel() for p in self.parts.values()]) if self.parts else np.zeros(0))
-        if device.type == "cuda":
-            flat = flat.pin_memory()
-        on_device = flat.to(device, non_blocking=True)
+        on_device = to_device(flat, device)
         out, at = {}, 0
         for name, p in self.parts.items():
             out[name] = on_device[at:at + p.size].view(p.shape)
@@ -257,7 +266,7 @@ class DeviceCrop:
         pixels = [k for k, kind in enumerate(kinds) if kind == PIXELS]
         if pixels:
             host = torch.frombuffer(bytearray(b"".join(payloads[k] for k in pixels)), dtype=torch.uint8)
-            on_device = (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
+            on_device = to_device(host, self.device)
             at = 0
             for k in pixels:
                 h, w = int(draws[k, 1]), int(draws[k, 2])

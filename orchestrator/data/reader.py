@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator import storage
+from orchestrator.data import worker_stacks
 from orchestrator.data.device import sample_seed
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.order import EpochOrder, auto_partitions
@@ -312,6 +313,7 @@ def ignore_stop_signals(_worker_id: int) -> None:
     and they exit when it dies (torch's parent watchdog)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_stacks.register()  # the stall watchdog can ask for this worker's stacks
 
 
 class ShardLoader:

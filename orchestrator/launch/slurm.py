@@ -9,6 +9,8 @@ checked with ``sbatch --test-only``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
@@ -27,6 +29,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.launch.distributed import context_from_env
 from orchestrator.launch.slurm_cluster import SlurmOptions, minutes
 from orchestrator.recipe import Recipe, from_dict, secrets_in_environment
+from orchestrator.rundir import RunDir
 from orchestrator.train.context import StopRequested, TrainContext
 from orchestrator.train.loop import train
 from orchestrator.train.stop import StopSignals
@@ -97,17 +100,33 @@ def distributed_context(recipe: Recipe) -> TrainContext:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
     ctx = context_from_env(recipe, launcher="slurm")
-    ctx.on_stall = requeue_on_stall  # type: ignore[method-assign]
+    ctx.on_stall = functools.partial(requeue_on_stall, ctx.run, recipe.run.max_stall_restarts)  # type: ignore[method-assign]
     return ctx
 
 
-def requeue_on_stall(line: str) -> None:
+def requeue_on_stall(run: RunDir, max_restarts: int, line: str) -> None:
     """The stall watchdog's end of a Slurm attempt: requeue the job, as a preempted one is (any rank may ask;
-    Slurm ends every task of the job and runs it again, which resumes from the newest checkpoint)."""
+    Slurm ends every task of the job and runs it again, which resumes from the newest checkpoint), at most
+    ``run.max_stall_restarts`` times a job: a hang that comes back on every attempt would otherwise loop until the
+    allocation is gone. Each stall requeue leaves ``stalls/requeued-<job>-<attempt>`` (every rank of the attempt
+    writes the same name); past the bound the job ends, its run marked stalled."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job:
-        subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
-    exit_process(1)(f"{line}; Slurm job {job} requeued")
+    if not job:
+        exit_process(1)(line)
+    try:
+        done = len(run.fs.glob(f"{run.path}/stalls/requeued-{job}-*"))
+    except Exception:  # noqa: BLE001 - the store may be what stalled: requeue as before
+        done = 0
+    if done >= max_restarts:
+        with contextlib.suppress(Exception):
+            run.write_status("stalled", error=f"stall {done + 1} of Slurm job {job}: not requeued "
+                                              f"(run.max_stall_restarts={max_restarts})")
+        exit_process(1)(f"{line}; Slurm job {job} not requeued: {done} stall requeue(s) already, "
+                        f"run.max_stall_restarts={max_restarts}")
+    with contextlib.suppress(Exception):
+        run.write_bytes(f"stalls/requeued-{job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}", b"")
+    subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
+    exit_process(1)(f"{line}; Slurm job {job} requeued ({done + 1} of run.max_stall_restarts={max_restarts})")
 
 
 class SlurmEvaluate:

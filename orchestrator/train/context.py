@@ -89,6 +89,8 @@ class TrainContext:
     def save_checkpoint(self, step: int, snapshot: Snapshot | None, meta: dict[str, Any]) -> None:
         """Called on every rank; rank 0 passes the state staged in host memory, which is encoded, committed
         and old checkpoints pruned in the background. ``flush`` waits for that."""
+        if not self.is_main and self.watchdog is not None:
+            self.watchdog.peer_waiting = True  # until the next step: rank 0 may wait for its previous upload first
         if self.is_main:
             assert snapshot is not None
             if self.committer is None:

@@ -230,6 +230,8 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
     stop = False
     while state["step"] < min(epoch_end, stop_at):
         loss, step_digest = train_step(c, recipe, ctx, state, batches)
+        if ctx.watchdog is not None:
+            ctx.watchdog.step_done()
         digest += step_digest
         state["step"] += 1
         losses.append(loss)

@@ -170,13 +170,14 @@ class Classification(Task):
         per_class = torch.zeros(3, n, dtype=torch.float64, device=ctx.device)  # top-1, top-5, images by class
         real_counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # the same over all ReaL-labelled images
         for images, targets, ids, corrupt in c.val_loader:
-            images, targets = device.normalize(images, ctx.device, c.channels_last), targets.to(ctx.device)
+            images = device.normalize(images, ctx.device, c.channels_last)
+            targets = targets.to(ctx.device, non_blocking=True)  # the loader's pinned tensors: no host wait
             with autocast(c.autocast, ctx):
                 logits = model(images)
             if subset is not None:
                 logits = logits[:, subset]
             top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-            valid = (corrupt == 0).to(ctx.device)
+            valid = corrupt.to(ctx.device, non_blocking=True) == 0
             hits = top5.eq(targets[:, None])
             for row, hit in enumerate((hits[:, 0] & valid, hits.any(1) & valid, valid)):  # no host sync (a GPU)
                 per_class[row].index_add_(0, targets, hit.double())

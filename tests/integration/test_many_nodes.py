@@ -246,6 +246,7 @@ def test_a_rank_stalled_before_the_all_reduce_requeues_the_two_node_slurm_job_wh
     assert wait_done(job, timeout=300) == "COMPLETED"
     assert re.search(r"Restarts=1\b", slurm2.run("scontrol", "show", "job", job))
     run = tmp_path / "runs" / "one-pretrain"
+    assert [p.name for p in run.glob("stalls/requeued-*")] == [f"requeued-{job}-0"]  # counted: 1 of max_stall_restarts
     assert_stall_found(run, marker, rank=1)
     (waiting,) = run.glob("stalls/*/rank-0.txt")  # rank 0 waited in the all-reduce of the backward
     assert "in train_step" in waiting.read_text() and "in maybe_stall" not in waiting.read_text()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from orchestrator import pipeline as pipelines
 from orchestrator import pipeline_file
-from orchestrator.launch import local
+from orchestrator.launch import faults, local
 from orchestrator.launch.slurm_cluster import job_states
 from orchestrator.rundir import RunDir
 from tests.conftest import ROOT, assert_backbone_from, seg_tiny, steps_of
@@ -147,6 +147,24 @@ def test_slurm_preemption_sigterm_checkpoints_requeues_and_ends_like_an_uninterr
     stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", log).group(1))
     assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [stopped] and 0 < stopped < 140
     assert_bitwise_uninterrupted(run, sets, tmp_path)
+
+
+def test_a_stall_past_max_stall_restarts_ends_the_job_as_stalled_instead_of_requeueing(
+        slurm: SlurmCluster, synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hang that would come back on every attempt: with run.max_stall_restarts=0 the first stall ends the job
+    (FAILED, never requeued), the run marked stalled, one line saying why."""
+    marker = tmp_path / "stalled"
+    monkeypatch.setenv(faults.ENV, f"stall:2:0:{marker}")  # sbatch exports it to this job only
+    sets = [*tiny(synth_dir), "--set=schedule.epochs=1", "--set=run.stall_timeout_s=3", "--set=run.max_stall_restarts=0"]
+    (job,) = submit([str(one_stage(tmp_path)), "--gpus-per-node=0", "--time=00:05:00", f"--storage={tmp_path}/runs",
+                     f"--log-dir={tmp_path}/logs", *sets], capsys)
+    assert wait_done(job, timeout=200) == "FAILED"
+    assert re.search(r"Restarts=0\b", slurm.run("scontrol", "show", "job", job))
+    log = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
+    assert f"Slurm job {job} not requeued: 0 stall requeue(s) already, run.max_stall_restarts=0" in log
+    status = RunDir(str(tmp_path / "runs" / "one-pretrain")).status()
+    assert status["state"] == "stalled" and "not requeued" in status["error"]
 
 
 def test_bad_options_and_a_dead_controller_fail_before_submitting(

@@ -186,3 +186,35 @@ def test_the_device_step_launches_as_many_ops_for_64_images_as_for_16() -> None:
     run = step(CPU, 48, gpu_decode=False)
     images = [(torch.zeros(n, 48, 48, 3, dtype=torch.uint8), torch.zeros(n), torch.arange(n)) for n in (16, 64)]
     assert ops_per_batch(run, images[1]) == ops_per_batch(run, images[0])  # normalise and erase
+
+
+def test_the_device_step_train_step_and_evaluation_never_wait_for_the_device(synth_dir: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """What would make a CUDA host wait (``HostSyncs``, on this CPU): none in a steady-state micro-batch of the device
+    step (both paths) or of the loop's whole train_step, and in an evaluation only its final tally; a reintroduced
+    per-batch copy (the sharpness kernel made from Python data, a blocking copy of the targets) is caught."""
+    from bench.device_step import evaluation_syncs, host_syncs_per_batch, step, train_step_syncs
+    from orchestrator.train import tasks
+
+    jpegs = [photo(i, 120 + i, 96 + i) for i in range(64)]
+    gpu = device_batch(TrainDraws(48, POLICY, "random"), jpegs)  # 64 images: several draw Sharpness
+    cpu = (torch.zeros(16, 48, 48, 3, dtype=torch.uint8), torch.zeros(16), torch.arange(16))
+    assert host_syncs_per_batch(step(CPU, 48, gpu_decode=True), gpu) == []
+    assert host_syncs_per_batch(step(CPU, 48, gpu_decode=False), cpu) == []
+    sets = ["ema.decay=0.99", "run.name=syncs"]
+    for decode in ("gpu", "cpu"):
+        assert train_step_syncs(smoke_recipe(tmp_path, synth_dir, *sets, f"data.decode={decode}")) == [], decode
+    events, batches = evaluation_syncs(smoke_recipe(tmp_path, synth_dir, *sets, "batch.global_batch_size=16",
+                                                    "batch.per_device_max=16"))
+    assert events == ["tolist(): reads a device value on the host"] and batches == 5
+
+    with monkeypatch.context() as m:  # the kernel made per micro-batch again
+        m.setattr(gpu_decode, "_sharpness_kernel", lambda where: torch.tensor(
+            [[1 / 13] * 3, [1 / 13, 5 / 13, 1 / 13], [1 / 13] * 3], device=where).expand(3, 1, 3, 3))
+        assert "torch.tensor(..., device=...): a tensor from Python data copied to the device" in \
+            host_syncs_per_batch(step(CPU, 48, gpu_decode=True), gpu)
+    blocking = tasks.Classification.train_batch
+    monkeypatch.setattr(tasks.Classification, "train_batch", lambda self, images, targets, *rest: blocking(
+        self, images, targets.to(rest[-1].device), *rest))
+    assert "to: a blocking copy to the device (non_blocking=False)" in \
+        train_step_syncs(smoke_recipe(tmp_path, synth_dir, *sets))

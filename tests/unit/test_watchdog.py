@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from orchestrator.rundir import RunDir
 from orchestrator.runs import summary
 from orchestrator.train.context import TrainContext
-from orchestrator.train.watchdog import CHECK_S, for_context
+from orchestrator.train.watchdog import BACKSTOP_S, CHECK_S, Watchdog, for_context, stall_dir
 from tests.conftest import ROOT
 from tests.unit.test_loop import weights
 
@@ -99,3 +100,136 @@ def test_a_stalled_local_run_exits_with_the_line_and_the_rerun_resumes_exactly(s
     assert straight.returncode == 0, straight.stderr[-2000:]
     a, b = weights(run), weights(tmp_path / "runs" / "straight")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_the_limit_is_the_timeout_after_the_first_step_twice_it_before_and_off_while_a_peer_uploads() -> None:
+    """The rules, pinned: a micro-batch alone does not end the start-up limit (torch.compile runs in the first
+    forward and backward); the first finished optimizer step does. A rank that may wait for rank 0's upload (from a
+    save to its next step) is not watched."""
+    dog = Watchdog(10, 0, lambda line: None)
+    assert not dog.due(19.9) and dog.due(20.0)
+    dog.tick(0)  # micro-batch 0 yielded
+    assert not dog.due(19.9) and dog.limit() == 20
+    dog.step_done()
+    assert not dog.due(9.9) and dog.due(10.0)
+    dog.peer_waiting = True
+    assert not dog.due(1e6)
+    dog.step_done()
+    assert dog.due(10.0)
+
+
+def stuck_in_a_worker(release: Path) -> None:
+    while not release.exists():  # the frame the stack file must name
+        time.sleep(0.05)
+
+
+class Stuck(torch.utils.data.Dataset):
+    def __init__(self, release: Path) -> None:
+        self.release = release
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        stuck_in_a_worker(self.release)
+        return i
+
+
+def test_a_dataloader_workers_frame_is_in_the_stack_file(tmp_path: Path) -> None:
+    """The training thread only waits on the workers' queue; the file names where the worker is stuck."""
+    from orchestrator.data.reader import ignore_stop_signals
+
+    ctx = TrainContext(run=RunDir(str(tmp_path / "run")))
+    ended: list[str] = []
+    done = threading.Event()
+    release = tmp_path / "release"
+
+    def load() -> None:
+        dog = for_context(ctx, 0.5, lambda line: (ended.append(line), done.set())).start()
+        loader = torch.utils.data.DataLoader(Stuck(release), num_workers=1, worker_init_fn=ignore_stop_signals)
+        list(loader)
+        dog.stop()
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        assert done.wait(2 * 0.5 + SLACK_S)
+    finally:
+        release.touch()
+        worker.join(60)
+    (stacks,) = (tmp_path / "run" / "stalls").glob("*/rank-0.txt")
+    text = stacks.read_text()
+    assert "DataLoader worker (pid " in text and "in stuck_in_a_worker" in text.split("DataLoader worker", 1)[1]
+    assert "stacks: " + str(stacks) in ended[0]  # a local run folder: written there directly
+    assert not list((tmp_path / "run" / "stalls").glob("backstop-*"))  # the backstop's file was empty: gone
+
+
+GIL_HANG = """
+import ctypes, sys
+from orchestrator.rundir import RunDir
+from orchestrator.train.context import TrainContext
+from orchestrator.train.watchdog import for_context
+
+ctx = TrainContext(run=RunDir(sys.argv[1]))
+for_context(ctx, 1.0, lambda line: print("the Python watchdog ran", flush=True)).start()
+
+def hang_holding_the_gil():
+    ctypes.PyDLL(None).sleep(120)  # a C call that keeps the GIL: no Python thread runs again
+
+hang_holding_the_gil()
+"""
+
+
+def test_a_hang_holding_the_gil_ends_in_the_c_backstop_with_its_stacks(tmp_path: Path) -> None:
+    """Neither the training thread nor the watchdog's can run; faulthandler's C thread writes the stacks and exits.
+    With the run folder on object storage (memory:// stands in) the file stays on node-local disk and the next
+    start of the run uploads it."""
+    for url in (str(tmp_path / "run"), f"memory://gil-{tmp_path.name}/run"):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", GIL_HANG, url], capture_output=True, text=True, timeout=90, cwd=ROOT)
+        assert done.returncode == 1 and "the Python watchdog ran" not in done.stdout, done.stderr[-2000:]
+        assert time.monotonic() - started < 2 * 1.0 + CHECK_S + BACKSTOP_S + 15
+        run = RunDir(url)
+        (dump,) = stall_dir(run).glob("backstop-*.txt")
+        assert "in hang_holding_the_gil" in dump.read_text() and "Thread" in dump.read_text()
+    dog = for_context(TrainContext(run=run), 60, lambda line: None).start()  # the next start, here
+    dog.stop()
+    (uploaded,) = run.fs.glob(f"{run.path}/stalls/backstop-*.txt")
+    assert "in hang_holding_the_gil" in run.fs.cat_file(uploaded).decode() and not list(stall_dir(run).glob("backstop-*"))
+
+
+SLOW_UPLOADS = """
+import sys, time
+from orchestrator.pretrain import main
+from orchestrator.rundir import RunDir
+
+write = RunDir.write_checkpoint
+
+def slowly(self, step, files, meta, progress=None):  # rank 0's upload moves (ticking its watchdog) but takes 4 s
+    for _ in range(8):
+        time.sleep(0.5)
+        if progress is not None:
+            progress()
+    return write(self, step, files, meta, progress)
+
+RunDir.write_checkpoint = slowly
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_waiting_for_rank_0s_slow_upload_do_not_declare_a_stall(synth_dir: Path, tmp_path: Path) -> None:
+    """Two torchrun ranks, run.stall_timeout_s=2, every checkpoint's upload 4 s: rank 1 waits for it in the next
+    step's all-reduce and in the epoch end's barrier, longer than its timeout, and must not call that a stall."""
+    script = tmp_path / "slow_uploads.py"
+    script.write_text(SLOW_UPLOADS)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+         str(ROOT / "recipes" / "smoke.yaml"), "--launcher", "local", "--set", f"data.train={synth_dir}/train",
+         f"data.val={synth_dir}/val", "data.input_size=32", "data.num_workers=0", "batch.global_batch_size=32",
+         "batch.per_device_max=16", "schedule.epochs=1", "run.checkpoint_every_steps=3", "run.stall_timeout_s=2",
+         f"run.storage={tmp_path}/runs", "run.name=slow"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "slow"
+    assert not list(run.glob("stalls/*/rank-*.txt")) and "stalled:" not in done.stderr
+    assert [c.step for c in RunDir(str(run)).committed()][-1] == 10 and (run / "model.safetensors").exists()
