@@ -30,6 +30,7 @@ from orchestrator.storage import (
     redacted_options,
     remember_secrets,
     secret_values,
+    url_password,
 )
 
 
@@ -191,6 +192,9 @@ class Recipe:
         if redact:
             for section in ("data", "run"):
                 data[section]["storage_options"] = redacted_options(data[section]["storage_options"])
+            password = url_password(self.run.tracking_uri)
+            if password:
+                data["run"]["tracking_uri"] = self.run.tracking_uri.replace(f":{password}@", ":***@")
         return data
 
     def to_json(self) -> str:
@@ -381,6 +385,7 @@ def _build(raw: dict[str, Any], origin: dict[str, str], path: str) -> Recipe:
     recipe = Recipe(**built)
     remember_secrets(recipe.data.storage_options)  # any later error message hides them
     remember_secrets(recipe.run.storage_options)
+    remember_secrets({"password": url_password(recipe.run.tracking_uri)})  # user:password@ in a tracking URI
     return recipe
 
 

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SECRET_WORDS = ("secret", "token", "password", "credential", "key")
-_SECRET_ENV = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # no bare KEY: too many harmless variables have it
+_SECRET_ENV = ("SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")  # and *_KEY (WANDB_API_KEY); no bare KEY: too many
+# harmless variables have it (AWS_ACCESS_KEY_ID names a key, it is not one)
 
 
 def is_secret(name: str) -> bool:
@@ -45,12 +46,23 @@ def remember_secrets(options: Mapping[str, Any] | None) -> None:
 
 def redact(text: str, options: Mapping[str, Any] | None = None) -> str:
     """Replace secrets in ``text`` with ``***``: those of ``options``, every remembered option, and the
-    values of secret-named environment variables (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN`` ...)."""
+    values of secret-named environment variables (``AWS_SECRET_ACCESS_KEY``, ``*_TOKEN``, ``*_KEY`` ...)."""
     remember_secrets(options)
-    env = {v for k, v in os.environ.items() if any(w in k.upper() for w in _SECRET_ENV) and len(v) >= 4}
+    env = {v for k, v in os.environ.items()
+           if (any(w in k.upper() for w in _SECRET_ENV) or k.upper().endswith("_KEY")) and len(v) >= 4}
     for value in sorted(_known_secrets | env, key=len, reverse=True):
         text = text.replace(value, "***")
     return text
+
+
+def url_password(url: str | None) -> str | None:
+    """The password of a ``scheme://user:password@host`` URL (a tracking URI may carry one)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password if url else None
+    except ValueError:
+        return None
 
 
 def redacted_options(options: Mapping[str, Any]) -> dict[str, Any]:

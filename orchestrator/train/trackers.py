@@ -10,9 +10,10 @@ child's ``trackers.json`` before it starts (``set_parent``): MLflow nests the ch
 W&B groups it.
 
 A tracker never stops or slows training: each runs on its own daemon thread behind a bounded queue; what does
-not fit is dropped, a failure is warned once (calls are then dropped for ``RETRY_AFTER_S``, then tried again),
-and everything is in metrics.jsonl anyway. At the end the thread gets ``CLOSE_TIMEOUT_S`` to drain, then is
-left behind.
+not fit is dropped, a failure is warned once and the call retried with backoff (``Background``), and everything
+is in metrics.jsonl anyway. At the end the thread gets ``CLOSE_TIMEOUT_S`` plus the artifacts' upload time to
+drain, then is left behind, the tracker run's status ended all the same. Secrets never reach a tracker: the
+recipe goes redacted, W&B sees the command line redacted, warnings are redacted.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import os
 import queue
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 TRACKERS = "trackers.json"
 QUEUE_SIZE = 10_000  # calls waiting for one tracker; more are dropped
 CLOSE_TIMEOUT_S = 30.0
-RETRY_AFTER_S = 60.0  # after a failure, calls are dropped for this long, then tried again
+DRAIN_MB_S = 10.0  # the artifact upload rate the end of a run waits for, on top of CLOSE_TIMEOUT_S
+RETRY_AFTER_S = 60.0  # the longest wait before a failed call is tried again
 NOT_METRICS = ("epoch", "step", "time", "samples_digest")
 ROOT = Path(__file__).resolve().parents[2]
 MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED"}  # a stopped run is KILLED (resumable)
@@ -104,7 +107,7 @@ def open_parent(recipe: Recipe, folder: RunDir, name: str, job_type: str) -> dic
         parent["mlflow"] = run_id
     except Exception as exc:  # noqa: BLE001 - the children still run, and still log, unnested
         log.warning("MLflow: no parent run for %s (%s: %s); its runs are logged without one", name,
-                    type(exc).__name__, str(exc)[:300])
+                    type(exc).__name__, storage.redact(str(exc))[:300])
     return parent
 
 
@@ -116,7 +119,7 @@ def close_parent(recipe: Recipe, parent: dict[str, Any], state: str) -> None:
         try:
             MlflowTracker.client(recipe).set_terminated(parent["mlflow"], MLFLOW_STATUS.get(state, "KILLED"))
         except Exception as exc:  # noqa: BLE001
-            log.warning("MLflow: could not end the parent run (%s)", exc)
+            log.warning("MLflow: could not end the parent run (%s)", storage.redact(str(exc))[:300])
 
 
 def set_parent(run: RunDir, parent: dict[str, Any]) -> None:
@@ -127,12 +130,16 @@ def set_parent(run: RunDir, parent: dict[str, Any]) -> None:
 
 
 class Background:
-    """One tracker's calls, in order, on a daemon thread behind a bounded queue."""
+    """One tracker's calls, in order, on a daemon thread behind a bounded queue. A call that fails is warned
+    once and tried again (after 2, 4, ... up to ``RETRY_AFTER_S`` seconds) until it goes through, its successors
+    queued behind it, so a server that is down when the run starts, or for a while, loses nothing that fits the
+    queue. Once closing, a call that fails ends the thread (the rest is in metrics.jsonl)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.calls: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.Queue(QUEUE_SIZE)
         self.failed = self.dropped = False
+        self.closing = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"tracker-{name}", daemon=True)
         self.thread.start()
 
@@ -146,29 +153,38 @@ class Background:
             self.dropped = True
 
     def _run(self) -> None:
-        pause_until = 0.0
         while (item := self.calls.get()) is not None:
             fn, args = item
-            if time.monotonic() < pause_until:  # down a moment ago: skip rather than queue behind its timeouts
-                continue
-            try:
-                fn(*args)
-            except Exception as exc:  # noqa: BLE001 - a tracker never takes training down
-                if not self.failed:
-                    log.warning("tracker %s failed (%s: %s); training goes on, metrics.jsonl has every record; "
-                                "retrying every %.0f s (warned once)", self.name, type(exc).__name__, str(exc)[:300],
-                                RETRY_AFTER_S)
-                self.failed = True
-                pause_until = time.monotonic() + RETRY_AFTER_S
+            wait = 2.0
+            while True:
+                try:
+                    fn(*args)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a tracker never takes training down
+                    if not self.failed:
+                        log.warning("tracker %s failed (%s: %s); training goes on, metrics.jsonl has every record; "
+                                    "retrying (warned once)", self.name, type(exc).__name__,
+                                    storage.redact(str(exc))[:300])
+                    self.failed = True
+                    if self.closing.is_set() or self.closing.wait(wait):
+                        try:  # closing: one more try, then give up
+                            fn(*args)
+                            break
+                        except Exception:  # noqa: BLE001
+                            return
+                    wait = min(2 * wait, RETRY_AFTER_S)
 
-    def close(self, timeout: float) -> None:
+    def close(self, timeout: float) -> bool:
+        """Let the queue drain for ``timeout`` seconds; whether it did."""
         deadline = time.monotonic() + timeout
+        self.closing.set()
         with contextlib.suppress(queue.Full):  # a full queue of a dead tracker: the join below times out
             self.calls.put(None, timeout=timeout)
         self.thread.join(max(deadline - time.monotonic(), 0))
         if self.thread.is_alive():
             log.warning("tracker %s still sending after %.0f s: left behind (metrics.jsonl has every record)",
                         self.name, timeout)
+        return not self.thread.is_alive()
 
 
 class Trackers:
@@ -200,7 +216,9 @@ class Trackers:
             background.submit(tracker.log, metrics, int(record["step"]))
 
     def finish(self, state: str, files: dict[str, bytes]) -> None:
-        """``state``: finished, stopped or failed; ``files`` (curves.png, config.json, weights) as artifacts."""
+        """``state``: finished, stopped or failed; ``files`` (curves.png, config.json, weights) as artifacts. The
+        drain gets ``CLOSE_TIMEOUT_S`` plus the artifacts' upload at ``DRAIN_MB_S``; a tracker left behind has its
+        run's status ended from here all the same, and the staged files are left to it."""
         staged = Path(tempfile.mkdtemp(prefix="inceptionnext-artifacts-"))
         for name, data in files.items():
             (staged / name).write_bytes(data)
@@ -208,9 +226,25 @@ class Trackers:
             if files:
                 background.submit(tracker.artifacts, [staged / name for name in files])
             background.submit(tracker.finish, state)
-        for _, background in self.active:
-            background.close(CLOSE_TIMEOUT_S)
-        shutil.rmtree(staged, ignore_errors=True)
+        timeout = CLOSE_TIMEOUT_S + sum(map(len, files.values())) / (DRAIN_MB_S * 1e6)
+        drained = True
+        for tracker, background in self.active:
+            if not background.close(timeout):
+                drained = False
+                tracker.end_status(state)
+        if drained:
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """``sys.argv`` with every known secret as ``***`` for the duration (a ``--set`` may carry one)."""
+    argv = sys.argv[:]
+    sys.argv[:] = [storage.redact(a) for a in argv]
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
 
 
 class MlflowTracker:
@@ -270,6 +304,14 @@ class MlflowTracker:
         if state in parent.get("ends_parent_on", ()):
             close_parent(self.recipe, parent, state)
 
+    def end_status(self, state: str) -> None:
+        """The run's final status from outside its thread (left behind, uploading): never left RUNNING."""
+        if self.run_id is not None:
+            try:
+                MlflowTracker.client(self.recipe).set_terminated(self.run_id, MLFLOW_STATUS.get(state, "KILLED"))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("MLflow: could not end run %s (%s)", self.run_id, storage.redact(str(exc))[:300])
+
 
 class WandbTracker:
     """A W&B run in project ``run.experiment`` (``WANDB_MODE=offline`` keeps it on disk until ``wandb sync``)."""
@@ -284,10 +326,11 @@ class WandbTracker:
         run_id = self.ids.get("wandb") or uuid.uuid4().hex[:12]
         parent = self.ids.get("parent") or {}
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.wb = wandb.init(project=self.recipe.run.experiment, name=self.recipe.run.name, id=run_id, resume="allow",
-                             config=self.recipe.to_dict(redact=True), tags=[self.tags["launcher"], self.recipe.task],
-                             group=parent.get("group"), job_type=parent.get("job_type"), dir=str(self.dir),
-                             settings=wandb.Settings(console="off", silent=True))
+        with redacted_argv():  # W&B records the command line in its metadata
+            self.wb = wandb.init(project=self.recipe.run.experiment, name=self.recipe.run.name, id=run_id, resume="allow",
+                                 config=self.recipe.to_dict(redact=True), tags=[self.tags["launcher"], self.recipe.task],
+                                 group=parent.get("group"), job_type=parent.get("job_type"), dir=str(self.dir),
+                                 settings=wandb.Settings(console="off", silent=True))
         self.wb.config.update({"tracker_tags": self.tags}, allow_val_change=True)
         self.wb.define_metric("step")
         self.wb.define_metric("*", step_metric="step")  # our step, not W&B's own: resumed runs log steps again
@@ -307,3 +350,6 @@ class WandbTracker:
 
     def finish(self, state: str) -> None:
         self.wb.finish(exit_code=0 if state in ("finished", "stopped") else 1)
+
+    def end_status(self, state: str) -> None:
+        """W&B's run belongs to its thread, which ends it (``wandb sync`` finishes an offline one)."""

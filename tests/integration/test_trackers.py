@@ -154,3 +154,75 @@ def test_a_pipeline_whose_stage_fails_ends_its_parent_run_failed(mlflow_server: 
     (child,) = [r for r in runs if r is not parent]
     assert (child.info.run_name, child.info.status, child.data.tags["mlflow.parentRunId"]) == (
         "smoke-pretrain", "FINISHED", parent.info.run_id)
+
+
+def test_a_server_down_when_the_run_starts_gets_every_metric_once_it_is_up(synth_dir: Path, tmp_path: Path) -> None:
+    """The tracker's start fails (nothing listens yet) and is retried with its queued records behind it: the server
+    started afterwards ends up with the run, every metric at its step, and the run's final status."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import trackers
+
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    recipe = recipes.load(ROOT / "recipes" / "smoke.yaml", smoke_sets(
+        synth_dir, tmp_path / "runs", "late", "run.trackers=[mlflow]", f"run.tracking_uri={server.uri}"))
+    run = RunDir(str(tmp_path / "runs" / "late"))
+    tracked = trackers.Trackers(recipe, run, "local", 1, tmp_path / "local")
+    for step in range(1, 21):
+        tracked.log({"kind": "train", "step": step, "train_loss": 1.0 / step})
+    (_, background), = tracked.active
+    poll(lambda: background.failed, 30, "the tracker's first failed call")
+    try:
+        server.start()
+        tracked.finish("finished", {"config.json": b"{}"})
+        client = MlflowClient(server.uri)
+        run_id = json.loads((tmp_path / "runs" / "late" / "trackers.json").read_text())["mlflow"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "train_loss")}
+        assert history == {step: 1.0 / step for step in range(1, 21)}
+    finally:
+        server.stop()
+
+
+def test_a_tracker_left_behind_uploading_still_ends_its_run(mlflow_server: MlflowServer, synth_dir: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An artifact upload that outlasts the drain: the run's status is ended from outside the thread (not RUNNING
+    forever), and the staged files stay for the thread still reading them."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train import trackers
+
+    monkeypatch.setattr(trackers, "CLOSE_TIMEOUT_S", 0.5)
+    staged: list[Path] = []
+    monkeypatch.setattr(trackers.MlflowTracker, "artifacts", lambda self, paths: (staged.extend(paths), time.sleep(5)))
+    recipe = recipes.load(ROOT / "recipes" / "smoke.yaml", smoke_sets(
+        synth_dir, tmp_path / "runs", "slow", "run.trackers=[mlflow]", f"run.tracking_uri={mlflow_server.uri}"))
+    tracked = trackers.Trackers(recipe, RunDir(str(tmp_path / "runs" / "slow")), "local", 1, tmp_path / "local")
+    tracked.log({"kind": "train", "step": 1, "train_loss": 1.0})
+    ids = tmp_path / "runs" / "slow" / "trackers.json"
+    poll(lambda: ids.exists() and "mlflow" in json.loads(ids.read_text()), 60, "the MLflow run")
+    tracked.finish("finished", {"model.safetensors": b"0" * 1000})
+    run_id = json.loads(ids.read_text())["mlflow"]
+    assert MlflowClient(mlflow_server.uri).get_run(run_id).info.status == "FINISHED"
+    assert staged and all(p.exists() for p in staged)
+
+
+def test_no_secret_reaches_wandb_or_the_run_folder(synth_dir: Path, tmp_path: Path) -> None:
+    """A password in run.tracking_uri on the command line and an API key in the environment: W&B's own files
+    (its metadata records the command line) and everything else under the run folder hold neither."""
+    marker, key = f"pw-{uuid.uuid4().hex}", f"key-{uuid.uuid4().hex}"
+    sets = smoke_sets(synth_dir, tmp_path / "runs", "secret", "run.trackers=[wandb]", "run.max_steps=2",
+                      f"run.tracking_uri=http://someone:{marker}@127.0.0.1:9/")
+    env = {**{k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}, "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true", "MY_SERVICE_API_KEY": key}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--launcher=local",
+                           "--set", *sets], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "secret"
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.name == "wandb-metadata.json" for p in files) and len(files) > 10
+    assert [p for p in files if marker.encode() in p.read_bytes() or key.encode() in p.read_bytes()] == []
+    assert json.loads((run / "config.json").read_text())["run"]["tracking_uri"] == "http://someone:***@127.0.0.1:9/"
