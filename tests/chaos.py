@@ -10,7 +10,8 @@ Faults, each at a step of the schedule:
 - ``driver-term``: SIGTERM to the driver (``python -m orchestrator.pretrain``), then the same command again.
 - ``node-loss``: the second node's raylet SIGKILLed (its worker goes with it); once the run goes on with one
   worker, the node is started again and the run grows back to two (``scaling.num_workers=[1, 2]``).
-- ``store-restart``: the S3 store stopped and started again mid-epoch.
+- ``store-restart``: the S3 store stopped mid-epoch until a read of the run has failed against it, then started
+  again: the run must retry through it without a restart.
 - ``tear`` / ``bit-flip`` / ``stall``: injected in the workers (``orchestrator.launch.faults``: ``tear``,
   ``flip``, ``stall``) at a checkpoint step.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.launch import faults
-from orchestrator.rundir import RunDir
+from orchestrator.rundir import MARKER, STATE, RunDir
 from tests.services import RayCluster, RayWorkerNode, S3Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,8 @@ STEPS_PER_EPOCH = 10  # 320 images, global batch 32
 STALL_SLACK_S = 5  # a stall is found within run.stall_timeout_s and this (the watchdog's check, writing stacks)
 REGROW_STEPS = 120  # measured: the group grew back 28 and 56 steps after the shrink (10-20 s)
 FAULT_TIMEOUT_S = 300  # one fault's recovery; more is a failure of the run
+STORE_DOWN_S = 20  # the longest the store stays down waiting for a request of the run to fail
+RETRY_LINE = "; retrying in "  # storage.with_retries' warning: "<what>: attempt N failed (<why>); retrying in ..."
 
 
 WORLD_SIZE_TOLERANCE = 5e-3  # parameter_distance after a world-size change: see test_world_sizes
@@ -65,6 +68,8 @@ class Fault:
     redone: list[int] = field(default_factory=list)  # steps trained again, per restart
     recovered_s: float | None = None
     phase: str = "pending"  # pending, fired, regrow (node-loss: the node is back), done
+    evidence: int = 0  # that it did something: requests that failed while the store was down; a torn object seen
+    ok: bool | None = None  # its own checks (``ChaosRun.check``)
 
 
 def schedule(seed: int, count: int, kinds: tuple[str, ...], every: int) -> list[Fault]:
@@ -195,9 +200,19 @@ class ChaosRun:
         elif fault.kind == "node-loss":
             self.node.kill_raylet()
         elif fault.kind == "store-restart":
-            self.store.stop()
-            self.store.start()
+            self.restart_store(fault)
         fault.acted_at = time.time()
+
+    def restart_store(self, fault: Fault) -> None:
+        """Stop the store until a request of the run has failed against it (its retry logged), then start it: the
+        run must retry through the outage. (Not longer: the reader's retries last about 30 s.)"""
+        before = self.driver_log().count(RETRY_LINE)
+        self.store.stop()
+        deadline = time.monotonic() + STORE_DOWN_S
+        while (failed := self.driver_log().count(RETRY_LINE) - before) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        fault.evidence = failed
+        self.store.start()
 
     def fired(self, fault: Fault, when: float, committed: int | None = None) -> None:
         fault.fired_at, fault.acted_at, fault.high, fault.phase = when, when, self._high, "fired"
@@ -231,6 +246,9 @@ class ChaosRun:
             if any(r["world_size"] == 2 for r in fault.resumes):
                 fault.recovered_s, fault.phase = fault.resumes[-1]["time"] - fault.fired_at, "done"
             return
+        if fault.kind == "tear" and not fault.resumes:  # what the restart must skip: a torn, uncommitted upload
+            folder = self.run_dir / "checkpoints" / f"step-{fault.step:08d}"
+            fault.evidence = max(fault.evidence, int((folder / STATE).exists() and not (folder / MARKER).exists()))
         if not fault.resumes and fault.kind != "store-restart":
             return
         after = fault.resumes[-1]["time"] if fault.resumes else fault.acted_at
@@ -251,14 +269,18 @@ class ChaosRun:
             elif f.kind == "node-loss":
                 ok = got[:1] == [f.committed] and [r["world_size"] for r in f.resumes][-1] == 2 \
                     and f.resumes[0]["world_size"] == 1
-            elif f.kind == "store-restart":
-                ok = all(step >= f.committed for step in got)
+            elif f.kind == "store-restart":  # requests failed while it was down, and the run retried through them
+                ok = f.evidence > 0 and not got
+                want = "no restart" + ("" if f.evidence else ", and a request failed while the store was down (none did)")
             else:
                 ok = got == want
+            if f.kind == "tear" and not f.evidence:
+                ok, want = False, f"{want}, and a torn uncommitted state.pt at step {f.step} (none was seen)"
             if f.kind == "bit-flip" and f"step-{f.step:08d}: state.pt does not match the sha256" not in self.driver_log():
                 ok = False  # the flipped checkpoint was skipped, named
             if f.kind == "stall" and not self.stall_found(f):
                 ok = False  # the stalled rank's stacks, naming the injected frame, within the timeout and slack
+            f.ok = ok
             if not ok:
                 problems.append(f"{f.kind} at step {f.step} (fired at {f.high}, newest checkpoint {f.committed}): "
                                 f"resumed at {got}" + (f", expected {want}" if want else ""))
@@ -287,8 +309,10 @@ class ChaosRun:
     def summary(self) -> str:
         seconds = [f.recovered_s for f in self.plan if f.recovered_s is not None]
         redone = [n for f in self.plan for n in f.redone] or [0]
-        return (f"faults={len(self.plan)} survived={sum(f.phase == 'done' for f in self.plan)} "
-                f"max_steps_redone={max(redone)} recovery_s_median={statistics.median(seconds):.1f}")
+        failed = [f"{f.kind}@{f.step}" for f in self.plan if not f.ok]
+        return (f"faults={len(self.plan)} survived={sum(bool(f.ok) for f in self.plan)} "
+                f"max_steps_redone={max(redone)} recovery_s_median={statistics.median(seconds):.1f}"
+                + (f" failed={','.join(failed)}" if failed else ""))
 
 
 def write_data(store: S3Store) -> str:

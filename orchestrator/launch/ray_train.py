@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -198,6 +199,13 @@ def job_environment(recipe: Recipe) -> dict[str, str]:
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # the GCS port of a cluster ray.init starts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def connect(env_vars: dict[str, str] | None = None) -> None:
@@ -228,11 +236,18 @@ def connect(env_vars: dict[str, str] | None = None) -> None:
         auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = auth.level
         auth.setLevel(logging.ERROR)
+        # Its address, chosen here and handed to every process of the run (Ray Train's placement-group cleaner
+        # asks the state API, which otherwise looks for "the" cluster on this machine and fails where another
+        # runs beside it: a second experiment, the test suite).
+        gcs = f"127.0.0.1:{free_port()}"
+        os.environ[GCS_PORT_ENV] = gcs.rsplit(":", 1)[1]
         try:
             ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {PREEMPTION_WATCHER_ENV: "0", **(env_vars or {})}})
+                     runtime_env={"env_vars": {PREEMPTION_WATCHER_ENV: "0", "RAY_ADDRESS": gcs, **(env_vars or {})}})
         finally:
             auth.setLevel(level)
+            os.environ.pop(GCS_PORT_ENV, None)
+        os.environ["RAY_ADDRESS"] = gcs  # this driver's own state-API calls
     logs.setup()  # ray.init configures the "ray" logger; hold it at WARNING again
 
 

@@ -45,14 +45,17 @@ def test_cluster_yaml_passes_rays_own_schema_and_is_locked() -> None:
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in starts)
     (head,) = [c for c in raw["head_start_ray_commands"] if "ray start" in c]
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in yaml.safe_dump(raw)
+    (generate,) = [line for line in (ROOT / "cluster.yaml").read_text().splitlines() if "get-auth-token" in line]
+    assert generate.lstrip("# ").startswith("(umask 077 &&")  # the token file is created unreadable to others
     token = [(remote, local) for remote, local in raw["file_mounts"].items() if "token" in remote]
     assert len(token) == 1 and token[0][1].startswith("~/") and not (ROOT / token[0][1]).exists()
 
 
 def test_without_a_cluster_address_the_driver_starts_a_local_cluster_and_stops_it(synth_dir: Path) -> None:
-    """The laptop path (the README's first command): no ``RAY_ADDRESS``, so the driver starts its own cluster,
-    trains on it without Ray Train's preemption watcher (no local node is ever drained), and leaves no
-    process of it behind."""
+    """The laptop path (the README's first command), twice side by side, as two experiments on one machine: no
+    ``RAY_ADDRESS``, so each driver starts its own cluster, trains on it without Ray Train's preemption watcher (no
+    local node is ever drained), with clean logs (every process of a run knows its cluster's address, so Ray
+    Train's placement-group cleaner does not find two and die), and leaves no process of it behind."""
     import psutil
 
     temp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))  # Ray's socket paths must stay short
@@ -62,21 +65,27 @@ def test_without_a_cluster_address_the_driver_starts_a_local_cluster_and_stops_i
 
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)}
     env.pop(ray_train.PREEMPTION_WATCHER_ENV, None)
-    name = unique("laptop")
+    names = [unique("laptop"), unique("beside")]
     sets = [f"data.train={synth_dir}/train", "data.val=null", "data.input_size=32", "data.num_workers=0",
-            "batch.global_batch_size=32", "batch.per_device_max=32", "run.max_steps=2", f"run.name={name}",
-            f"run.storage={temp}/runs", "scaling.cpus_per_worker=1"]
+            "batch.global_batch_size=32", "batch.per_device_max=32", "run.max_steps=2", f"run.storage={temp}/runs",
+            "scaling.cpus_per_worker=1"]
     try:
-        done = subprocess.run([sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set", *sets],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "(RayTrainWorker pid=" in done.stdout + done.stderr and "\x1b[" not in done.stdout + done.stderr  # no colour
-        assert RunDir(f"{temp}/runs/{name}").last_record()["step"] == 2
-        (session,) = (temp / "ray").glob("session_2*")
-        actors = {m.group(1) for f in (session / "logs").glob("worker-*.out")
-                  if (m := re.search(r"^:actor_name:(\w+)$", f.read_text(), re.M))}
-        assert {"TrainController", "RayTrainWorker", "StopRelay"} <= actors and "PreemptionWatcher" not in actors, actors
-        poll(lambda: not left(), 30, "the exit of every process of the local cluster")
+        drivers = [subprocess.Popen([sys.executable, "-m", "orchestrator.pretrain", "recipes/smoke.yaml", "--set", *sets,
+                                     f"run.name={name}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for name in names]
+        for driver, name in zip(drivers, names, strict=True):
+            out = driver.communicate(timeout=240)[0]
+            assert driver.returncode == 0, out[-3000:]
+            assert "(RayTrainWorker pid=" in out and "\x1b[" not in out  # no colour codes in a file or pipe
+            assert "Found multiple active Ray instances" not in out and "Traceback" not in out, out[-3000:]
+            assert RunDir(f"{temp}/runs/{name}").last_record()["step"] == 2
+        sessions = list((temp / "ray").glob("session_2*"))
+        assert len(sessions) == 2
+        for session in sessions:
+            actors = {m.group(1) for f in (session / "logs").glob("worker-*.out")
+                      if (m := re.search(r"^:actor_name:(\w+)$", f.read_text(), re.M))}
+            assert {"TrainController", "RayTrainWorker", "StopRelay"} <= actors and "PreemptionWatcher" not in actors
+        poll(lambda: not left(), 30, "the exit of every process of the local clusters")
     finally:
         for proc in left():
             proc.kill()
@@ -103,6 +112,12 @@ def test_a_job_without_the_clusters_token_is_refused(ray_cluster: RayCluster) ->
     token = ray_cluster.token_path.read_text().strip()
     request = urllib.request.Request(f"{ray_cluster.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
     assert urllib.request.urlopen(request, timeout=30).status == 200
+    # The GCS port (6379 in cluster.yaml): a driver without the token, or with another, is refused there too.
+    connect = f"import ray; ray.init(address={ray_cluster.address!r}); ray.get(ray.remote(lambda: 1).remote())"
+    for auth in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "not-the-token"}):
+        env = {**{k: v for k, v in ray_cluster.env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}, **auth}
+        done = subprocess.run([sys.executable, "-c", connect], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and re.search(r"(?i)unauthenticated|unauthorized|auth", done.stderr), done.stderr[-2000:]
     assert not marker.exists()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.version import Version
 
 from tests.conftest import ROOT
 
@@ -122,7 +123,7 @@ def test_the_clusters_are_locked_and_hold_no_secret() -> None:
         spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"].get("rayClusterSpec") if doc["kind"] == "RayJob" else None
         if spec is None:
             continue
-        assert spec["authOptions"] == {"mode": "token"} and spec["rayVersion"] >= "2.52", name  # Ray token auth
+        assert spec["authOptions"] == {"mode": "token"} and Version(spec["rayVersion"]) >= Version("2.52"), name  # Ray token auth
         head = spec["headGroupSpec"]
         assert head["serviceType"] == "ClusterIP" and head["rayStartParams"]["num-cpus"] == "0", name
         for container in containers(spec):
