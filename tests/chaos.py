@@ -12,8 +12,9 @@ Faults, each at a step of the schedule:
   worker, the node is started again and the run grows back to two (``scaling.num_workers=[1, 2]``).
 - ``store-restart``: the S3 store stopped mid-epoch until a read of the run has failed against it, then started
   again: the run must retry through it without a restart.
-- ``tear`` / ``bit-flip`` / ``stall``: injected in the workers (``orchestrator.launch.faults``: ``tear``,
-  ``flip``, ``stall``) at a checkpoint step.
+- ``tear`` / ``bit-flip`` / ``stall`` / ``stall-loader``: injected in the workers (``orchestrator.faults``:
+  ``tear``, ``flip``, ``stall`` in the training thread, ``stall-loader`` in a DataLoader worker) at a checkpoint
+  step.
 
 The run's folder is on local disk (a shared file system on a cluster), so every logged step can be watched.
 A fault is over when the run has logged a step after its last restart; the next one fires after that.
@@ -33,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.launch import faults
+from orchestrator import faults
 from orchestrator.rundir import MARKER, STATE, RunDir
 from tests.services import RayCluster, RayWorkerNode, S3Store
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("worker-kill", "worker-term", "driver-term", "node-loss", "store-restart", "tear", "bit-flip", "stall")
-INJECTED = {"tear": "tear", "bit-flip": "flip", "stall": "stall"}  # chaos kind -> faults.py kind
+KINDS = ("worker-kill", "worker-term", "driver-term", "node-loss", "store-restart", "tear", "bit-flip", "stall",
+         "stall-loader")
+INJECTED = {"tear": "tear", "bit-flip": "flip", "stall": "stall", "stall-loader": "stall-loader"}  # -> faults.py kind
 STEPS_PER_EPOCH = 10  # 320 images, global batch 32
 STALL_SLACK_S = 5  # a stall is found within run.stall_timeout_s and this (the watchdog's check, writing stacks)
 REGROW_STEPS = 120  # measured: the group grew back 28 and 56 steps after the shrink (10-20 s)
@@ -263,7 +265,7 @@ class ChaosRun:
         for f in self.plan:
             got = [r["step"] for r in f.resumes]
             want: Any = {"worker-kill": [f.committed], "tear": [f.step - self.every], "bit-flip": [f.step - self.every],
-                         "stall": [f.step]}.get(f.kind)
+                         "stall": [f.step], "stall-loader": [f.step]}.get(f.kind)
             if f.kind in ("worker-term", "driver-term"):
                 ok = len(got) == 1 and got[0] > f.committed
             elif f.kind == "node-loss":
@@ -278,7 +280,7 @@ class ChaosRun:
                 ok, want = False, f"{want}, and a torn uncommitted state.pt at step {f.step} (none was seen)"
             if f.kind == "bit-flip" and f"step-{f.step:08d}: state.pt does not match the sha256" not in self.driver_log():
                 ok = False  # the flipped checkpoint was skipped, named
-            if f.kind == "stall" and not self.stall_found(f):
+            if f.kind in ("stall", "stall-loader") and not self.stall_found(f):
                 ok = False  # the stalled rank's stacks, naming the injected frame, within the timeout and slack
             f.ok = ok
             if not ok:
@@ -289,7 +291,9 @@ class ChaosRun:
 
     def stall_found(self, fault: Fault) -> bool:
         assert fault.fired_at is not None
-        return any("in maybe_stall" in f.read_text() and f.stat().st_mtime - fault.fired_at <= self.stall_s + STALL_SLACK_S
+        where = "DataLoader worker (pid " if fault.kind == "stall-loader" else ""  # the frame is in the worker's stacks
+        return any("in maybe_stall" in f.read_text().split(where, 1)[-1]
+                   and f.stat().st_mtime - fault.fired_at <= self.stall_s + STALL_SLACK_S
                    for f in self.run_dir.glob(f"stalls/*/rank-{fault.rank}.txt"))
 
     def driver_log(self) -> str:
@@ -334,7 +338,7 @@ def settings(store: S3Store, data: str, storage: Path, name: str, plan: list[Fau
     options = "{" + ", ".join(f"{k}: {v}" for k, v in store.options.items()) + "}"
     workers = "[1, 2]" if any(f.kind == "node-loss" for f in plan) else "2"
     return [f"data.train={data}/train", f"data.val={data}/val", f"data.storage_options={options}",
-            "data.input_size=32", "data.num_workers=0", "data.shuffle_buffer=64", "batch.global_batch_size=32",
+            "data.input_size=32", "data.num_workers=1", "data.shuffle_buffer=64", "batch.global_batch_size=32",
             "batch.per_device_max=16", f"schedule.epochs={epochs_for(plan, every)}", "run.log_every_steps=1",
             f"run.checkpoint_every_steps={every}", "run.keep_checkpoints=2", f"run.stall_timeout_s={stall_s}",
             f"run.storage={storage}", f"run.name={name}", f"scaling.num_workers={workers}", "scaling.cpus_per_worker=2",

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from orchestrator import storage
+from orchestrator import faults, storage
 from orchestrator.data import worker_stacks
 from orchestrator.data.device import sample_seed
 from orchestrator.data.manifest import Manifest
@@ -189,7 +189,8 @@ class ShardDataset(IterableDataset):
         start = self.skip_batches if self.train else 0
         # A new DataLoader starts its round at process 0: rotate roles so the round continues where it stopped.
         items = self.worker_items((worker + start) % num_workers, num_workers, start)
-        yield from _WorkerStream(self, items)
+        steps = (start + worker, num_workers, self.order) if self.train else None
+        yield from _WorkerStream(self, items, steps)
 
 
 class _WorkerStream:
@@ -200,8 +201,9 @@ class _WorkerStream:
 
     MAX_OPEN = 4  # open shards per worker: its partitions interleave, each reading its own shard
 
-    def __init__(self, ds: ShardDataset, items: np.ndarray) -> None:
+    def __init__(self, ds: ShardDataset, items: np.ndarray, steps: tuple[int, int, EpochOrder] | None = None) -> None:
         self.ds, self.items = ds, items
+        self.steps = steps  # training: (this worker's first micro-batch of the rank, its stride, the order)
         self.remaining = np.bincount(items[:, 0], minlength=len(ds.groups))
         self.cache: dict[int, tuple[list[bytes | None], list[int]]] = {}
         self.files: dict[int, pq.ParquetFile] = {}
@@ -209,7 +211,9 @@ class _WorkerStream:
 
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
         m = self.ds.batch_size
-        for lo in range(0, len(self.items), m):
+        for k, lo in enumerate(range(0, len(self.items), m)):
+            if self.steps is not None:
+                self._maybe_stall(k)
             batch = []
             for group, row, sample_id in self.items[lo:lo + m]:
                 data, target = self._row(int(group), int(row))
@@ -227,6 +231,14 @@ class _WorkerStream:
                                     f"{[b[3] for b in batch]}); the warnings above name each shard and row")
                 data, target, _, sample_id = batch[max((g for g in good if g < k), default=good[0])]
                 yield *self._decode(data, target, sample_id), sample_id, 1
+
+    def _maybe_stall(self, k: int) -> None:
+        """The ``stall-loader`` fault (``orchestrator.faults``): block here, in this worker, at its step."""
+        assert self.steps is not None
+        first, stride, order = self.steps
+        per_rank_step = order.micro_per_step // self.ds.world_size
+        step = self.ds.epoch * order.steps + (first + k * stride) // per_rank_step
+        faults.maybe_stall("stall-loader", step, self.ds.rank)
 
     def _decode(self, data: bytes, target: Any, sample_id: int) -> tuple[Any, Any] | None:
         """The transform of the sample (None when it does not decode), its RNGs seeded per sample."""

@@ -35,9 +35,8 @@ from ray.train.v2._internal.execution import context as ray_train_context
 from ray.train.v2.api.config import LoggingConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator import logs, storage
+from orchestrator import faults, logs, storage
 from orchestrator.errors import OrchestratorError, RecipeError
-from orchestrator.launch import faults
 from orchestrator.launch.distributed import collective_timeout
 from orchestrator.recipe import SECRETS_ENV, Recipe, absolute_paths, from_dict, secret_options
 from orchestrator.rundir import RunDir

@@ -31,11 +31,10 @@ from timm.utils import distribute_bn
 from tqdm import tqdm
 
 from model.weights import safetensors_metadata, timm_config
-from orchestrator import storage
+from orchestrator import faults, storage
 from orchestrator.data import device
 from orchestrator.data.reader import corrupt_budget
 from orchestrator.errors import CheckpointError, DataError, TrainingError
-from orchestrator.launch import faults
 from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
 from orchestrator.train import checkpoint, components, tasks, trackers, watchdog

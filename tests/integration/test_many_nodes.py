@@ -15,10 +15,10 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import doctor
+from orchestrator import doctor, faults
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.synth import SynthSource
-from orchestrator.launch import faults, ray_train
+from orchestrator.launch import ray_train
 from orchestrator.rundir import RunDir
 from tests import chaos
 from tests.conftest import ROOT, smoke_recipe, steps_of
@@ -53,7 +53,7 @@ def test_ddp_across_two_nodes_gives_the_single_worker_gradients(second_node: Ray
 # The suite's chaos run: one fault of each kind but a driver's SIGTERM (test_resume has it) and a node loss
 # (bench/chaos.py runs every kind; a node loss changes the world size, and the suite's run is checked
 # bitwise, its stall as the issue asks of a stall test on the two-node Ray cluster).
-SUITE_KINDS = ("worker-kill", "worker-term", "store-restart", "tear", "bit-flip", "stall")
+SUITE_KINDS = ("worker-kill", "worker-term", "store-restart", "tear", "bit-flip", "stall-loader")
 
 
 @pytest.mark.timeout(900)  # about 4 minutes on a 2-core machine

@@ -21,8 +21,9 @@ import pytest
 import torch
 import yaml
 
+from orchestrator import faults
 from orchestrator import recipe as recipes
-from orchestrator.launch import faults, ray_train
+from orchestrator.launch import ray_train
 from orchestrator.rundir import MARKER, RunDir
 from orchestrator.train.context import TrainContext
 from tests.conftest import ROOT, smoke_recipe

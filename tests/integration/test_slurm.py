@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from orchestrator import faults, pipeline_file
 from orchestrator import pipeline as pipelines
-from orchestrator import pipeline_file
-from orchestrator.launch import faults, local
+from orchestrator.launch import local
 from orchestrator.launch.slurm_cluster import job_states
 from orchestrator.rundir import RunDir
 from tests.conftest import ROOT, assert_backbone_from, seg_tiny, steps_of

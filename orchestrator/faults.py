@@ -5,9 +5,11 @@ Each fault fires once (its marker file records that it did) on RANK: ``raise`` a
 after the checkpoint at STEP is committed; ``flip`` then flips one bit of that committed checkpoint's
 ``state.pt`` in storage (silent corruption) before the SIGKILL; ``tear`` (rank 0) while that
 checkpoint is being uploaded: half of ``state.pt`` is in storage, no marker, when the process is
-SIGKILLed. ``stall`` blocks the rank's data loading of the step after STEP forever;
+SIGKILLed. ``stall`` blocks the rank's data loading of the step after STEP forever (in the training thread);
+``stall-loader`` blocks the DataLoader worker that reads that step's first micro-batch (``data.num_workers`` > 0);
 ``stall-collective`` blocks it just before that step's gradient all-reduce (its last backward).
-Launchers hand the spec on (``configure``); without that it is read from the environment.
+Launchers hand the spec on (``configure``); without that it is read from the environment. It sits below the
+data, training and launch code it injects into, which each import it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 from orchestrator.rundir import STATE, RunDir
-from orchestrator.train.checkpoint import Snapshot
 
 ENV = "ORCHESTRATOR_INJECT_FAULT"
 _UNSET = "unset"
@@ -79,7 +81,8 @@ def maybe_fail(run: RunDir, step: int, rank: int) -> None:
         raise RuntimeError(f"injected fault at step {step} on rank {rank}")
 
 
-def maybe_tear(run: RunDir, step: int, rank: int, snapshot: Snapshot) -> None:
+def maybe_tear(run: RunDir, step: int, rank: int, snapshot: Any) -> None:
+    """``snapshot``: the ``train.checkpoint.Snapshot`` being saved (its first file is half written)."""
     if not _fires(("tear",), step, rank):
         return
     name, data = next(iter(snapshot.files().items()))
