@@ -290,10 +290,14 @@ class ChaosRun:
             raise ChaosError("; ".join(problems))
 
     def stall_found(self, fault: Fault) -> bool:
+        """The stalled rank's stacks name the injected frame (a DataLoader worker's, for ``stall-loader``), written
+        within the timeout and a slack of the stall: of its last step (a worker stalls ahead, on prefetch)."""
         assert fault.fired_at is not None
-        where = "DataLoader worker (pid " if fault.kind == "stall-loader" else ""  # the frame is in the worker's stacks
+        where = "DataLoader worker (pid " if fault.kind == "stall-loader" else ""
+        last = [r["time"] for r in RunDir(str(self.run_dir)).records() if r.get("kind") == "train" and r["step"] == fault.step]
+        since = max([fault.fired_at, *last])
         return any("in maybe_stall" in f.read_text().split(where, 1)[-1]
-                   and f.stat().st_mtime - fault.fired_at <= self.stall_s + STALL_SLACK_S
+                   and f.stat().st_mtime - since <= self.stall_s + STALL_SLACK_S
                    for f in self.run_dir.glob(f"stalls/*/rank-{fault.rank}.txt"))
 
     def driver_log(self) -> str:

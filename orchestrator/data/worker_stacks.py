@@ -30,3 +30,5 @@ def register() -> None:
     with contextlib.suppress(OSError):
         _file = open(Path(folder) / f"worker-{os.getpid()}.txt", "w+")  # noqa: SIM115
         faulthandler.register(WORKER_STACKS_SIGNAL, file=_file, all_threads=True)
+        # A worker forked from a thread that blocks signals (a Ray worker's) inherits the mask: let this one in.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {WORKER_STACKS_SIGNAL})

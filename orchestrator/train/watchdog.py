@@ -23,8 +23,8 @@ advance and exits; a later start of the run uploads such a file from node-local 
 
 Every rank runs one. A rank stuck in its data loader stops ticking; the others then wait in the gradient
 all-reduce and stop ticking too, so every rank of the attempt ends within about the timeout. A rank waiting
-for rank 0's checkpoint upload (from a save until its next optimizer step) is not watched: rank 0's upload
-ticks rank 0's watchdog, which ends the attempt if the upload stalls. The process group's collective timeout
+for rank 0's checkpoint upload (from a save until its next optimizer step, anywhere but in its own data loading)
+is not watched: rank 0's upload ticks rank 0's watchdog, which ends the attempt if the upload stalls. The process group's collective timeout
 is a minute past the watchdog's (``distributed.collective_timeout``), so no rank outlives it.
 """
 
@@ -114,7 +114,20 @@ class Watchdog:
         return self.timeout_s * (1 if self.warm else STARTUP_FACTOR)
 
     def due(self, idle_s: float) -> bool:
-        return not self.peer_waiting and idle_s >= self.limit()
+        return idle_s >= self.limit() and not self.waits_for_peer()
+
+    def waits_for_peer(self) -> bool:
+        """From a save to the next step, a wait for rank 0's upload (in a collective): anywhere but in data loading,
+        which is this rank's own and still watched."""
+        if not self.peer_waiting:
+            return False
+        frame = sys._current_frames().get(self._thread_id)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if f"{os.sep}torch{os.sep}utils{os.sep}data{os.sep}" in name or name.endswith(f"{os.sep}data{os.sep}reader.py"):
+                return False
+            frame = frame.f_back
+        return True
 
     def start(self) -> Watchdog:
         self._thread_id = threading.get_ident()
@@ -176,7 +189,7 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(min(CHECK_S, self.timeout_s / 4)):
-            if self.progress != self._seen or self.peer_waiting:
+            if self.progress != self._seen or self.waits_for_peer():
                 self._seen, self.last, self.last_wall = self.progress, time.monotonic(), time.time()
                 self._arm()
                 continue
