@@ -153,6 +153,7 @@ class Watchdog:
             with contextlib.suppress(OSError):
                 if os.path.getsize(name) == 0:
                     os.remove(name)
+                    self.local_dir.rmdir()  # type: ignore[union-attr]  # an empty stalls/ goes too
 
     def _open_backstop(self) -> None:
         """The backstop's file, opened now (a hung process cannot open one); files of earlier processes of this

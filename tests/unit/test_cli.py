@@ -194,6 +194,12 @@ def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, c
                                "run.max_nonfinite_steps=1", "run.checkpoint_every_steps=1"))
     assert runs_main([str(tmp_path / "runs"), "--json"]) == 0
     rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    charts = EventAccumulator(str(tmp_path / "runs" / "done" / "tensorboard"))
+    charts.Reload()  # the curves, not the bookkeeping
+    tags = set(charts.Tags()["scalars"])
+    assert {"train_loss", "top1", "lr"} <= tags and not tags & {"samples_digest", "val_images", "epochs_done"}, tags
     assert rows["done"]["state"] == "finished" and rows["done"]["step"] == 10 and rows["done"]["epochs_done"] == 1
     assert rows["done"]["weights"].endswith("done/model.safetensors") and rows["done"]["launcher"] == "local"
     assert rows["done"]["best"] is not None and rows["done"]["metric"] == "top1"
