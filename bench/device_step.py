@@ -78,15 +78,22 @@ def step(where: torch.device, size: int, gpu_decode: bool) -> Callable[[Any], to
     return run
 
 
-def host_syncs_per_batch(run: Callable[[Any], Any], batch: Any) -> list[str]:
-    """What would make a CUDA host wait in ``run(batch)`` once warm (its first call makes per-device constants)."""
-    mode = HostSyncs()
-    mode.pinned(batch)  # the loader pins its batches on CUDA
+def counted(mode: HostSyncs, call: Callable[[], Any], times: int = 1) -> list[str]:
+    """What would make a CUDA host wait in ``times`` calls of ``call`` once warm: its first call, not counted, makes
+    the per-device constants and the optimizer's state."""
     with mode:
         with mode.warming():
-            run(batch)
-        run(batch)
+            call()
+        for _ in range(times):
+            call()
     return mode.events
+
+
+def host_syncs_per_batch(run: Callable[[Any], Any], batch: Any) -> list[str]:
+    """What would make a CUDA host wait in ``run(batch)`` once warm."""
+    mode = HostSyncs()
+    mode.pinned(batch)  # the loader pins its batches on CUDA
+    return counted(mode, lambda: run(batch))
 
 
 class Pinned:
@@ -104,9 +111,8 @@ class Pinned:
         return getattr(self.loader, name)
 
 
-def train_step_syncs(recipe: Any, steps: int = 2) -> list[str]:
-    """What would make a CUDA host wait in the loop's ``train_step`` over ``steps`` steady-state steps (after a warm
-    one, which makes the optimizer's state): the model, its EMA and optimizer on the device, batches pinned."""
+def built(recipe: Any) -> tuple[Any, Any, HostSyncs]:
+    """(context, the loop's components, a ``HostSyncs`` with the model, its EMA and the skip counter on the device)."""
     from orchestrator.rundir import RunDir
     from orchestrator.train import loop
     from orchestrator.train.context import TrainContext
@@ -116,33 +122,25 @@ def train_step_syncs(recipe: Any, steps: int = 2) -> list[str]:
     mode = HostSyncs()
     mode.on_device(list(c.model.state_dict().values()), c.skipped,
                    list(c.ema.module.state_dict().values()) if c.ema is not None else [])
+    return ctx, c, mode
+
+
+def train_step_syncs(recipe: Any, steps: int = 2) -> list[str]:
+    """What would make a CUDA host wait in the loop's ``train_step`` over ``steps`` steady-state steps, batches pinned."""
+    from orchestrator.train import loop
+
+    ctx, c, mode = built(recipe)
     state = {"step": 0, "epoch": 0, "nonfinite": 0}
     batches = iter(Pinned(c.train_loader, mode))
-    with mode:
-        with mode.warming():
-            loop.train_step(c, recipe, ctx, state, batches)
-        for _ in range(steps):
-            loop.train_step(c, recipe, ctx, state, batches)
-    return mode.events
+    return counted(mode, lambda: loop.train_step(c, recipe, ctx, state, batches), steps)
 
 
 def evaluation_syncs(recipe: Any) -> tuple[list[str], int]:
     """What would make a CUDA host wait in the loop's (and ``orchestrator.evaluate``'s) classification evaluation,
     and its batches: the tally it reads once at the end is the only read, whatever the number of batches."""
-    from orchestrator.rundir import RunDir
-    from orchestrator.train import loop
-    from orchestrator.train.context import TrainContext
-
-    ctx = TrainContext(run=RunDir.of(recipe))
-    c = loop.build(recipe, ctx, resuming=False)
-    mode = HostSyncs()
-    mode.on_device(list(c.model.state_dict().values()))
+    ctx, c, mode = built(recipe)
     c.val_loader = Pinned(c.val_loader, mode)
-    with mode:
-        with mode.warming():  # per-device constants
-            c.task.evaluate(c.model, c, ctx)
-        c.task.evaluate(c.model, c, ctx)
-    return mode.events, len(c.val_loader.loader)
+    return counted(mode, lambda: c.task.evaluate(c.model, c, ctx)), len(c.val_loader.loader)
 
 
 def synth_recipe(folder: Path, size: int, decode: str) -> Any:

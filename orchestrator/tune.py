@@ -81,14 +81,14 @@ def run(sweep: sweeps.Sweep, fresh: bool = False, verbose: bool = False) -> pd.D
     # Ctrl-C and SIGTERM are the driver's StopSignals' (relayed to every trial's workers), not Tune's handler, which
     # would end the trials without a checkpoint at the stop.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    unit, length = sweep.progress(base)
     if not verbose:  # Tune's newer output prints its configuration box at any verbosity; the older one is silent at 0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with ray_train.relayed_stop() as (relay, stop):
         trainable = tune.with_resources(
             tune.with_parameters(trial, recipe=base.to_dict(redact=True), parent=parent, relay=relay),
             {"cpu": 0, "memory": 1})
-        grid, experiment = _fit(trainable, sweep, storage_path, filesystem, sweep_url, base, verbose)
-    unit, length = sweep.progress(base)
+        grid, experiment = _fit(trainable, sweep, storage_path, filesystem, sweep_url, unit, length, verbose)
     table = summarise(grid, sweep, unit, length)
     # After Ctrl-C the returned grid calls every trial terminated; the saved state (what a re-run continues) does not.
     saved = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
@@ -108,14 +108,14 @@ def interrupted_sweep(sweep: sweeps.Sweep, sweep_url: str, signum: int | None) -
                        f"{sweep_url})", 128 + (signum or signal.SIGINT))
 
 
-def _fit(trainable: Any, sweep: sweeps.Sweep, storage_path: str, filesystem: Any, sweep_url: str,
-         base: recipes.Recipe, verbose: bool) -> tuple[Any, str]:
-    """Tune's fit of the sweep, a new one or the saved one continued; (results, experiment path)."""
+def _fit(trainable: Any, sweep: sweeps.Sweep, storage_path: str, filesystem: Any, sweep_url: str, unit: str,
+         length: int, verbose: bool) -> tuple[Any, str]:
+    """Tune's fit of the sweep, a new one or the saved one continued (ASHA over ``unit`` up to ``length``);
+    (results, experiment path)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     param_space = {"params": sweeps.space(sweep)}
-    unit, length = sweep.progress(base)
     experiment = storage.join(storage_path, sweep.name)
     if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         log.info("continuing the sweep in %s", sweep_url)

@@ -80,9 +80,6 @@ class HostSyncs(TorchFunctionMode):
         finally:
             self.learning = False
 
-    def count(self) -> int:
-        return len(self.events)
-
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))

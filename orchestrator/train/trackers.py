@@ -155,7 +155,7 @@ class Background:
     def _run(self) -> None:
         while (item := self.calls.get()) is not None:
             fn, args = item
-            wait = 2.0
+            wait, last_try = 2.0, False
             while True:
                 try:
                     fn(*args)
@@ -166,12 +166,9 @@ class Background:
                                     "retrying (warned once)", self.name, type(exc).__name__,
                                     storage.redact(str(exc))[:300])
                     self.failed = True
-                    if self.closing.is_set() or self.closing.wait(wait):
-                        try:  # closing: one more try, then give up
-                            fn(*args)
-                            break
-                        except Exception:  # noqa: BLE001
-                            return
+                    if last_try:  # closing, and it failed once more: give up
+                        return
+                    last_try = self.closing.is_set() or self.closing.wait(wait)
                     wait = min(2 * wait, RETRY_AFTER_S)
 
     def close(self, timeout: float) -> bool:
