@@ -138,9 +138,11 @@ def train_step_syncs(recipe: Any, steps: int = 2) -> list[str]:
 def evaluation_syncs(recipe: Any) -> tuple[list[str], int]:
     """What would make a CUDA host wait in the loop's (and ``orchestrator.evaluate``'s) classification evaluation,
     and its batches: the tally it reads once at the end is the only read, whatever the number of batches."""
+    from orchestrator.train import components
+
     ctx, c, mode = built(recipe)
     c.val_loader = Pinned(c.val_loader, mode)
-    return counted(mode, lambda: c.task.evaluate(c.model, c, ctx)), len(c.val_loader.loader)
+    return counted(mode, lambda: c.task.evaluate(c.model, components.eval_setup(c, ctx))), len(c.val_loader.loader)
 
 
 def synth_recipe(folder: Path, size: int, decode: str) -> Any:

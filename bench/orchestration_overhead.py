@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -77,23 +78,18 @@ def floor(data: Path, runs: Path, args: argparse.Namespace, name: str) -> float:
     return float(stamp.read_text()) - started
 
 
-def empty_fn(config: dict[str, str]) -> None:
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() == 0:
-        Path(config["stamp"]).write_text(repr(time.time()))
+def empty_fn(recipe: Any, rank: Any, stamp: str) -> None:
+    if rank.rank == 0:
+        Path(stamp).write_text(repr(time.time()))
 
 
 def run_empty(stamp: str, sets: list[str]) -> None:
-    """The Ray launcher's driver path (recipe, cluster, trainer) with ``empty_fn`` for the training."""
+    """The Ray launcher's whole path (recipe, cluster, trainer, rank 0's value) with ``empty_fn`` as the job."""
     from orchestrator import recipe as recipes
     from orchestrator.launch import ray_train
+    from orchestrator.launch.job import Job
 
-    recipe = recipes.load("recipes/smoke.yaml", sets)
-    ray_train.connect()
-    result = ray_train.trainer(ray_train.with_absolute_paths(recipe), fn=empty_fn, extra={"stamp": stamp}).fit()
-    if result.error:
-        raise result.error
+    ray_train.run(Job(empty_fn, recipes.load("recipes/smoke.yaml", sets), (stamp,), name="empty"))
 
 
 def main() -> None:

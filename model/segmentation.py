@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import HeadConfig, ModelConfig
-from model.weights import WeightsError, load_state_dict
+from model.weight_format import WeightsError, load_state_dict
 
 STRIDES = (4, 8, 16, 32)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator import logs, storage
 from orchestrator.errors import OrchestratorError
+from orchestrator.slurm_options import SlurmOptions
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -57,6 +58,11 @@ def slurm_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
+    """``--launcher slurm``'s job options from its flags; None under another launcher."""
+    return SlurmOptions(**slurm_flags(args)) if args.launcher == "slurm" else None
+
+
 def run(body: Callable[[argparse.Namespace], int | None], p: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse ``argv``, set up logging, run ``body``; errors become one redacted line and an exit code."""
     args = p.parse_args(argv)
@@ -64,16 +70,12 @@ def run(body: Callable[[argparse.Namespace], int | None], p: argparse.ArgumentPa
     try:
         return body(args) or 0
     except OrchestratorError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {storage.one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); the same command continues from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - an unexpected failure: its traceback, still without secrets
         print(storage.redact(traceback.format_exc()), file=sys.stderr, end="")
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {storage.one_line(exc)}", file=sys.stderr)
         return 1
-
-
-def one_line(exc: BaseException) -> str:
-    return storage.redact(" ".join(str(exc).split()) or type(exc).__name__)

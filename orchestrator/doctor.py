@@ -18,12 +18,13 @@ import logging
 import sys
 from typing import Any
 
-from orchestrator import cli, storage
+from orchestrator import cli, launch, storage
 from orchestrator import recipe as recipes
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import checked_order, select_groups
-from orchestrator.errors import OrchestratorError, RecipeError
-from orchestrator.launch.launcher import preflight
+from orchestrator.errors import RecipeError
+from orchestrator.launch.job import Job
+from orchestrator.preflight import preflight, world_sizes_for
 from orchestrator.recipe import Recipe, micro_batch, plan_batch
 
 log = logging.getLogger("orchestrator")
@@ -45,21 +46,6 @@ def save(recipe: Recipe, stamp: str, report: dict[str, Any]) -> str:
     with fs.open(path, "w") as f:
         f.write(json.dumps(report, indent=2, default=str))
     return storage.join(recipe.run.storage, report_name(stamp))
-
-
-def probe_and_save(recipe: Recipe, ctx: Any, stamp: str, seconds: float) -> None:
-    """What every launcher runs on each rank: ``orchestrator.probe``; rank 0 saves the figures under ``stamp``."""
-    from orchestrator.probe import probe
-
-    probes = probe(recipe, ctx, seconds)
-    if probes is not None:
-        save(recipe, stamp, {"probes": probes})
-
-
-def load(recipe: Recipe, stamp: str) -> dict[str, Any]:
-    fs, root = storage.filesystem(recipe.run.storage, recipe.run.storage_options)
-    with fs.open(f"{root.rstrip('/')}/{report_name(stamp)}") as f:
-        return json.loads(f.read())
 
 
 def plan(recipe: Recipe, probes: list[dict[str, Any]], nodes: list[int]) -> dict[str, Any]:
@@ -202,22 +188,6 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def run_probe(recipe: Recipe, launcher: str, stamp: str, seconds: float, slurm: Any) -> None:
-    """The probe on every rank of a job of the recipe's shape; rank 0 saves the figures under ``stamp``."""
-    if launcher == "local":
-        from orchestrator.launch import local
-
-        local.probe(recipe, stamp, seconds)
-    elif launcher == "ray":
-        from orchestrator.launch import ray_train
-
-        ray_train.probe(recipe, stamp, seconds)
-    else:
-        from orchestrator.launch import slurm as slurm_launch
-
-        slurm_launch.probe(recipe, slurm, stamp, seconds)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser("orchestrator.doctor", __doc__)
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/b.yaml")
@@ -236,28 +206,16 @@ def main(argv: list[str] | None = None) -> int:
             nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
         except ValueError:
             raise RecipeError(f"--nodes {args.nodes!r}: expected node counts, e.g. 8,32,64") from None
-        options = None
-        if args.launcher == "slurm":
-            from orchestrator.launch.slurm_cluster import SlurmOptions, check_cluster
-
-            options = SlurmOptions(**cli.slurm_flags(args))
-            worlds = [options.world_size]
-        else:
-            from orchestrator.launch.launcher import launch_world_sizes
-
-            worlds = launch_world_sizes(recipe, args.launcher)[-1:]
-        preflight(recipe, args.recipe, worlds)
-        if options is not None:
-            check_cluster(options, recipe)
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         if args.seconds <= 0:
             raise RecipeError(f"--seconds {args.seconds:g}: must be positive")
-        run_probe(recipe, args.launcher, stamp, args.seconds, options)
-        try:
-            probes = load(recipe, stamp)["probes"]
-        except FileNotFoundError:
-            raise OrchestratorError(f"the {args.launcher} job ended without writing {report_name(stamp)} under "
-                                    f"{recipe.run.storage}; see its log") from None
+        options = cli.slurm_options(args)
+        preflight(recipe, args.recipe, world_sizes_for(recipe, args.launcher, options)[-1:])
+        from orchestrator.probe import probe  # torch and the loop only when measuring
+
+        probes = launch.run(Job(probe, recipe, (args.seconds,), name=f"doctor-{recipe.run.name}"), args.launcher, options)
+        if probes is None:  # a torchrun rank other than 0
+            return
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
         planned = plan(recipe, probes, nodes)
         report = {"recipe": args.recipe, "launcher": args.launcher, "time": stamp, "probes": probes, "plan": planned}
         report["verdicts"] = verdicts(recipe, probes, planned)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -37,11 +36,16 @@ from typing import Any
 import pyarrow.parquet as pq
 import timm
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from model.weights import WeightsError, architecture_in, classifier_size, load_state_dict, recorded_config
-from orchestrator import cli, storage, weights
+from model.weight_format import (
+    WeightsError,
+    architecture_in,
+    classifier_size,
+    load_state_dict,
+    recorded_config,
+)
+from orchestrator import cli, launch, storage, weight_lookup
 from orchestrator import overrides as overrides_
 from orchestrator import recipe as recipes
 from orchestrator.data import manifest as mf
@@ -49,10 +53,10 @@ from orchestrator.data.reader import ShardDataset, ShardLoader
 from orchestrator.data.seg_sources import ADESource
 from orchestrator.data.sources import FolderSource, Item
 from orchestrator.errors import CheckpointError, DataError, RecipeError
-from orchestrator.launch.distributed import context_from_env
+from orchestrator.launch.job import Job
 from orchestrator.rundir import EMA_WEIGHTS, WEIGHTS, RunDir
 from orchestrator.train import components, tasks
-from orchestrator.train.context import TrainContext
+from orchestrator.train.context import Rank
 
 log = logging.getLogger("orchestrator")
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +66,8 @@ REAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.")
 
 
 @dataclasses.dataclass
-class Job:
-    """One evaluation as every rank needs it (the Ray and Slurm launchers ship it as a dict)."""
+class Request:
+    """One evaluation as every rank needs it (the launchers ship it as the job's argument)."""
 
     weights: str
     batch: int
@@ -111,7 +115,7 @@ def resolve(spec: str, which: str, sets: list[str], data: str, options: dict[str
 
 def _weights_file(spec: str, fs: Any, path: str, arch: str | None) -> tuple[str, str, dict[str, Any], bool]:
     """(URL, architecture, preprocessing, whether the weights carry it) of a weights file, or of a timm tag's cached
-    weights. A file of this project records its preprocessing (``model.weights.timm_config``); a timm tag has timm's
+    weights. A file of this project records its preprocessing (``model.weight_format.timm_config``); a timm tag has timm's
     own; any other file gets timm's defaults for the architecture."""
     if fs.exists(path):
         data = fs.cat_file(path)
@@ -226,7 +230,7 @@ class EvalData:
             out += pq.read_table(fs.open(path, "rb"), columns=["image.path"]).column(0).to_pylist()
         return [os.path.basename(n or "") for n in out]
 
-    def loader(self, recipe: recipes.Recipe, task: tasks.Task, ctx: TrainContext, batch: int) -> Any:
+    def loader(self, recipe: recipes.Recipe, task: tasks.Task, ctx: Rank, batch: int) -> Any:
         transform = task.transform(self.manifest, train=False)
         if self.items is None:
             ds = ShardDataset(self.manifest, transform, train=False, rank=ctx.rank, world_size=ctx.world_size,
@@ -339,10 +343,10 @@ def real_labels(spec: str, data: EvalData, options: dict[str, Any]) -> dict[int,
 
 
 # --- one rank ----------------------------------------------------------------------------------------------
-def prepare(job: Job, recipe: recipes.Recipe) -> tuple[dict[str, torch.Tensor], str, EvalData, list[int] | None]:
+def prepare(job: Request, recipe: recipes.Recipe) -> tuple[dict[str, torch.Tensor], str, EvalData, list[int] | None]:
     """Weights and data, checked against each other before anything is computed or written."""
     options = recipe.run.storage_options
-    sd, what = weights.state_dict(job.weights, options)
+    sd, what = weight_lookup.state_dict(job.weights, options)
     data = open_data(recipe, job.val_labels, job.classes_file)
     classes = len(data.manifest.classes) or None
     subset = None
@@ -365,7 +369,7 @@ def prepare(job: Job, recipe: recipes.Recipe) -> tuple[dict[str, torch.Tensor], 
 
 
 def build_model(recipe: recipes.Recipe, task: tasks.Task, sd: dict[str, torch.Tensor], what: str, data: EvalData,
-                ctx: TrainContext) -> torch.nn.Module:
+                ctx: Rank) -> torch.nn.Module:
     if task.name == "classification":
         classes = classifier_size(sd) or len(data.manifest.classes) or recipe.model.num_classes
         model = timm.create_model(recipe.model.name, pretrained=False, num_classes=classes)
@@ -378,9 +382,9 @@ def build_model(recipe: recipes.Recipe, task: tasks.Task, sd: dict[str, torch.Te
     return model
 
 
-def on_rank(job: Job, recipe: recipes.Recipe, ctx: TrainContext) -> dict[str, Any]:
-    """Evaluate on this rank (every launcher's entry); rank 0 saves the result and the per-class CSV. The result
-    is the same on every rank."""
+def on_rank(recipe: recipes.Recipe, ctx: Rank, job: Request) -> dict[str, Any]:
+    """Evaluate on this rank (the evaluation's job function); rank 0 saves the result and the per-class CSV. The
+    result is the same on every rank."""
     sd, what, data, subset = prepare(job, recipe)
     task = tasks.for_recipe(recipe)
     loader = data.loader(recipe, task, ctx, job.batch)
@@ -389,10 +393,11 @@ def on_rank(job: Job, recipe: recipes.Recipe, ctx: TrainContext) -> dict[str, An
     channels_last = components.channels_last(recipe, ctx)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    setup = tasks.EvalSetup(loader, components.autocast_dtype(recipe, ctx), channels_last, subset, real)
-    ctx.run = RunDir(job.out, recipe.run.storage_options)  # the per-class CSV goes beside the result
+    out = RunDir(job.out, recipe.run.storage_options)  # the result and its per-class CSV
+    setup = tasks.EvalSetup(loader, components.autocast_dtype(recipe, ctx), channels_last, ctx.device, ctx.world_size,
+                            ctx.is_main, out, subset, real)
     started = time.monotonic()
-    metrics = task.evaluate(model, setup, ctx, tag=job.name, final=True)
+    metrics = task.evaluate(model, setup, tag=job.name, final=True)
     seconds = time.monotonic() - started
     d, s = recipe.data, recipe.segment
     settings = {"input_size": d.input_size, "crop_pct": d.crop_pct, "interpolation": d.interpolation} \
@@ -404,7 +409,7 @@ def on_rank(job: Job, recipe: recipes.Recipe, ctx: TrainContext) -> dict[str, An
               "model": recipe.model.name, "which": job.which, "transform": settings, "label_subset": job.label_subset,
               "time": round(time.time(), 3), "saved": storage.redact(storage.join(job.out, f"{job.name}.json"))}
     if ctx.is_main:
-        ctx.run.write_json(f"{job.name}.json", result)
+        out.write_json(f"{job.name}.json", result)
     return result
 
 
@@ -421,35 +426,6 @@ def target(spec: str, url: str, run: RunDir | None, out: str | None, data: str, 
         return "eval", f"{spec}.{data_name(data)}"
     folder, _, file = url.rpartition("/")
     return folder or ".", f"{file.rsplit('.', 1)[0]}.{data_name(data)}.eval"
-
-
-def launch(job: Job, recipe: recipes.Recipe, launcher: str, slurm: dict[str, Any]) -> dict[str, Any] | None:
-    """Run ``on_rank`` on every rank of the launcher's job; the result (None on a torchrun rank other than 0)."""
-    if launcher == "local":
-        ctx = context_from_env(recipe, launcher="local")
-        try:
-            result = on_rank(job, recipe, ctx)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        return result if ctx.is_main else None
-    prepare(job, recipe)  # bad input is named here, before a job starts
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    if launcher == "ray":
-        from orchestrator.launch import ray_train
-
-        ray_train.evaluate(recipe, dataclasses.asdict(job), stamp)
-    else:
-        from orchestrator.launch import slurm as slurm_launch
-        from orchestrator.launch.slurm_cluster import SlurmOptions, check_cluster
-
-        options = SlurmOptions(**slurm)
-        check_cluster(options, recipe)
-        slurm_launch.evaluate(recipe, options, dataclasses.asdict(job))
-    saved = RunDir(job.out, recipe.run.storage_options).read_json(f"{job.name}.json")
-    if saved is None:
-        raise DataError(f"the {launcher} job ended without writing {job.out}/{job.name}.json; see its log")
-    return saved
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -498,9 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         task = tasks.for_recipe(recipe)
         batch = task.val_batch(args.batch_size or (recipes.micro_batch(recipe) if run is not None else 64))
         folder, name = target(args.weights, url, run, args.out, args.data, args.which)
-        job = Job(url, batch, folder, name, args.val_labels, args.classes, args.label_subset, args.real_labels,
+        job = Request(url, batch, folder, name, args.val_labels, args.classes, args.label_subset, args.real_labels,
                   args.which if run is not None else "final")
-        result = launch(job, recipe, args.launcher, cli.slurm_flags(args))
+        if args.launcher != "local":
+            prepare(job, recipe)  # bad input is named here, before a cluster job starts
+        result = launch.run(Job(on_rank, recipe, (job,), name=f"evaluate-{name}"), args.launcher, cli.slurm_options(args))
         if result is not None:
             print(json.dumps(result) if args.json else summary(result))
 

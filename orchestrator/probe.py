@@ -23,14 +23,15 @@ from orchestrator import storage
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import open_shard
 from orchestrator.recipe import BatchPlan, Recipe, plan_batch
+from orchestrator.rundir import RunDir
 from orchestrator.train import components, loop, tasks
-from orchestrator.train.context import TrainContext
+from orchestrator.train.context import Rank, TrainContext
 
 log = logging.getLogger(__name__)
 
 
-def probe(recipe: Recipe, ctx: TrainContext, seconds: float = 3.0) -> list[dict[str, Any]] | None:
-    """This rank's figures, gathered on rank 0 (a list by rank; None on other ranks)."""
+def probe(recipe: Recipe, ctx: Rank, seconds: float = 3.0) -> list[dict[str, Any]] | None:
+    """This rank's figures, gathered on rank 0 (a list by rank; None on other ranks): the doctor's job function."""
     nodes = _gather(ctx, ctx.node)
     local = [r for r, n in enumerate(nodes) if n == ctx.node]
     leader = local[0] == ctx.rank
@@ -47,7 +48,7 @@ def probe(recipe: Recipe, ctx: TrainContext, seconds: float = 3.0) -> list[dict[
     return everything if ctx.is_main else None
 
 
-def _gather(ctx: TrainContext, value: Any) -> list[Any]:
+def _gather(ctx: Rank, value: Any) -> list[Any]:
     if ctx.world_size == 1:
         return [value]
     out: list[Any] = [None] * ctx.world_size
@@ -58,11 +59,11 @@ def _gather(ctx: TrainContext, value: Any) -> list[Any]:
 def _grad_bytes(recipe: Recipe) -> int:
     """fp32 gradient bytes of the recipe's model (what DDP all-reduces each step)."""
     with torch.device("meta"):
-        model = tasks.for_recipe(recipe).create_model(TrainContext(run=None))  # type: ignore[arg-type]
+        model = tasks.for_recipe(recipe).create_model(Rank())
     return 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def describe(ctx: TrainContext, local_ranks: int) -> dict[str, Any]:
+def describe(ctx: Rank, local_ranks: int) -> dict[str, Any]:
     """Accelerator, memory, driver/CUDA/NCCL versions, and CPU cores per device on this node."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     d: dict[str, Any] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
@@ -86,7 +87,7 @@ def _driver() -> str:
         return "?"
 
 
-def allreduce(ctx: TrainContext, nodes: list[str], nbytes: int, rounds: int = 5) -> dict[str, Any]:
+def allreduce(ctx: Rank, nodes: list[str], nbytes: int, rounds: int = 5) -> dict[str, Any]:
     """Bus bandwidth (GB/s, as nccl-tests count it: bytes x 2(n-1)/n per second) of an all-reduce of the model's
     gradient size: among the ranks of each node, and across nodes (one rank per node). Every rank takes part
     in creating every group, as torch.distributed requires."""
@@ -108,7 +109,7 @@ def allreduce(ctx: TrainContext, nodes: list[str], nbytes: int, rounds: int = 5)
     return out
 
 
-def _time_allreduce(ctx: TrainContext, nbytes: int, group: Any, rounds: int) -> float:
+def _time_allreduce(ctx: Rank, nbytes: int, group: Any, rounds: int) -> float:
     t = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=ctx.device)
     dist.all_reduce(t, group=group)  # warm: connections, buffers
     best = float("inf")
@@ -167,7 +168,7 @@ def write_throughput(recipe: Recipe, nbytes: int) -> dict[str, Any]:
     return {"mb_per_s": len(payload) / wall / 1e6, "bytes": len(payload), "seconds": wall}
 
 
-def input_rate(recipe: Recipe, ctx: TrainContext, images: list[tuple[bytes, Any]], seconds: float) -> dict[str, Any]:
+def input_rate(recipe: Recipe, ctx: Rank, images: list[tuple[bytes, Any]], seconds: float) -> dict[str, Any]:
     """Images per CPU-second of the recipe's training transform on this node (one core), and with
     ``data.decode: gpu`` the device step's images/s and the training process's CPU ms per image."""
     task = tasks.for_recipe(recipe)
@@ -195,7 +196,7 @@ def input_rate(recipe: Recipe, ctx: TrainContext, images: list[tuple[bytes, Any]
     return out
 
 
-def compute(recipe: Recipe, ctx: TrainContext, seconds: float) -> dict[str, Any]:
+def compute(recipe: Recipe, ctx: Rank, seconds: float) -> dict[str, Any]:
     """The recipe's model, micro-batch, precision, channels_last and compile: training steps per second on
     this device (forward, backward, optimizer; no data) and peak memory; on a GPU also at half the
     micro-batch, and from the two peaks the largest micro-batch that fits (a linear estimate, printed as such)."""
@@ -217,10 +218,10 @@ def compute(recipe: Recipe, ctx: TrainContext, seconds: float) -> dict[str, Any]
     return out
 
 
-def _steps(recipe: Recipe, ctx: TrainContext, micro: int, size: int, seconds: float) -> tuple[float, float]:
+def _steps(recipe: Recipe, ctx: Rank, micro: int, size: int, seconds: float) -> tuple[float, float]:
     """Images/s of training steps at ``micro`` images (one process, no DDP) and the peak memory in bytes
     (CUDA: the allocator's peak; CPU: the process's peak RSS)."""
-    local = TrainContext(run=ctx.run, device=ctx.device)
+    local = TrainContext(run=RunDir.of(recipe), device=ctx.device)
     task = tasks.for_recipe(recipe)
     model = components.build_model(recipe, local, init=False, task=task)
     step_model = torch.compile(model) if recipe.run.compile else model

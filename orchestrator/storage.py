@@ -65,6 +65,11 @@ def url_password(url: str | None) -> str | None:
         return None
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as one line, its secrets redacted (how every command reports one)."""
+    return redact(" ".join(str(exc).split()) or type(exc).__name__)
+
+
 def redacted_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``options`` that is safe to log or write into a manifest or config.json."""
     return {

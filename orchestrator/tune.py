@@ -20,12 +20,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from orchestrator import cli, storage
+from orchestrator import cli, pretrain, storage
 from orchestrator import recipe as recipes
 from orchestrator import sweep as sweeps
 from orchestrator.errors import Interrupted
 from orchestrator.launch import ray_train
-from orchestrator.launch.launcher import launch_world_sizes, preflight
+from orchestrator.preflight import preflight, world_sizes_for
 from orchestrator.rundir import RunDir
 from orchestrator.train import trackers
 
@@ -51,13 +51,12 @@ def trial(config: dict[str, Any], recipe: dict[str, Any], parent: dict[str, Any]
         raise TrialStopped(f"trial {recipe.run.name}: not started, the sweep was stopped")
     if parent is not None:
         trackers.set_parent(RunDir.of(recipe), parent)
-    result = ray_train.trainer(recipe, callbacks=[TuneReportCallback()], relay=relay).fit()
-    if result.error:
-        raise result.error
-    run = RunDir.of(recipe)
-    if relay is not None and not run.complete and ray_train.stop_relayed(relay):
-        latest = run.latest()
-        raise TrialStopped(f"trial {recipe.run.name}: stopped at step {latest.step if latest else 0}, checkpointed")
+    try:
+        ray_train.run(pretrain.training(recipe), callbacks=[TuneReportCallback()], relay=relay)
+    except Interrupted as stopped:
+        if relay is None or not ray_train.stop_relayed(relay):
+            raise
+        raise TrialStopped(f"trial {recipe.run.name}: {stopped}") from None
 
 
 def run(sweep: sweeps.Sweep, fresh: bool = False, verbose: bool = False) -> pd.DataFrame:
@@ -69,7 +68,7 @@ def run(sweep: sweeps.Sweep, fresh: bool = False, verbose: bool = False) -> pd.D
     sweep_url = storage.join(root, sweep.name)
     base = recipes.with_values(sweep.trial_base(), {
         "run.storage": storage.join(sweep_url, "trials"), "run.storage_options": sweep.storage_options}, sweep.name)
-    ray_train.connect(ray_train.job_environment(base))  # trials get the recipe redacted
+    ray_train.connect({**trackers.job_environment(base), **ray_train.secret_environment(base)})  # trials get the recipe redacted
     ray_train.check_storage(sweep.storage, "sweep.storage")
     base = ray_train.with_absolute_paths(base)
     if fresh:
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump({"search": sweep.search}, sort_keys=False))
             return
         base = sweep.trial_base()
-        preflight(base, args.sweep, launch_world_sizes(base, "ray"))
+        preflight(base, args.sweep, world_sizes_for(base, "ray"))
         storage.check_reachable(sweep.storage, sweep.storage_options, "sweep.storage", "sweep.storage_options")
         run(sweep, args.fresh, args.verbose)
 

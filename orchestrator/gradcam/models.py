@@ -17,8 +17,14 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision import transforms as T
 
-from model.weights import WeightsError, architecture_in, classifier_size, load_state_dict, recorded_config
-from orchestrator import storage, weights
+from model.weight_format import (
+    WeightsError,
+    architecture_in,
+    classifier_size,
+    load_state_dict,
+    recorded_config,
+)
+from orchestrator import storage, weight_lookup
 from orchestrator.data import manifest
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.rundir import RunDir
@@ -72,7 +78,7 @@ def load(spec: str, options: dict[str, Any] | None = None, device: torch.device 
     name, source = parse_spec(spec)
     try:
         arch, url, data_cfg, classes = _resolve(source, options or {})
-        sd, what = weights.state_dict(url, options)
+        sd, what = weight_lookup.state_dict(url, options)
         model = timm.create_model(arch, pretrained=False, num_classes=classifier_size(sd) or 1000)
         load_state_dict(model, sd, what)
     except (OrchestratorError, WeightsError, RuntimeError, OSError, ValueError) as exc:
@@ -136,8 +142,8 @@ def _from_run(url: str, options: dict[str, Any]) -> tuple[str, str, dict[str, An
 
 
 def _recorded(url: str, options: dict[str, Any]) -> tuple[str | None, dict[str, Any], list[str] | None]:
-    """(architecture, data config, class names) a weights file records (``model.weights.timm_config``)."""
-    data, name = weights.read(url, options)
+    """(architecture, data config, class names) a weights file records (``model.weight_format.timm_config``)."""
+    data, name = weight_lookup.read(url, options)
     config = recorded_config(data, name) or {}
     cfg = config.get("pretrained_cfg") or {}
     data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()

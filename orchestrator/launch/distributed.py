@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.recipe import Recipe
-from orchestrator.rundir import RunDir
-from orchestrator.train.context import TrainContext
+from orchestrator.train.context import Rank
 
 
 def device_for(local_rank: int, use_gpu: bool) -> torch.device:
@@ -38,12 +37,17 @@ def init_process_group(rank: int, world_size: int, device: torch.device, timeout
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
 
 
-def context_from_env(recipe: Recipe, launcher: str) -> TrainContext:
-    """A context for ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun); one CPU/GPU process when unset."""
+def rank_from_env(recipe: Recipe, launcher: str) -> Rank:
+    """This process's ``Rank`` from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun, submitit), its process group
+    started; one CPU/GPU process when they are unset."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = device_for(local_rank, recipe.scaling.gpus_per_worker > 0)
     init_process_group(rank, world, device, collective_timeout(recipe))
-    return TrainContext(run=RunDir.of(recipe), rank=rank, world_size=world, local_rank=local_rank, device=device,
-                        keep_checkpoints=recipe.run.keep_checkpoints, launcher=launcher,
-                        node=os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+    return Rank(rank=rank, world_size=world, local_rank=local_rank, device=device, launcher=launcher,
+                node=os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+
+
+def end_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,44 +1,30 @@
-"""Run the loop in this process (or under torchrun): what unit tests and debugging use."""
+"""Run a job in this process (or on every torchrun rank): what unit tests and debugging use."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch.distributed as dist
-
-from orchestrator.launch.distributed import context_from_env
-from orchestrator.recipe import Recipe
+from orchestrator.launch.distributed import end_process_group, rank_from_env
+from orchestrator.launch.job import Job
 from orchestrator.train.context import StopRequested
-from orchestrator.train.loop import train
 from orchestrator.train.stop import interrupted
 
 
-def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
-    """Train in this process. SIGTERM or Ctrl-C: checkpoint at the next step, then raise Interrupted."""
-    ctx = context_from_env(recipe, launcher="local")
-    ctx.stop.install()
+def run(job: Job) -> Any:
+    """``job`` on this rank; its value on rank 0, None on the others. A resumable job stops on SIGTERM or Ctrl-C:
+    it checkpoints at the next step, then Interrupted says where it resumes."""
+    rank = rank_from_env(job.recipe, launcher="local")
+    if job.resumable:
+        rank.stop.install()
     try:
-        if fresh:
-            if ctx.is_main:
-                ctx.run.set_aside()
-            ctx.barrier()
-        return train(recipe, ctx)
+        if job.setup is not None:
+            if rank.is_main:
+                job.setup()
+            rank.barrier()
+        value = job.fn(job.recipe, rank, *job.args)
     except StopRequested as stop:
-        raise interrupted(ctx.stop.received, stop.args[0], ctx.run.checkpoint_url(stop.args[0])) from None
+        raise interrupted(rank.stop.received, stop.step, stop.url) from None
     finally:
-        ctx.stop.restore()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-
-def probe(recipe: Recipe, stamp: str, seconds: float) -> None:
-    """``orchestrator.doctor`` in this process (or on every torchrun rank); rank 0 saves the figures."""
-    from orchestrator import doctor
-
-    ctx = context_from_env(recipe, launcher="local")
-    try:
-        doctor.probe_and_save(recipe, ctx, stamp, seconds)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        rank.stop.restore()
+        end_process_group()
+    return value if rank.is_main else None

@@ -1,4 +1,4 @@
-"""Ray Train (V2) launcher: the training loop in a TorchTrainer; metrics reported to Ray.
+"""Ray Train (V2) launcher: a job's function on every worker of a TorchTrainer; metrics reported to Ray.
 
 Checkpoints are not handed to Ray: rank 0 commits them into the run folder itself (``RunDir``),
 exactly as under every other launcher, so Ray never holds a view of them that pruning or a
@@ -6,7 +6,8 @@ partial copy could make stale, and a run moves freely between Ray, Slurm and loc
 worker group resumes from the run folder's newest verified checkpoint. Re-running with the same
 ``run.name`` and ``run.storage`` resumes; ``--fresh`` starts over.
 
-Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``): the driver and
+Rank 0's value comes back through a scratch folder of the job's own under ``run.storage``
+(``.launch-<id>/``, removed after), which the driver reads. Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``): the driver and
 ``ray job logs`` show the run's header, one line per epoch from rank 0 and the summary.
 """
 
@@ -17,10 +18,10 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -38,11 +39,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from orchestrator import faults, logs, storage
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.launch.distributed import collective_timeout
+from orchestrator.launch.job import Job
 from orchestrator.recipe import SECRETS_ENV, Recipe, absolute_paths, from_dict, secret_options
-from orchestrator.rundir import RunDir
-from orchestrator.train import trackers
-from orchestrator.train.checkpoint import Snapshot
-from orchestrator.train.context import StopRequested, TrainContext
+from orchestrator.train.context import Rank, StopRequested
 from orchestrator.train.stop import StopSignals, interrupted
 
 log = logging.getLogger(__name__)
@@ -62,73 +61,54 @@ class StopRelay:
         return self.signum
 
 
-class RayContext(TrainContext):
-    """Rank and device from Ray Train; epoch metrics go to ``ray.train.report`` (Tune reads them)."""
+@dataclasses.dataclass(frozen=True)
+class Stopped:
+    """What rank 0 sends back when the driver's relayed stop ended its job: the step and checkpoint it stopped at."""
 
-    relay: Any = None  # the driver's StopRelay, asked at most once a second
-    _asked: float = 0.0
-
-    def save_checkpoint(self, step: int, snapshot: Snapshot | None, meta: dict[str, Any]) -> None:
-        if snapshot is not None:
-            faults.maybe_tear(self.run, step, self.rank, snapshot)
-        super().save_checkpoint(step, snapshot, meta)
-        if faults.armed(step):
-            self.flush()  # every rank: the fault comes right after this checkpoint is committed
-            faults.maybe_fail(self.run, step, self.rank)
-
-    def poll_stop(self) -> bool:
-        if self.relay is not None and self.stop.received is None and time.monotonic() - self._asked > 1.0:
-            self._asked = time.monotonic()
-            signum = ray.get(self.relay.requested.remote(), timeout=30)
-            if signum:
-                self.stop.request(signum)
-        return super().poll_stop()
-
-    def report(self, metrics: dict[str, Any]) -> None:
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)})
+    step: int
+    url: str
 
 
-def ray_context(recipe: Recipe) -> RayContext:
-    """This Ray Train worker's rank, device and node."""
+def ray_rank(recipe: Recipe, relay: str | None) -> Rank:
+    """This Ray Train worker's rank, device and node; stop requests come from the driver's ``relay``."""
     tctx = ray.train.get_context()
     device = ray.train.torch.get_device() if recipe.scaling.gpus_per_worker > 0 else torch.device("cpu")
-    return RayContext(run=RunDir.of(recipe), rank=tctx.get_world_rank(), world_size=tctx.get_world_size(),
-                      local_rank=tctx.get_local_rank(), device=device, keep_checkpoints=recipe.run.keep_checkpoints,
-                      launcher="ray", node=ray.get_runtime_context().get_node_id()[:12])
+    return Rank(rank=tctx.get_world_rank(), world_size=tctx.get_world_size(), local_rank=tctx.get_local_rank(),
+                device=device, launcher="ray", node=ray.get_runtime_context().get_node_id()[:12],
+                relayed=(lambda: stop_relayed(relay)) if relay else None, report=_report)
 
 
-def probe_worker(config: dict[str, Any]) -> None:
-    """``orchestrator.doctor``'s measurements on every Ray Train worker; rank 0 saves them."""
-    from orchestrator import doctor
-
-    logs.setup()
-    recipe = from_dict(config["recipe"])
-    doctor.probe_and_save(recipe, ray_context(recipe), config["stamp"], config["seconds"])
+def _report(metrics: dict[str, Any]) -> None:
+    ray.train.report({k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)})
 
 
 def worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: rebuild the recipe, make the context, train. (The loop is imported here,
-    not at the top: Ray Train's controller unpickles this module and needs none of it.)"""
-    from orchestrator.train.loop import train
-
+    """Every Ray Train worker: rebuild the recipe, make the rank, run the job's function; rank 0 leaves its value
+    in the scratch folder. (The function and its args travel as pickled bytes, unpickled only here: Ray Train's
+    controller unpickles this config and needs none of what they import.)"""
     logs.setup()
     # Ray logs every report at INFO under a logger named by its file path, outside "ray.train" where
     # LoggingConfig would hold it back; the metrics are in metrics.jsonl already.
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     faults.configure(config.get("fault"))
     recipe = from_dict(config["recipe"])
-    ctx = ray_context(recipe)
-    if config.get("relay"):
-        ctx.relay = ray.get_actor(config["relay"])
+    fn, args = pickle.loads(config["job"])
+    relay = config.get("relay")
+    rank = ray_rank(recipe, relay)
     try:
-        with sigterm_stops(ctx.stop):
-            train(recipe, ctx)
+        with sigterm_stops(rank.stop) if config["resumable"] else contextlib.nullcontext():
+            value = fn(recipe, rank, *args)
     except StopRequested as stopped:
         # Every rank stops at the same step, checkpointed. A driver's request ends the run (the driver says
         # where it resumes); a worker's own SIGTERM (a node drain, a spot notice) is a failure of this worker
         # group, which Ray restarts from that checkpoint while max_failures lasts.
-        if config.get("relay") is None or not stop_relayed(config["relay"]):
-            raise interrupted(ctx.stop.received or signal.SIGTERM, stopped.args[0], ctx.run.url) from None
+        if relay is None or not stop_relayed(relay):
+            raise interrupted(rank.stop.received or signal.SIGTERM, stopped.step, stopped.url) from None
+        value = Stopped(stopped.step, stopped.url)
+    if rank.is_main:
+        fs, path = storage.filesystem(config["scratch"], recipe.run.storage_options)
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(f"{path}/value.pkl", pickle.dumps(value))
 
 
 @contextlib.contextmanager
@@ -189,12 +169,6 @@ def secret_environment(recipe: Recipe) -> dict[str, str]:
     """``SECRETS_ENV`` for the recipe's inline storage secrets, to go into the Ray job's environment."""
     secrets = secret_options(recipe)
     return {SECRETS_ENV: json.dumps(secrets)} if any(secrets.values()) else {}
-
-
-def job_environment(recipe: Recipe) -> dict[str, str]:
-    """What a training job's workers need from this driver's environment: the storage secrets and the
-    trackers' settings (``trackers.job_environment``)."""
-    return {**trackers.job_environment(recipe), **secret_environment(recipe)}
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -292,50 +266,68 @@ class Trainer(TorchTrainer):
         return None
 
 
-def trainer(recipe: Recipe, callbacks: list[ray.train.UserCallback] | None = None, relay: str | None = None,
-            fn: Any = worker, name: str | None = None, extra: dict[str, Any] | None = None) -> Trainer:
-    """A TorchTrainer running ``fn`` (the training ``worker``) for ``recipe`` (paths already absolute): workers
-    and resources from ``scaling``; ``relay`` names the driver's StopRelay actor; ``extra`` goes into ``fn``'s config."""
+def trainer(job: Job, recipe: Recipe, name: str, scratch: str, relay: str | None,
+            callbacks: list[ray.train.UserCallback] | None = None) -> Trainer:
+    """A TorchTrainer running ``job`` for ``recipe`` (paths already absolute) as Ray run ``name``: workers and
+    resources from ``scaling``; ``relay`` names the driver's StopRelay actor; rank 0's value goes to ``scratch``."""
     s = recipe.scaling
     storage_path, filesystem = storage_for_ray(recipe.run.storage, recipe.run.storage_options)
     gpus = {"GPU": s.gpus_per_worker} if s.gpus_per_worker else {}
+    workers = s.num_workers
+    if isinstance(workers, list):  # an elastic range: a run keeps it; any other job takes the largest
+        workers = tuple(workers) if job.resumable else workers[-1]
     # The recipe goes redacted; secrets are in the job's environment (``connect(secret_environment(...))``).
+    config = {"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay,
+              "job": ray.cloudpickle.dumps((job.fn, job.args)),
+              "resumable": job.resumable, "scratch": scratch}
     return Trainer(
-        fn,
+        worker,
         torch_config=TorchConfig(timeout_s=int(collective_timeout(recipe).total_seconds())),
-        train_loop_config={"recipe": recipe.to_dict(redact=True), "fault": os.environ.get(faults.ENV), "relay": relay,
-                           **(extra or {})},
-        scaling_config=ScalingConfig(num_workers=tuple(s.num_workers) if isinstance(s.num_workers, list) else s.num_workers,
-                                     elastic_resize_monitor_interval_s=s.resize_check_s, use_gpu=s.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
-        run_config=RunConfig(name=name or recipe.run.name, storage_path=storage_path, storage_filesystem=filesystem,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, elastic_resize_monitor_interval_s=s.resize_check_s,
+                                     use_gpu=s.gpus_per_worker > 0, resources_per_worker={"CPU": s.cpus_per_worker, **gpus}),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=s.max_failures), callbacks=callbacks,
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
 
 
-def run(recipe: Recipe, fresh: bool = False) -> dict[str, Any]:
-    """Fit under Ray. SIGTERM or Ctrl-C to this driver: the workers checkpoint at the next step and
-    return, then Interrupted says where the run resumes; a second signal stops at once."""
-    connect(job_environment(recipe))
-    recipe = with_absolute_paths(recipe)
-    run_dir = RunDir.of(recipe)
-    if fresh:
-        run_dir.set_aside()
-    with relayed_stop() as (relay, stop):
-        result = trainer(recipe, relay=relay).fit()
-    if result.error:
-        raise cause(result.error)
-    if stop.received and not run_dir.complete:
-        latest = run_dir.latest()
-        raise interrupted(stop.received, latest.step if latest else 0, latest.url if latest else run_dir.url)
-    return run_dir.last_record()  # Ray keeps metrics only with checkpoints, which it does not hold here
+def run(job: Job, callbacks: list[ray.train.UserCallback] | None = None, relay: str | None = None) -> Any:
+    """``job`` on the Ray cluster (this job's, ``RAY_ADDRESS``'s or a new local one); rank 0's value.
+
+    A resumable job is Ray run ``job.name`` (its state beside the run), any other a scratch run removed after.
+    SIGTERM or Ctrl-C to this driver: the workers of a resumable job checkpoint at the next step and return,
+    then Interrupted says where it resumes; a second signal stops at once. Inside a Tune trial, ``relay`` is the
+    sweep driver's and ``callbacks`` report to Tune."""
+    connect({**job.env, **secret_environment(job.recipe)})
+    recipe = with_absolute_paths(job.recipe)
+    if job.setup is not None:
+        job.setup()
+    scratch_name = f".launch-{uuid.uuid4().hex[:12]}"
+    scratch = storage.join(recipe.run.storage, scratch_name)
+    name = job.cluster_name if job.resumable else scratch_name
+    fs, path = storage.filesystem(scratch, recipe.run.storage_options)
+    try:
+        with contextlib.nullcontext((relay, None)) if relay else relayed_stop() as (relay_name, stop):
+            result = trainer(job, recipe, name, scratch, relay_name, callbacks).fit()
+        if result.error:
+            raise cause(result.error)
+        try:
+            value = pickle.loads(fs.cat_file(f"{path}/value.pkl"))
+        except FileNotFoundError:
+            raise OrchestratorError(f"the Ray job {name} ended without rank 0's value in {scratch}; see its log") from None
+    finally:
+        with contextlib.suppress(OSError):
+            fs.rm(path, recursive=True)
+    if isinstance(value, Stopped):
+        raise interrupted(stop.received if stop else stop_relayed(relay_name), value.step, value.url)
+    return value
 
 
 @contextlib.contextmanager
 def relayed_stop() -> Iterator[tuple[str, StopSignals]]:
     """While open, this driver's SIGTERM/SIGINT is a graceful stop request relayed to its workers: yields the name
-    of the ``StopRelay`` they poll (``RayContext.poll_stop``) and the driver's ``StopSignals``."""
+    of the ``StopRelay`` they poll (``Rank.relayed``, asked by ``TrainContext.poll_stop``) and the driver's ``StopSignals``."""
     name = f"stop-relay-{uuid.uuid4().hex}"
     # On the driver's node: the relay must not go down with a worker node (elastic runs lose nodes).
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -351,41 +343,6 @@ def relayed_stop() -> Iterator[tuple[str, StopSignals]]:
 def stop_relayed(relay: str) -> int | None:
     """The signal the driver behind ``relay`` relayed, if any (asked from a worker or a Tune trial)."""
     return ray.get(ray.get_actor(relay).requested.remote(), timeout=30)
-
-
-def probe(recipe: Recipe, stamp: str, seconds: float) -> None:
-    """``orchestrator.doctor`` on the Ray cluster: one worker per ``scaling.num_workers`` (the largest of a range)."""
-    run_on_workers(recipe, probe_worker, f".doctor-{stamp}", {"stamp": stamp, "seconds": seconds})
-
-
-def evaluate(recipe: Recipe, job: dict[str, Any], stamp: str) -> None:
-    """``orchestrator.evaluate`` on the Ray cluster's ``scaling.num_workers`` workers; rank 0 saves the result."""
-    run_on_workers(recipe, evaluate_worker, f".evaluate-{stamp}", {"job": job})
-
-
-def evaluate_worker(config: dict[str, Any]) -> None:
-    from orchestrator import evaluate as evaluation
-
-    logs.setup()
-    recipe = from_dict(config["recipe"])
-    evaluation.on_rank(evaluation.Job(**config["job"]), recipe, ray_context(recipe))
-
-
-def run_on_workers(recipe: Recipe, fn: Any, name: str, extra: dict[str, Any]) -> None:
-    """``fn(config)`` once on each worker of a Ray Train job that is not a run (the largest of a worker range)."""
-    connect(secret_environment(recipe))
-    recipe = with_absolute_paths(recipe)
-    workers = recipe.scaling.num_workers
-    if isinstance(workers, list):
-        recipe = dataclasses.replace(recipe, scaling=dataclasses.replace(recipe.scaling, num_workers=workers[-1]))
-    try:
-        result = trainer(recipe, fn=fn, name=name, extra=extra).fit()
-    finally:  # Ray's own state of this job, not a run
-        fs, root = storage.filesystem(recipe.run.storage, recipe.run.storage_options)
-        with contextlib.suppress(OSError):
-            fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
-    if result.error:
-        raise cause(result.error)
 
 
 def cause(error: BaseException) -> BaseException:

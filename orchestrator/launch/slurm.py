@@ -1,6 +1,8 @@
-"""Slurm through submitit: each pipeline stage is one job, one task per GPU (or one CPU task per node).
+"""Slurm through submitit: a job is one Slurm job, one task per GPU (or one CPU task per node); a pipeline
+stage is one such job.
 
-The job runs the same training loop and checkpoint format as every other launcher. On the requeue
+Every task runs the job's function; ``job.results()`` brings back each task's value (rank 0's is the job's).
+A training run uses the same loop and checkpoint format as under every other launcher. On the requeue
 signal (USR2: Slurm's ``--signal`` before the time limit, or a preemption) every rank stops at the
 next step boundary, the loop saves a checkpoint of that step, and submitit requeues the job, which
 resumes from it exactly. Before anything is submitted, the controller is pinged and the options are
@@ -21,17 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-import torch.distributed as dist
 
-from orchestrator import logs
-from orchestrator.cli import one_line
+from orchestrator import logs, storage
 from orchestrator.errors import OrchestratorError
-from orchestrator.launch.distributed import context_from_env
-from orchestrator.launch.slurm_cluster import SlurmOptions, minutes
+from orchestrator.launch.distributed import end_process_group, rank_from_env
+from orchestrator.launch.job import Job
+from orchestrator.launch.slurm_cluster import check_cluster
 from orchestrator.recipe import Recipe, from_dict, secrets_in_environment
 from orchestrator.rundir import RunDir
-from orchestrator.train.context import StopRequested, TrainContext
-from orchestrator.train.loop import train
+from orchestrator.slurm_options import SlurmOptions, minutes
+from orchestrator.train.context import Rank, StopRequested
 from orchestrator.train.stop import StopSignals
 from orchestrator.train.watchdog import exit_process
 
@@ -53,55 +54,45 @@ def sbatch_options(options: SlurmOptions, recipe: Recipe) -> dict[str, Any]:
     return params
 
 
-def submit(stage: str, recipe: Recipe, options: SlurmOptions, after: str | None) -> str:
-    """Submit one stage as a submitit job (``afterok`` on ``after``); returns the Slurm job id."""
-    job = _submit(SlurmStage(recipe.to_dict(redact=True)), recipe.run.name, recipe, options, after)
-    log.info("%s: submitted Slurm job %s%s (logs: %s)", stage, job.job_id, f" after {after}" if after else "",
-             Path(options.log_dir) / job.job_id)
-    return str(job.job_id)
-
-
-def _submit(fn: Any, name: str, recipe: Recipe, options: SlurmOptions, after: str | None = None) -> submitit.Job:
+def submit(job: Job, options: SlurmOptions, after: str | None = None) -> submitit.Job:
+    """Submit ``job`` (``afterok`` on ``after``): one task per rank, each running the job's function."""
     executor = submitit.AutoExecutor(folder=Path(options.log_dir) / "%j", cluster="slurm",
                                      slurm_max_num_timeout=options.max_requeues)
-    params = sbatch_options(options, recipe)
+    params = sbatch_options(options, job.recipe)
     if after:
         params["slurm_dependency"] = f"afterok:{after}"
-    executor.update_parameters(name=name, **params)
-    with secrets_in_environment(recipe):  # sbatch exports this process's environment to the job
-        return executor.submit(fn)
+    executor.update_parameters(name=job.cluster_name, **params)
+    if job.setup is not None:
+        job.setup()
+    with secrets_in_environment(job.recipe):  # sbatch exports this process's environment (job.env is in it)
+        submitted = executor.submit(SlurmRank(job))
+    log.info("%s: submitted Slurm job %s%s (logs: %s)", job.cluster_name, submitted.job_id,
+             f" after {after}" if after else "", Path(options.log_dir) / submitted.job_id)
+    return submitted
 
 
-def probe(recipe: Recipe, options: SlurmOptions, stamp: str, seconds: float) -> None:
-    """``orchestrator.doctor`` as a Slurm job of the stage's shape; waits for it (a few minutes at most)."""
-    run_and_wait(SlurmProbe(recipe.to_dict(redact=True), stamp, seconds), "doctor", recipe, options)
-
-
-def evaluate(recipe: Recipe, options: SlurmOptions, job: dict[str, Any]) -> None:
-    """``orchestrator.evaluate`` as a Slurm job of ``options``' shape; rank 0 saves the result."""
-    run_and_wait(SlurmEvaluate(recipe.to_dict(redact=True), job), "evaluate", recipe, options)
-
-
-def run_and_wait(fn: Any, what: str, recipe: Recipe, options: SlurmOptions) -> None:
-    """Submit ``fn`` (every task runs it) and wait for the job; one line when it does not complete."""
-    job = _submit(fn, f"{what}-{recipe.run.name}", recipe, options)
-    log.info("%s: Slurm job %s (logs: %s)", what, job.job_id, Path(options.log_dir) / job.job_id)
+def run(job: Job, options: SlurmOptions) -> Any:
+    """``job`` as a Slurm job of ``options``' shape (the cluster checked first); waits for it, returns rank 0's
+    value, or one line when it does not complete."""
+    check_cluster(options, job.recipe)
+    submitted = submit(job, options)
     try:
-        job.results()
+        return submitted.results()[0]
     except submitit.core.utils.UncompletedJobError as exc:
-        raise OrchestratorError(f"the {what} Slurm job {job.job_id} did not complete: {one_line(exc)[:300]}") from None
+        raise OrchestratorError(f"Slurm job {submitted.job_id} ({job.cluster_name}) did not complete: "
+                                f"{storage.one_line(exc)[:300]}") from None
     except submitit.core.utils.FailedJobError as exc:
-        raise OrchestratorError(f"the {what} Slurm job {job.job_id} failed: {one_line(exc)[-300:]}") from None
+        raise OrchestratorError(f"Slurm job {submitted.job_id} ({job.cluster_name}) failed: {storage.one_line(exc)[-300:]}") from None
 
 
-def distributed_context(recipe: Recipe) -> TrainContext:
-    """Rank, world and rendezvous from the Slurm job (submitit's environment), as every job task needs; a
-    stall requeues the job (``requeue_on_stall``)."""
+def slurm_rank(recipe: Recipe) -> Rank:
+    """Rank, world and rendezvous from the Slurm job (submitit's environment), as every task needs; a stall
+    requeues the job (``requeue_on_stall``)."""
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
-    ctx = context_from_env(recipe, launcher="slurm")
-    ctx.on_stall = functools.partial(requeue_on_stall, ctx.run, recipe.run.max_stall_restarts)  # type: ignore[method-assign]
-    return ctx
+    rank = rank_from_env(recipe, launcher="slurm")
+    rank.on_stall = functools.partial(requeue_on_stall, RunDir.of(recipe), recipe.run.max_stall_restarts)
+    return rank
 
 
 def requeue_on_stall(run: RunDir, max_restarts: int, line: str) -> None:
@@ -129,44 +120,6 @@ def requeue_on_stall(run: RunDir, max_restarts: int, line: str) -> None:
     exit_process(1)(f"{line}; Slurm job {job} requeued ({done + 1} of run.max_stall_restarts={max_restarts})")
 
 
-class SlurmEvaluate:
-    """The submitit callable of ``orchestrator.evaluate``: every task evaluates its share; rank 0 saves."""
-
-    def __init__(self, recipe: dict[str, Any], job: dict[str, Any]) -> None:
-        self.recipe, self.job = recipe, job
-
-    def __call__(self) -> None:
-        from orchestrator import evaluate as evaluation
-
-        logs.setup()
-        recipe = from_dict(self.recipe)
-        ctx = distributed_context(recipe)
-        try:
-            evaluation.on_rank(evaluation.Job(**self.job), recipe, ctx)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-class SlurmProbe:
-    """The submitit callable of ``orchestrator.doctor``: every task measures; rank 0 saves the figures."""
-
-    def __init__(self, recipe: dict[str, Any], stamp: str, seconds: float) -> None:
-        self.recipe, self.stamp, self.seconds = recipe, stamp, seconds
-
-    def __call__(self) -> None:
-        from orchestrator import doctor
-
-        logs.setup()
-        recipe = from_dict(self.recipe)
-        ctx = distributed_context(recipe)
-        try:
-            doctor.probe_and_save(recipe, ctx, self.stamp, self.seconds)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 def preempted() -> bool:
     """Whether Slurm is preempting this job (its ``PreemptTime`` is set). A job that exits within
     ``GraceTime`` ends FAILED instead of being requeued, so the job requeues itself, as on USR2; a
@@ -186,39 +139,40 @@ def node_address(node: str) -> str:
     return m.group(1) if m else node
 
 
-class SlurmStage:
-    """The submitit callable: ``__call__`` trains; ``checkpoint`` (called by submitit on requeue) resubmits itself.
+class SlurmRank:
+    """The submitit callable: ``__call__`` runs the job's function on this task; ``checkpoint`` (called by submitit
+    on requeue) resubmits itself.
 
     It holds the recipe with its secrets redacted (submitit pickles it onto the shared log folder);
     the secrets travel in the job's environment (``recipe.SECRETS_ENV``), which sbatch exports.
     """
 
-    def __init__(self, recipe: dict[str, Any]) -> None:
-        self.recipe = recipe
+    def __init__(self, job: Job) -> None:
+        self.fn, self.recipe, self.args, self.resumable = job.fn, job.recipe.to_dict(redact=True), job.args, job.resumable
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> Any:
         logs.setup()
         recipe = from_dict(self.recipe)
         requeue = signal.getsignal(PREEMPT_SIGNAL)  # submitit's: calls checkpoint(), requeues, exits
-        ctx = distributed_context(recipe)
-        # USR2 (time limit, or `scancel --signal=USR2`): checkpoint, then submitit requeues the job.
-        # SIGTERM (PreemptMode=REQUEUE, before SIGKILL at GraceTime): checkpoint, then requeue as on USR2.
-        # SIGTERM from scancel, or SIGINT: checkpoint and exit.
-        ctx.stop = StopSignals((PREEMPT_SIGNAL, signal.SIGTERM, signal.SIGINT)).install()
+        rank = slurm_rank(recipe)
+        if self.resumable:
+            # USR2 (time limit, or `scancel --signal=USR2`): checkpoint, then submitit requeues the job.
+            # SIGTERM (PreemptMode=REQUEUE, before SIGKILL at GraceTime): checkpoint, then requeue as on USR2.
+            # SIGTERM from scancel, or SIGINT: checkpoint and exit.
+            rank.stop = StopSignals((PREEMPT_SIGNAL, signal.SIGTERM, signal.SIGINT)).install()
         try:
-            return train(recipe, ctx)
+            return self.fn(recipe, rank, *self.args)
         except StopRequested as stop:
-            received = ctx.stop.received or PREEMPT_SIGNAL
-            log.warning("stopped at step %s on %s; the requeued job resumes there", stop.args[0],
+            received = rank.stop.received or PREEMPT_SIGNAL
+            log.warning("stopped at step %s on %s; the requeued job resumes there", stop.step,
                         signal.Signals(received).name)
-            if (received == PREEMPT_SIGNAL or preempted()) and ctx.is_main and callable(requeue):
+            if (received == PREEMPT_SIGNAL or preempted()) and rank.is_main and callable(requeue):
                 requeue(PREEMPT_SIGNAL, None)  # checkpoint() and `scontrol requeue`; exits this process
             sys.exit(128 + received)  # other ranks (the requeue ends the whole job), or a plain scancel
         finally:
-            ctx.stop.restore()
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            rank.stop.restore()
+            end_process_group()
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        """State lives in the run's checkpoints, so the requeued job is this same callable."""
-        return submitit.helpers.DelayedSubmission(SlurmStage(self.recipe))
+        """State lives in the run's checkpoints (a one-off job starts over), so the requeued job is this callable."""
+        return submitit.helpers.DelayedSubmission(self)

@@ -13,12 +13,12 @@ from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 
-from orchestrator import storage, weights
+from orchestrator import storage, weight_lookup
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.recipe import BatchPlan, Recipe, plan_batch
-from orchestrator.train.context import TrainContext
-from orchestrator.train.tasks import Task
+from orchestrator.train.context import Rank, TrainContext
+from orchestrator.train.tasks import EvalSetup, Task
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def reader_options(recipe: Recipe) -> ReaderOptions:
     return ReaderOptions(d.shuffle_buffer, d.max_corrupt_fraction, retry, d.storage_options)
 
 
-def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan, task: Task) -> tuple[ShardLoader, ShardLoader | None]:
+def build_loaders(recipe: Recipe, ctx: Rank, plan: BatchPlan, task: Task) -> tuple[ShardLoader, ShardLoader | None]:
     d, opts = recipe.data, reader_options(recipe)
     manifest = mf.load(d.train, d.storage_options)
     train_ds = ShardDataset(
@@ -48,22 +48,22 @@ def build_loaders(recipe: Recipe, ctx: TrainContext, plan: BatchPlan, task: Task
     return train, val
 
 
-def build_model(recipe: Recipe, ctx: TrainContext, init: bool, task: Task) -> torch.nn.Module:
+def build_model(recipe: Recipe, ctx: Rank, init: bool, task: Task) -> torch.nn.Module:
     """The task's model on ``ctx.device``; ``init`` loads ``model.init`` (only when not resuming)."""
     model = task.create_model(ctx)
     if init and recipe.model.init:
-        task.load_init(model, weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options))
+        task.load_init(model, weight_lookup.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options))
     model.to(ctx.device)
     if channels_last(recipe, ctx):
         model.to(memory_format=torch.channels_last)
     return model
 
 
-def channels_last(recipe: Recipe, ctx: TrainContext) -> bool:
+def channels_last(recipe: Recipe, ctx: Rank) -> bool:
     return recipe.run.channels_last if recipe.run.channels_last is not None else ctx.device.type == "cuda"
 
 
-def autocast_dtype(recipe: Recipe, ctx: TrainContext) -> torch.dtype | None:
+def autocast_dtype(recipe: Recipe, ctx: Rank) -> torch.dtype | None:
     """bf16 on CUDA by default, float32 on CPU unless the recipe asks for bf16."""
     if recipe.run.precision == "bf16" or (recipe.run.precision == "auto" and ctx.device.type == "cuda"):
         return torch.bfloat16
@@ -127,7 +127,7 @@ class Components:
     skipped: torch.Tensor  # steps skipped for a non-finite loss since the loop last read it (on the device)
 
 
-def assemble(recipe: Recipe, ctx: TrainContext, task: Task, model: torch.nn.Module, step_model: torch.nn.Module,
+def assemble(recipe: Recipe, ctx: Rank, task: Task, model: torch.nn.Module, step_model: torch.nn.Module,
              loaders: tuple[Any, Any], steps_per_epoch: int) -> Components:
     """Components around a built model: optimizer, schedule, EMA, precision (benchmarks pass no loaders)."""
     optimizer = build_optimizer(recipe, model)
@@ -138,3 +138,8 @@ def assemble(recipe: Recipe, ctx: TrainContext, task: Task, model: torch.nn.Modu
         autocast=autocast_dtype(recipe, ctx), channels_last=channels_last(recipe, ctx),
         skipped=torch.zeros((), device=ctx.device),
     )
+
+
+def eval_setup(c: Components, ctx: TrainContext) -> EvalSetup:
+    """What the task's evaluation needs of the components, on this rank; per-class CSVs go to the run folder."""
+    return EvalSetup(c.val_loader, c.autocast, c.channels_last, ctx.device, ctx.world_size, ctx.is_main, ctx.run)

@@ -30,7 +30,7 @@ from safetensors.torch import save as save_safetensors
 from timm.utils import distribute_bn
 from tqdm import tqdm
 
-from model.weights import safetensors_metadata, timm_config
+from model.weight_format import safetensors_metadata, timm_config
 from orchestrator import faults, storage
 from orchestrator.data import device
 from orchestrator.data.reader import corrupt_budget
@@ -39,7 +39,7 @@ from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
 from orchestrator.train import checkpoint, components, tasks, trackers, watchdog
 from orchestrator.train.components import Components
-from orchestrator.train.context import StopRequested, TrainContext
+from orchestrator.train.context import Rank, StopRequested, TrainContext
 from orchestrator.train.metrics import MetricsWriter, interactive
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,16 @@ def build(recipe: Recipe, ctx: TrainContext, resuming: bool) -> Components:
     return components.assemble(recipe, ctx, task, model, step_model, (train_loader, val_loader), steps_per_epoch)
 
 
+def on_rank(recipe: Recipe, rank: Rank) -> dict[str, Any]:
+    """The training job's function (``launch.Job``): train ``recipe``'s run on this rank; the last metrics."""
+    return train(recipe, TrainContext.of(recipe, rank))
+
+
 def train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
     """Train (or resume) the run described by ``recipe``; returns the last metrics. The stall watchdog
     (``run.stall_timeout_s``) watches every step, evaluation and checkpoint upload of it."""
     if recipe.run.stall_timeout_s:
-        ctx.watchdog = watchdog.for_context(ctx, recipe.run.stall_timeout_s, ctx.on_stall).start()
+        ctx.watchdog = watchdog.for_context(ctx, recipe.run.stall_timeout_s, ctx.stalled).start()
     try:
         return _train(recipe, ctx)
     except StopRequested:
@@ -135,7 +140,7 @@ def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[s
     last: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"]}
     if state["step"] >= stop_at:  # stopped after its last checkpoint, before the final weights: nothing to train
         last = next((r for r in reversed(writer.records) if r.get("kind") in ("epoch", "stop")), last)
-        ctx.report(last)
+        ctx.report_metrics(last)
     started, first_step = time.monotonic(), state["step"]
     while state["step"] < stop_at:
         epoch = state["step"] // c.steps_per_epoch
@@ -158,7 +163,7 @@ def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[s
             save(c, recipe, ctx, state, last)
             writer.flush(plots=True)
             if evaluated or state["step"] >= stop_at:  # Tune requires its metric in every report
-                ctx.report(last)
+                ctx.report_metrics(last)
         if stop and state["step"] < stop_at:
             ctx.flush()
             writer.log({"kind": "stop", "epoch": epoch, "step": state["step"], "epochs_done": state["step"] // c.steps_per_epoch,
@@ -168,7 +173,7 @@ def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[s
                 ctx.run.write_status("stopped", step=state["step"])
             log.info("stopping at step %d as the launcher asked (checkpoint saved); the next run resumes here",
                      state["step"])
-            raise StopRequested(state["step"])
+            raise StopRequested(state["step"], ctx.run.checkpoint_url(state["step"]))
     ctx.flush()  # the last checkpoint is committed before the final weights mark the run complete
     if ctx.is_main:
         write_final_weights(c, ctx, recipe)
@@ -285,7 +290,7 @@ def train_step(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str
         last = micro == c.plan.accum_steps - 1
         # DDP all-reduces on every backward; skip it until the last micro-batch of the step.
         sync = contextlib.nullcontext() if last or ctx.world_size == 1 else c.step_model.no_sync()
-        with sync, tasks.autocast(c.autocast, ctx):
+        with sync, tasks.autocast(c.autocast, ctx.device):
             loss = c.task.loss(c.step_model(images), targets) / c.plan.accum_steps
             if last:
                 faults.maybe_stall("stall-collective", state["step"], ctx.rank)
@@ -362,9 +367,10 @@ def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext, final: bool =
         return {}
     if ctx.world_size > 1 and recipe.run.dist_bn != "none":
         distribute_bn(c.model, ctx.world_size, reduce=recipe.run.dist_bn == "reduce")
-    out: dict[str, Any] = c.task.evaluate(c.model, c, ctx, final=final)
+    setup = components.eval_setup(c, ctx)
+    out: dict[str, Any] = c.task.evaluate(c.model, setup, final=final)
     if c.ema is not None:
-        ema = c.task.evaluate(c.ema.module, c, ctx, tag="ema", final=final)
+        ema = c.task.evaluate(c.ema.module, setup, tag="ema", final=final)
         out |= {f"ema_{k}": v for k, v in ema.items() if k != "val_images"}
     c.step_model.train()
     return out
@@ -412,7 +418,7 @@ def restore(c: Components, saved: tuple[str, dict[str, Any]], recipe: Recipe, ct
 
 def write_final_weights(c: Components, ctx: TrainContext, recipe: Recipe) -> None:
     """``model.safetensors`` (and ``model_ema.safetensors``) that timm loads with ``pretrained_cfg_overlay``, each
-    carrying its architecture, classes and evaluation preprocessing (``model.weights.timm_config``)."""
+    carrying its architecture, classes and evaluation preprocessing (``model.weight_format.timm_config``)."""
     weights = {WEIGHTS: c.model}
     if c.ema is not None:
         weights[EMA_WEIGHTS] = c.ema.module

@@ -13,7 +13,7 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from model.factory import create_model
 from model.segmentation import create_segmentation_model, load_pretrained, resize
-from orchestrator import weights
+from orchestrator import weight_lookup
 from orchestrator.data import device
 from orchestrator.data.gpu_decode import DeviceCrop, TrainDraws
 from orchestrator.data.manifest import Manifest
@@ -31,28 +31,31 @@ from orchestrator.data.reader import WithLabel
 from orchestrator.data.seg_transforms import SegEval, SegTrain, rescale_size
 from orchestrator.data.transforms import EvalCrop, TrainCrop
 from orchestrator.recipe import METRICS, Recipe, uses_mixup
-from orchestrator.train.context import TrainContext
-
-if TYPE_CHECKING:
-    from orchestrator.train.components import Components
+from orchestrator.rundir import RunDir
+from orchestrator.train.context import Rank
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalSetup:
-    """What ``Task.evaluate`` reads of the components (``orchestrator.evaluate`` has no optimizer to build), and
-    what only evaluation asks of a classifier: timm's ``--valid-labels`` and ImageNet-ReaL scoring."""
+    """What ``Task.evaluate`` needs (the loop's components or ``orchestrator.evaluate``'s): the loader, precision,
+    this rank's place, where the per-class CSV goes, and what only evaluation asks of a classifier: timm's
+    ``--valid-labels`` and ImageNet-ReaL scoring."""
 
     val_loader: Any
     autocast: torch.dtype | None
     channels_last: bool
+    device: torch.device
+    world_size: int
+    is_main: bool
+    out: RunDir  # the per-class CSV's folder
     label_subset: list[int] | None = None  # score these outputs only, in the data's class order (ImageNet-A/R)
     real_labels: dict[int, list[int]] | None = None  # sample id -> its ImageNet-ReaL labels (empty: not scored)
 
 
-def autocast(dtype: torch.dtype | None, ctx: TrainContext) -> contextlib.AbstractContextManager[Any]:
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=ctx.device.type, dtype=dtype)
+def autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class Task:
@@ -69,7 +72,7 @@ class Task:
     def input_size(self) -> int:
         raise NotImplementedError
 
-    def create_model(self, ctx: TrainContext) -> torch.nn.Module:
+    def create_model(self, ctx: Rank) -> torch.nn.Module:
         raise NotImplementedError
 
     def load_init(self, model: torch.nn.Module, url: str) -> None:
@@ -83,7 +86,7 @@ class Task:
         """The evaluation preprocessing final weights record (timm's ``pretrained_cfg`` keys)."""
         return {"mean": device.IMAGENET_DEFAULT_MEAN, "std": device.IMAGENET_DEFAULT_STD}
 
-    def device_step(self, ctx: TrainContext) -> Callable[[Any], Any] | None:
+    def device_step(self, ctx: Rank) -> Callable[[Any], Any] | None:
         """What turns a loaded training batch into uint8 NHWC images on the device, where the workers do not."""
         return None
 
@@ -91,15 +94,14 @@ class Task:
         return micro_batch
 
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, epoch: int,
-                    ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:
+                    ctx: Rank) -> tuple[torch.Tensor, torch.Tensor]:
         """A normalised batch and its targets on the device -> the model's inputs and the loss's targets."""
         raise NotImplementedError
 
     def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def evaluate(self, model: torch.nn.Module, c: Components, ctx: TrainContext, tag: str = "",
-                 final: bool = False) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, e: EvalSetup, tag: str = "", final: bool = False) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -123,11 +125,11 @@ class Classification(Task):
     def input_size(self) -> int:
         return self.recipe.data.input_size
 
-    def create_model(self, ctx: TrainContext) -> torch.nn.Module:
+    def create_model(self, ctx: Rank) -> torch.nn.Module:
         return create_model(self.recipe.model)
 
     def load_init(self, model: torch.nn.Module, url: str) -> None:
-        weights.load_into(model, url, self.recipe.run.storage_options)
+        weight_lookup.load_into(model, url, self.recipe.run.storage_options)
 
     def pretrained_cfg(self) -> dict[str, Any]:
         d = self.recipe.data
@@ -142,11 +144,11 @@ class Classification(Task):
             return WithLabel(TrainCrop(d.input_size, a.auto_augment, d.train_interpolation, a.color_jitter))
         return WithLabel(EvalCrop(d.input_size, d.crop_pct, d.interpolation))
 
-    def device_step(self, ctx: TrainContext) -> Callable[[Any], Any] | None:
+    def device_step(self, ctx: Rank) -> Callable[[Any], Any] | None:
         return DeviceCrop(self.recipe.data.input_size, ctx.device) if self.recipe.data.decode == "gpu" else None
 
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, epoch: int,
-                    ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:
+                    ctx: Rank) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.recipe
         device.random_erase(images, [device.sample_seed(r.run.seed, epoch, i) for i in ids.tolist()], r.augment.re_prob)
         targets = targets.to(ctx.device, non_blocking=True)
@@ -158,32 +160,29 @@ class Classification(Task):
         return self.loss_fn(outputs, targets)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, c: Components | EvalSetup, ctx: TrainContext, tag: str = "",
-                 final: bool = False) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, e: EvalSetup, tag: str = "", final: bool = False) -> dict[str, Any]:
         """Top-1/top-5 over the whole validation split; each image counted once across ranks (corrupt excluded).
         At the end of training (and in ``orchestrator.evaluate``) per class too, in ``per_class_acc{_tag}.csv``."""
-        assert c.val_loader is not None
-        subset = c.label_subset if isinstance(c, EvalSetup) else None
-        real = c.real_labels if isinstance(c, EvalSetup) else None
+        subset, real = e.label_subset, e.real_labels
         n = len(subset) if subset is not None else int(getattr(model, "num_classes", self.recipe.model.num_classes))
         model.eval()
-        per_class = torch.zeros(3, n, dtype=torch.float64, device=ctx.device)  # top-1, top-5, images by class
-        real_counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # the same over all ReaL-labelled images
-        for images, targets, ids, corrupt in c.val_loader:
-            images = device.normalize(images, ctx.device, c.channels_last)
-            targets = targets.to(ctx.device, non_blocking=True)  # the loader's pinned tensors: no host wait
-            with autocast(c.autocast, ctx):
+        per_class = torch.zeros(3, n, dtype=torch.float64, device=e.device)  # top-1, top-5, images by class
+        real_counts = torch.zeros(3, dtype=torch.float64, device=e.device)  # the same over all ReaL-labelled images
+        for images, targets, ids, corrupt in e.val_loader:
+            images = device.normalize(images, e.device, e.channels_last)
+            targets = targets.to(e.device, non_blocking=True)  # the loader's pinned tensors: no host wait
+            with autocast(e.autocast, e.device):
                 logits = model(images)
             if subset is not None:
                 logits = logits[:, subset]
             top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-            valid = corrupt.to(ctx.device, non_blocking=True) == 0
+            valid = corrupt.to(e.device, non_blocking=True) == 0
             hits = top5.eq(targets[:, None])
             for row, hit in enumerate((hits[:, 0] & valid, hits.any(1) & valid, valid)):  # no host sync (a GPU)
                 per_class[row].index_add_(0, targets, hit.double())
             if real is not None:
-                real_counts += real_hits(top5.cpu(), ids, corrupt, real).to(ctx.device)
-        if ctx.world_size > 1:
+                real_counts += real_hits(top5.cpu(), ids, corrupt, real).to(e.device)
+        if e.world_size > 1:
             dist.all_reduce(per_class)
             dist.all_reduce(real_counts)
         top1, top5, images = per_class.sum(1).tolist()
@@ -192,9 +191,9 @@ class Classification(Task):
             real_top1, real_top5, real_images = real_counts.tolist()
             out |= {"real_top1": 100 * real_top1 / real_images, "real_top5": 100 * real_top5 / real_images,
                     "real_images": int(real_images)}
-        if final and ctx.is_main:
-            names = [cl.name or cl.wnid for cl in c.val_loader.dataset.manifest.classes]
-            ctx.run.write_bytes(f"per_class_acc{'_' + tag if tag else ''}.csv",
+        if final and e.is_main:
+            names = [cl.name or cl.wnid for cl in e.val_loader.dataset.manifest.classes]
+            e.out.write_bytes(f"per_class_acc{'_' + tag if tag else ''}.csv",
                                 table_csv(["top1", "top5"], per_class[:2].T / per_class[2:].T, names,
                                           per_class[2].long().tolist()))
         return out
@@ -222,14 +221,14 @@ class Segmentation(Task):
     def input_size(self) -> int:
         return self.recipe.segment.crop_size
 
-    def create_model(self, ctx: TrainContext) -> torch.nn.Module:
+    def create_model(self, ctx: Rank) -> torch.nn.Module:
         model: torch.nn.Module = create_segmentation_model(self.recipe.model, self.recipe.head)
         if ctx.device.type == "cuda" and ctx.world_size > 1:  # the configs' SyncBN; plain BN on CPU (gloo has no SyncBN)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
     def load_init(self, model: torch.nn.Module, url: str) -> None:
-        weights.load_into(model, url, self.recipe.run.storage_options, load=load_pretrained)
+        weight_lookup.load_into(model, url, self.recipe.run.storage_options, load=load_pretrained)
 
     def pretrained_cfg(self) -> dict[str, Any]:
         s = self.recipe.segment
@@ -247,7 +246,7 @@ class Segmentation(Task):
         return 1  # images keep their own sizes, as mmseg's test loader (one image per GPU)
 
     def train_batch(self, images: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, epoch: int,
-                    ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor]:
+                    ctx: Rank) -> tuple[torch.Tensor, torch.Tensor]:
         return images, targets.to(ctx.device, non_blocking=True).long()
 
     def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -264,39 +263,36 @@ class Segmentation(Task):
         return per_pixel.mean()
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, c: Components, ctx: TrainContext, tag: str = "",
-                 final: bool = False) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, e: EvalSetup, tag: str = "", final: bool = False) -> dict[str, Any]:
         """Single-scale (``segment.scale``); at the end of training with ``segment.aug_test`` also multi-scale
         with flip, under ``ms_`` keys. Per-class IoU and accuracy go to ``per_class_iou{_tag}.csv``."""
         s = self.recipe.segment
-        out = self._evaluate(model, c, ctx, [1.0], False, tag)
+        out = self._evaluate(model, e, [1.0], False, tag)
         if final and s.aug_test:
-            ms = self._evaluate(model, c, ctx, s.aug_test_ratios, True, f"{tag}_ms" if tag else "ms")
+            ms = self._evaluate(model, e, s.aug_test_ratios, True, f"{tag}_ms" if tag else "ms")
             out |= {f"ms_{k}": v for k, v in ms.items() if k != "val_images"}
         return out
 
-    def _evaluate(self, model: torch.nn.Module, c: Components, ctx: TrainContext, ratios: list[float], flip: bool,
-                  tag: str) -> dict[str, Any]:
-        assert c.val_loader is not None
+    def _evaluate(self, model: torch.nn.Module, e: EvalSetup, ratios: list[float], flip: bool, tag: str) -> dict[str, Any]:
         model.eval()
         n, ignore = self.recipe.model.num_classes, self.recipe.segment.ignore_index
-        confusion = torch.zeros(n * n, dtype=torch.float64, device=ctx.device)
-        images_seen = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for images, masks, _ids, corrupt in c.val_loader:
+        confusion = torch.zeros(n * n, dtype=torch.float64, device=e.device)
+        images_seen = torch.zeros((), dtype=torch.float64, device=e.device)
+        for images, masks, _ids, corrupt in e.val_loader:
             if bool(corrupt.any()):  # a corrupt image's stand-in is another image: not counted twice
                 continue
-            x = device.normalize(images, ctx.device, c.channels_last)
-            with autocast(c.autocast, ctx):
+            x = device.normalize(images, e.device, e.channels_last)
+            with autocast(e.autocast, e.device):
                 probs = self.predict(model, x, ratios, flip)
-            confusion += confusion_of(probs.argmax(1)[0], masks[0].to(ctx.device).long(), n, ignore)
+            confusion += confusion_of(probs.argmax(1)[0], masks[0].to(e.device).long(), n, ignore)
             images_seen += 1
-        if ctx.world_size > 1:
+        if e.world_size > 1:
             dist.all_reduce(confusion)
             dist.all_reduce(images_seen)
         metrics, table = confusion_metrics(confusion.view(n, n).cpu())
-        if ctx.is_main:
-            names = [cl.name for cl in c.val_loader.dataset.manifest.classes] or [str(i) for i in range(n)]
-            ctx.run.write_bytes(f"per_class_iou{'_' + tag if tag else ''}.csv", table_csv(["IoU", "Acc"], table, names))
+        if e.is_main:
+            names = [cl.name for cl in e.val_loader.dataset.manifest.classes] or [str(i) for i in range(n)]
+            e.out.write_bytes(f"per_class_iou{'_' + tag if tag else ''}.csv", table_csv(["IoU", "Acc"], table, names))
         return {**metrics, "val_images": int(images_seen)}
 
     def predict(self, model: torch.nn.Module, x: torch.Tensor, ratios: list[float], flip: bool) -> torch.Tensor:

@@ -220,7 +220,8 @@ class Watchdog:
 
     def worker_stacks(self, wait_s: float = 2.0) -> bytes:
         """The stacks of this process's live DataLoader workers (``worker_stacks.register``): each is signalled and its
-        file read once written (at most ``wait_s`` in all)."""
+        file read once written: faulthandler writes a thread at a time, so once its size has stopped growing for
+        0.2 s (at most ``wait_s`` in all; the stalled main thread comes last)."""
         if self._workers is None:
             return b""
         files = {int(f.stem.split("-")[1]): f for f in self._workers.glob("worker-*.txt")}
@@ -230,8 +231,11 @@ class Watchdog:
                 os.kill(pid, WORKER_STACKS_SIGNAL)
         deadline, out = time.monotonic() + wait_s, b""
         for pid, f in sorted(files.items()):
-            while f.stat().st_size == 0 and time.monotonic() < deadline:
+            size, still = 0, 0
+            while still < 4 and time.monotonic() < deadline:
                 time.sleep(0.05)
+                now = f.stat().st_size
+                still, size = (still + 1 if now == size and now > 0 else 0), now
             out += f"\nDataLoader worker (pid {pid}):\n".encode() + f.read_bytes()
         return out
 

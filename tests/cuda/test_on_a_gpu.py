@@ -67,11 +67,11 @@ def test_decoding_does_not_overwrite_memory_the_training_stream_still_reads() ->
 
 
 def test_a_short_tiny_run_in_bf16_with_channels_last_learns(tmp_path, synth_dir) -> None:
-    from orchestrator.launch import local
+    from orchestrator import pretrain
     from orchestrator.rundir import RunDir
     from tests.conftest import smoke_recipe
 
-    local.run(smoke_recipe(tmp_path, synth_dir, "model.name=inception_next_tiny", "scaling.gpus_per_worker=1",
+    pretrain.train(smoke_recipe(tmp_path, synth_dir, "model.name=inception_next_tiny", "scaling.gpus_per_worker=1",
                            "run.precision=bf16", "run.channels_last=true", "schedule.epochs=3", "run.log_every_steps=1",
                            "run.name=t"))
     losses = [r["train_loss"] for r in RunDir(str(tmp_path / "runs" / "t")).records() if r["kind"] == "train"]

@@ -15,10 +15,9 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import doctor, faults
+from orchestrator import doctor, faults, pretrain
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.synth import SynthSource
-from orchestrator.launch import ray_train
 from orchestrator.rundir import RunDir
 from tests import chaos
 from tests.conftest import ROOT, smoke_recipe, steps_of
@@ -101,7 +100,7 @@ def test_the_doctor_measures_both_ray_nodes_and_plans_a_real_run_within_a_factor
     planned = report["plan"]["this_cluster"]
     assert planned["world_size"] == 2 and planned["seconds"]["all-reduce"] > 0
     poll(lambda: ray.available_resources().get("CPU", 0) >= 4, 60, "the doctor's workers to give their CPUs back")
-    ray_train.run(recipe)
+    pretrain.train(recipe, "ray")
     rates = [r["images_per_sec"] for r in RunDir(str(tmp_path / "runs" / "doctored")).records() if r["kind"] == "train"]
     # steps 7-10: the first windows hold the warm-up, which on this shared machine once made the median of
     # steps 3-6 three times the plan

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from orchestrator import faults
+from orchestrator import faults, pretrain
 from orchestrator import recipe as recipes
 from orchestrator.launch import ray_train
 from orchestrator.rundir import MARKER, RunDir
@@ -250,7 +250,7 @@ def test_worker_fault_restarts_from_the_latest_checkpoint(kind: str, driver: Ray
     recipe = smoke_recipe(tmp_path, synth_dir, f"run.name={unique(kind)}", "schedule.epochs=1", "scaling.num_workers=2",
                           "scaling.cpus_per_worker=1", "scaling.max_failures=2", "run.checkpoint_every_steps=2",
                           "batch.per_device_max=16")
-    metrics = ray_train.run(recipe)
+    metrics = pretrain.train(recipe, "ray")
 
     assert marker.read_text().startswith(f"{kind} at step 4 on rank 1")
     assert metrics["step"] == 10 and metrics["val_images"] == 80
@@ -269,7 +269,8 @@ def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: Ray
     In MLflow: one parent run for the pipeline, each stage's run nested under it (stage 1's since it resumed)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import pipeline, pipeline_file
+    from orchestrator.pipeline import command as pipeline
+    from orchestrator.pipeline import spec as pipeline_file
     from orchestrator.train.context import StopRequested
     from orchestrator.train.loop import train
     from tests.conftest import StopAfter

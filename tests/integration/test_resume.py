@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.launch import local, ray_train
+from orchestrator import pretrain
 from orchestrator.launch.slurm import submit
-from orchestrator.launch.slurm_cluster import SlurmOptions, job_states
+from orchestrator.launch.slurm_cluster import job_states
 from orchestrator.recipe import Recipe, absolute_paths, load, with_values
 from orchestrator.rundir import RunDir
+from orchestrator.slurm_options import SlurmOptions
 from tests.conftest import ROOT, assert_stopped_at, signal_after_step, smoke_recipe
 from tests.services import RayCluster, poll
 from tests.slurm import SlurmCluster
@@ -81,7 +82,7 @@ def test_ctrl_c_to_a_ray_driver_checkpoints_and_the_rerun_is_exact(ray_cluster: 
     assert done.returncode == 0, done.stderr[-3000:]
     assert resumes(run) == [(stopped, "ray")]
     # The uninterrupted run; the round trips below show local and Ray runs end bitwise equal.
-    local.run(load(ROOT / "recipes" / "smoke.yaml", [*sets(synth_dir, tmp_path / "runs", "straight"), *settings[-4:]]))
+    pretrain.train(load(ROOT / "recipes" / "smoke.yaml", [*sets(synth_dir, tmp_path / "runs", "straight"), *settings[-4:]]))
     assert_same_weights(run, tmp_path / "runs" / "straight")
 
 
@@ -95,12 +96,12 @@ def test_ray_local_slurm_ray_round_trip_with_pruning(reference: Path, driver: Ra
     last stopped, and the run ends with the uninterrupted Ray run's weights."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     recipe = absolute_paths(smoke_recipe(tmp_path, synth_dir, *PRUNED, f"run.name={name('trip')}"))
-    ray_train.run(segment(recipe, 4))
-    local.run(segment(recipe, 6))
-    job = submit("trip", segment(recipe, 8), SlurmOptions(time="00:05:00", log_dir=str(tmp_path / "logs")), None)
+    pretrain.train(segment(recipe, 4), "ray")
+    pretrain.train(segment(recipe, 6))
+    job = submit(pretrain.training(segment(recipe, 8)), SlurmOptions(time="00:05:00", log_dir=str(tmp_path / "logs"))).job_id
     final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
     assert poll(lambda: (s := job_states([job])[0].get(job)) in final and s, 240, f"Slurm job {job}") == "COMPLETED"
-    ray_train.run(recipe)
+    pretrain.train(recipe, "ray")
     run = tmp_path / "runs" / recipe.run.name
     assert resumes(run) == [(4, "local"), (6, "slurm"), (8, "ray")]
     assert_same_weights(run, reference)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import s3fs
 
+from orchestrator import pretrain
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.errors import StorageError
-from orchestrator.launch import local
 from orchestrator.storage import RetryPolicy
 from tests.conftest import ROOT, smoke_recipe
 from tests.services import S3Store
@@ -101,8 +101,8 @@ def test_training_run_lives_in_the_store_and_resumes_from_it(s3_store: S3Store, 
     options = json.dumps(s3_store.options)
     overrides = (f"data.train={s3_synth}/train", f"data.val={s3_synth}/val", f"run.storage={runs}",
                  f"run.storage_options={options}", f"data.storage_options={options}", "run.name=s3run")
-    local.run(smoke_recipe(tmp_path, Path("unused"), *overrides, "run.max_steps=3"))
-    result = local.run(smoke_recipe(tmp_path, Path("unused"), *overrides, "run.max_steps=5"))
+    pretrain.train(smoke_recipe(tmp_path, Path("unused"), *overrides, "run.max_steps=3"))
+    result = pretrain.train(smoke_recipe(tmp_path, Path("unused"), *overrides, "run.max_steps=5"))
     assert result["step"] == 5
     fs = s3fs.S3FileSystem(**s3_store.options)
     run = f"{runs.removeprefix('s3://')}/s3run"

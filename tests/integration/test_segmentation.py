@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from orchestrator import pretrain
 from orchestrator import recipe as recipes
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ShardDataset, ShardLoader
 from orchestrator.data.seg_transforms import SegEval
-from orchestrator.launch import local
 from orchestrator.rundir import RunDir
 from orchestrator.train.tasks import confusion_metrics
 from tests.conftest import ROOT, seg_recipe
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 def trained(seg_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """The smoke recipe for 60 iterations on the test set, evaluated at 30 and at the end (multi-scale too)."""
     tmp = tmp_path_factory.mktemp("seg")
-    result = local.run(seg_recipe(tmp, seg_dir, "run.name=smoke", "schedule.iterations=60", "run.eval_every_steps=30",
+    result = pretrain.train(seg_recipe(tmp, seg_dir, "run.name=smoke", "schedule.iterations=60", "run.eval_every_steps=30",
                                   "segment.aug_test=true", "data.num_workers=2"))
     return tmp / "runs" / "smoke", result
 
@@ -71,9 +71,9 @@ def test_smoke_recipe_learns_far_above_predicting_the_majority_class(trained: tu
 def test_n_plus_n_iterations_equal_2n_bitwise(seg_dir: Path, tmp_path: Path) -> None:
     """Photometric distortion, random resize/crop/flip, drop path, the auxiliary head and 2 workers, stopped at 6."""
     sets = ["schedule.iterations=12", "model.drop_path_rate=0.1", "data.num_workers=2"]
-    local.run(seg_recipe(tmp_path, seg_dir, "run.name=straight", *sets))
-    local.run(seg_recipe(tmp_path, seg_dir, "run.name=resumed", *sets, "run.max_steps=6"))
-    local.run(seg_recipe(tmp_path, seg_dir, "run.name=resumed", *sets))
+    pretrain.train(seg_recipe(tmp_path, seg_dir, "run.name=straight", *sets))
+    pretrain.train(seg_recipe(tmp_path, seg_dir, "run.name=resumed", *sets, "run.max_steps=6"))
+    pretrain.train(seg_recipe(tmp_path, seg_dir, "run.name=resumed", *sets))
     records = RunDir(str(tmp_path / "runs" / "resumed")).records()
     assert [r["step"] for r in records if r["kind"] == "resume"] == [6]
     a, b = (load_file(tmp_path / "runs" / name / "model.safetensors") for name in ("straight", "resumed"))

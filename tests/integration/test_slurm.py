@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator import faults, pipeline_file
-from orchestrator import pipeline as pipelines
-from orchestrator.launch import local
+from orchestrator import faults, pretrain
 from orchestrator.launch.slurm_cluster import job_states
+from orchestrator.pipeline import command as pipelines
+from orchestrator.pipeline import spec as pipeline_file
 from orchestrator.rundir import RunDir
 from tests.conftest import ROOT, assert_backbone_from, seg_tiny, steps_of
 from tests.services import MlflowServer, poll
@@ -126,7 +126,7 @@ def one_stage(tmp_path: Path) -> Path:
 
 def assert_bitwise_uninterrupted(run: Path, sets: list[str], tmp_path: Path) -> None:
     reference = pipeline_file.load(one_stage(tmp_path), sets, storage_url=f"{tmp_path}/reference")
-    local.run(pipeline_file.stage_recipe(reference, reference.stages[0]))
+    pretrain.train(pipeline_file.stage_recipe(reference, reference.stages[0]))
     a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "reference" / "one-pretrain" / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 

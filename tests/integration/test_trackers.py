@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from orchestrator import pretrain
 from orchestrator import recipe as recipes
-from orchestrator.launch import local
 from orchestrator.rundir import RunDir
 from tests.conftest import ROOT
 from tests.services import MlflowServer, RayCluster, poll
@@ -79,7 +79,7 @@ def test_mlflow_and_wandb_get_the_run_and_a_resume_on_another_launcher_continues
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
     recipe = recipes.load(ROOT / "recipes" / "smoke.yaml", sets)
-    local.run(recipe)
+    pretrain.train(recipe)
     records = RunDir(str(run)).records()
     assert [(r["step"], r["launcher"]) for r in records if r["kind"] == "resume"] == [(10, "local")]
     assert json.loads((run / "trackers.json").read_text()) == ids  # the same tracker runs, continued
@@ -138,7 +138,7 @@ def test_a_pipeline_whose_stage_fails_ends_its_parent_run_failed(mlflow_server: 
     pipeline's parent run ends FAILED (not RUNNING forever) with stage 1's run, FINISHED, under it."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import pipeline
+    from orchestrator.pipeline import command as pipeline
 
     experiment = f"failing-{uuid.uuid4().hex[:8]}"
     sets = [f"data.train={synth_dir}/train", f"data.val={synth_dir}/val", "data.num_workers=0", "data.input_size=32",

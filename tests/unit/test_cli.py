@@ -21,7 +21,7 @@ from orchestrator.data.__main__ import main as data_main
 from orchestrator.errors import RecipeError, TrainingError
 from orchestrator.finetune import main as finetune_main
 from orchestrator.gradcam.__main__ import main as gradcam_main
-from orchestrator.pipeline import main as pipeline_main
+from orchestrator.pipeline.command import main as pipeline_main
 from orchestrator.pretrain import main as pretrain_main
 from orchestrator.rundir import RunDir
 from orchestrator.runs import main as runs_main
@@ -172,7 +172,7 @@ def test_an_interruption_keeps_its_exit_code_across_processes() -> None:
 
 
 def test_status_and_the_run_listing_import_neither_torch_nor_submitit() -> None:
-    code = ("import sys, orchestrator.pipeline, orchestrator.runs; "
+    code = ("import sys, orchestrator.pipeline.command, orchestrator.runs; "
             "print(sorted(m for m in ('torch', 'submitit', 'ray', 'orchestrator.train.loop') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -180,17 +180,17 @@ def test_status_and_the_run_listing_import_neither_torch_nor_submitit() -> None:
 
 def test_runs_lists_finished_and_stopped_runs(synth_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               caplog: pytest.LogCaptureFixture) -> None:
-    from orchestrator.launch import local
+    from orchestrator import pretrain
     from orchestrator.train.context import StopRequested
     from orchestrator.train.loop import train
     from tests.conftest import StopAfter, smoke_recipe, smoke_sets
 
-    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=done", "schedule.epochs=1"))
-    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=capped", "schedule.epochs=1", "run.max_steps=3"))
+    pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=done", "schedule.epochs=1"))
+    pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=capped", "schedule.epochs=1", "run.max_steps=3"))
     with pytest.raises(StopRequested):
         train(smoke_recipe(tmp_path, synth_dir, "run.name=cut"), StopAfter(3, tmp_path / "runs" / "cut"))
     with pytest.raises(TrainingError):
-        local.run(smoke_recipe(tmp_path, synth_dir, "run.name=nan", "optimizer.lr=1e30", "schedule.warmup_epochs=0",
+        pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=nan", "optimizer.lr=1e30", "schedule.warmup_epochs=0",
                                "run.max_nonfinite_steps=1", "run.checkpoint_every_steps=1"))
     assert runs_main([str(tmp_path / "runs"), "--json"]) == 0
     rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}

@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model.weights import recorded_config
-from orchestrator import evaluate, runs
+from model.weight_format import recorded_config
+from orchestrator import evaluate, pretrain, runs
 from orchestrator.data.transforms import timm_eval_transform
-from orchestrator.launch import local
 from orchestrator.rundir import RunDir
 from tests.conftest import ROOT, smoke_recipe
 
@@ -31,7 +30,7 @@ def trained(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke run of 2 epochs at 32 px with an EMA: final weights, EMA weights and checkpoints."""
     root = tmp_path_factory.mktemp("evaluate")
     recipe = smoke_recipe(root, synth_dir, "ema.decay=0.9", "run.name=evaluated", "run.checkpoint_every_steps=5")
-    local.run(recipe)
+    pretrain.train(recipe)
     return root / "runs" / "evaluated"
 
 

@@ -15,12 +15,12 @@ from PIL import Image, ImageFilter
 from timm.data import auto_augment
 from torch.utils.data import default_collate
 
+from orchestrator import pretrain
 from orchestrator import recipe as recipes
 from orchestrator.data import gpu_decode
 from orchestrator.data.gpu_decode import COLOUR_OPS, GEOMETRIC, DeviceCrop, TrainDraws
 from orchestrator.data.transforms import TrainCrop
 from orchestrator.errors import DataError, RecipeError
-from orchestrator.launch import local
 from tests.conftest import ROOT, smoke_recipe
 from tests.unit.test_loop import RANDOM_EVERYTHING, weights
 
@@ -131,7 +131,7 @@ def test_recipe_and_preflight_refuse_what_the_device_path_cannot_do(tmp_path: Pa
         smoke_recipe(tmp_path, synth_dir, "data.decode=gpu", "augment.auto_augment=null", "augment.color_jitter=0.4")
     with pytest.raises(RecipeError, match="data.decode: gpu decoding is for classification"):
         recipes.load(ROOT / "recipes" / "seg" / "smoke.yaml", ["data.decode=gpu"])
-    from orchestrator.launch.launcher import preflight
+    from orchestrator.preflight import preflight
 
     recipe = smoke_recipe(tmp_path, synth_dir, "data.decode=gpu", "augment.auto_augment=rand-m9-t3a")
     with pytest.raises(RecipeError, match="no device version of RandAugment's desaturate"):
@@ -145,10 +145,10 @@ def test_a_gpu_decode_run_trains_on_the_device_path_and_resumes_bitwise(synth_di
     monkeypatch.setattr(DeviceCrop, "apply", lambda self, images, source, d: applied.append(len(source)) or
                         real(self, images, source, d))
     gpu = (*RANDOM_EVERYTHING, "data.decode=gpu")
-    local.run(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=straight", "run.max_steps=8"))
+    pretrain.train(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=straight", "run.max_steps=8"))
     assert sum(applied) == 8 * 32 and len(set(applied)) == 1, "every training image, a micro-batch at a time"
     for steps in (4, 8):
-        local.run(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=resumed", f"run.max_steps={steps}"))
+        pretrain.train(smoke_recipe(tmp_path, synth_dir, *gpu, "run.name=resumed", f"run.max_steps={steps}"))
     a, b = weights(tmp_path / "runs" / "straight"), weights(tmp_path / "runs" / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [r["train_loss"] for r in map(json.loads, (tmp_path / "runs" / "straight" / "metrics.jsonl").read_text()

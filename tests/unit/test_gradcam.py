@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from orchestrator import pretrain
 from orchestrator import recipe as recipes
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.synth import SynthSource, box_from_path
 from orchestrator.gradcam import cam, figure, images, models
 from orchestrator.gradcam.__main__ import main
-from orchestrator.launch import local
 from tests.conftest import ROOT
 
 SIZE = 96  # the last stage is 3x3 here; at 64 px (2x2) the maps are too coarse to say where the object is
@@ -28,7 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("gradcam")
     data = root / "data"
     write_dataset(SynthSource(classes=10, train=640, val=40, size=SIZE), str(data), WriteOptions(seed=0))
-    local.run(recipes.load(ROOT / "recipes" / "smoke.yaml", [
+    pretrain.train(recipes.load(ROOT / "recipes" / "smoke.yaml", [
         f"data.train={data}/train", f"data.val={data}/val", f"data.input_size={SIZE}", "data.crop_pct=1.0",
         "data.num_workers=0", "augment.auto_augment=null", "schedule.epochs=6", "batch.global_batch_size=32",
         "batch.per_device_max=32", f"run.storage={root}/runs", "run.name=cam",

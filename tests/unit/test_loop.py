@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from orchestrator import pretrain
 from orchestrator import recipe as recipes
 from orchestrator.errors import CheckpointError, TrainingError
-from orchestrator.launch import local
 from orchestrator.rundir import STATE, RunDir
 from orchestrator.storage import RetryPolicy
 from orchestrator.train.checkpoint import BackgroundCommitter
@@ -32,9 +32,9 @@ def weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tenso
 
 def test_resume_is_bitwise_exact(synth_dir: Path, tmp_path: Path) -> None:
     straight = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=straight", "run.max_steps=14")
-    local.run(straight)
+    pretrain.train(straight)
     for steps in (7, 14):  # stop mid-epoch 0, resume across the epoch boundary
-        local.run(smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=resumed", f"run.max_steps={steps}"))
+        pretrain.train(smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=resumed", f"run.max_steps={steps}"))
     runs = tmp_path / "runs"
     for name in ("model.safetensors", "model_ema.safetensors"):
         a, b = weights(runs / "straight", name), weights(runs / "resumed", name)
@@ -47,7 +47,7 @@ def test_resume_is_bitwise_exact(synth_dir: Path, tmp_path: Path) -> None:
 
 
 def test_run_outputs(synth_dir: Path, tmp_path: Path) -> None:
-    result = local.run(smoke_recipe(tmp_path, synth_dir, "run.name=outputs"))
+    result = pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=outputs"))
     run = tmp_path / "runs" / "outputs"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for key in ("epoch", "step", "lr", "train_loss", "top1", "top5", "images_per_sec"):
@@ -76,11 +76,11 @@ def test_a_torn_checkpoint_is_never_picked(synth_dir: Path, tmp_path: Path, monk
 
     monkeypatch.setattr(RunDir, "write_checkpoint", crash_at_step_6)
     with pytest.raises(CheckpointError, match="checkpoint upload to .* failed: node lost while writing"):
-        local.run(recipe)
+        pretrain.train(recipe)
     run = tmp_path / "runs" / "torn"
     assert steps_of(run) == [3] and not (run / "model.safetensors").exists()
     monkeypatch.setattr(RunDir, "write_checkpoint", real_write)
-    assert local.run(recipe)["step"] == 6
+    assert pretrain.train(recipe)["step"] == 6
     assert [r["step"] for r in RunDir(str(run)).records() if r["kind"] == "resume"] == [3]
     assert steps_of(run)[-1] == 6
 
@@ -98,7 +98,7 @@ def test_a_failing_upload_is_retried(synth_dir: Path, tmp_path: Path, monkeypatc
     monkeypatch.setattr(RunDir, "write_checkpoint", flaky)
     monkeypatch.setattr(BackgroundCommitter, "__init__", lambda self, run, keep, policy=None, progress=None: real_init(
         self, run, keep, RetryPolicy(attempts=3, base_delay=0.01), progress))
-    assert local.run(recipe)["step"] == 6
+    assert pretrain.train(recipe)["step"] == 6
     assert calls == [3, 3, 6, 6] and steps_of(tmp_path / "runs" / "retry") == [3, 6]
 
 
@@ -106,7 +106,7 @@ real_init = BackgroundCommitter.__init__
 
 
 def test_keep_last_k_checkpoints(synth_dir: Path, tmp_path: Path) -> None:
-    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=keep", "run.checkpoint_every_steps=2", "run.keep_checkpoints=2",
+    pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=keep", "run.checkpoint_every_steps=2", "run.keep_checkpoints=2",
                            "schedule.epochs=1"))
     assert steps_of(tmp_path / "runs" / "keep") == [8, 10]
 
@@ -115,23 +115,23 @@ def test_non_finite_losses_stop_the_run_with_a_clear_message(synth_dir: Path, tm
     recipe = smoke_recipe(tmp_path, synth_dir, "run.name=nan", "optimizer.lr=1e30", "schedule.warmup_epochs=0",
                           "run.max_nonfinite_steps=2")
     with pytest.raises(TrainingError, match=r"[34] steps with non-finite loss by step 4, more than run.max_nonfinite_steps=2"):
-        local.run(recipe)
+        pretrain.train(recipe)
 
 
 def test_finetune_at_larger_size_starts_from_the_pretrain_run(synth_dir: Path, tmp_path: Path) -> None:
-    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=pre", "run.max_steps=4", "ema.decay=0.9"))
+    pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=pre", "run.max_steps=4", "ema.decay=0.9"))
     pre_ema = weights(tmp_path / "runs" / "pre", "model_ema.safetensors")
     fine = smoke_recipe(tmp_path, synth_dir, "run.name=fine", "model.init=pre", "data.input_size=48", "run.max_steps=1",
                         "optimizer.lr=1e-12", "schedule.warmup_epochs=0", "schedule.sched=constant")
-    local.run(fine)
+    pretrain.train(fine)
     after = weights(tmp_path / "runs" / "fine")
     # One step at lr 1e-12 leaves the weights where the pretrain EMA put them.
     assert torch.allclose(after["stem.0.weight"], pre_ema["stem.0.weight"], atol=1e-6)
 
 
 def test_fresh_moves_the_old_run_aside_and_starts_at_step_zero(synth_dir: Path, tmp_path: Path) -> None:
-    local.run(smoke_recipe(tmp_path, synth_dir, "run.name=again", "run.max_steps=3"))
-    result = local.run(smoke_recipe(tmp_path, synth_dir, "run.name=again", "run.max_steps=2"), fresh=True)
+    pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=again", "run.max_steps=3"))
+    result = pretrain.train(smoke_recipe(tmp_path, synth_dir, "run.name=again", "run.max_steps=2"), fresh=True)
     runs = tmp_path / "runs"
     (old,) = runs.glob("again.replaced-*")
     assert steps_of(old) == [3]  # kept, untouched
@@ -142,14 +142,14 @@ def test_fresh_moves_the_old_run_aside_and_starts_at_step_zero(synth_dir: Path, 
 @pytest.mark.parametrize("stop_after", [7, 10])  # mid-epoch, and exactly at the end of epoch 0
 def test_a_requested_stop_checkpoints_and_resumes_exactly(stop_after: int, synth_dir: Path, tmp_path: Path) -> None:
     straight = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=straight", "run.max_steps=14")
-    local.run(straight)
+    pretrain.train(straight)
     stopped = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=stopped", "run.max_steps=14")
     run = tmp_path / "runs" / "stopped"
     with pytest.raises(StopRequested):
         train(stopped, StopAfter(stop_after, run))
     assert steps_of(run)[-1] == stop_after
     assert not (run / "model.safetensors").exists()
-    local.run(stopped)
+    pretrain.train(stopped)
     a, b = weights(tmp_path / "runs" / "straight"), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -169,10 +169,10 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_is_bitwise_exa
     assert 4 <= stopped < 30 and stopped % 10  # not at an epoch end, whose scheduled checkpoint would pass for it
     assert_stopped_at(run, stopped, "SIGTERM")
 
-    local.run(recipes.load(ROOT / "recipes" / "smoke.yaml", sets))  # the same command again
+    pretrain.train(recipes.load(ROOT / "recipes" / "smoke.yaml", sets))  # the same command again
     records = RunDir(str(run)).records()
     assert [r["step"] for r in records if r["kind"] == "resume"] == [stopped]
-    local.run(recipes.load(ROOT / "recipes" / "smoke.yaml", [*sets[:-1], "run.name=straight"]))
+    pretrain.train(recipes.load(ROOT / "recipes" / "smoke.yaml", [*sets[:-1], "run.name=straight"]))
     a, b = weights(run), weights(tmp_path / "runs" / "straight")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from model.config import ModelConfig
 from model.factory import create_model
 from orchestrator.errors import CheckpointError
-from orchestrator.weights import load_into as load_weights
+from orchestrator.weight_lookup import load_into as load_weights
 
 ATTO = ModelConfig(name="inception_next_atto", num_classes=10, drop_path_rate=0.1, head_dropout=0.5, ls_init_value=1e-6)
 

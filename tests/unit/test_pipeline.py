@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import pipeline_file as pipelines
 from orchestrator import recipe as recipes
 from orchestrator.errors import RecipeError
 from orchestrator.launch.slurm import sbatch_options
-from orchestrator.launch.slurm_cluster import minutes
+from orchestrator.pipeline import spec as pipelines
+from orchestrator.slurm_options import minutes
 from tests.conftest import ROOT
 
 PIPELINES = ROOT / "recipes" / "pipelines"

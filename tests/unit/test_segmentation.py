@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from model.config import HeadConfig, ModelConfig
 from model.factory import create_model
 from model.segmentation import create_segmentation_model, load_pretrained
-from model.weights import WeightsError
+from model.weight_format import WeightsError
 from orchestrator import recipe as recipes
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ShardDataset, ShardLoader

@@ -164,6 +164,37 @@ def test_a_dataloader_workers_frame_is_in_the_stack_file(tmp_path: Path) -> None
     assert not list((tmp_path / "run" / "stalls").glob("backstop-*"))  # the backstop's file was empty: gone
 
 
+SLOW_DUMP = """
+import os, signal, sys, threading, time
+
+def dump(signum, frame):  # faulthandler writes a thread at a time; the stalled main thread comes last
+    with open(os.path.join(sys.argv[1], f"worker-{os.getpid()}.txt"), "a") as f:
+        f.write("Thread 0x1 (most recent call first):\\n")
+        f.flush()
+        time.sleep(0.15)
+        f.write("  File \\"reader.py\\", line 1 in maybe_stall\\n")
+
+signal.signal(signal.SIGUSR1, dump)
+open(os.path.join(sys.argv[1], f"worker-{os.getpid()}.txt"), "w").close()
+print("ready", flush=True)
+threading.Event().wait(60)
+"""
+
+
+def test_a_worker_dump_written_a_thread_at_a_time_is_read_whole(tmp_path: Path) -> None:
+    """The chaos run once found a DataLoader worker's dump cut after its first threads: read when it began."""
+    dog = Watchdog(60, 0, lambda line: None, lambda name, data: name)
+    dog._workers = tmp_path
+    worker = subprocess.Popen([sys.executable, "-c", SLOW_DUMP, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() == "ready\n"
+        text = dog.worker_stacks().decode()
+    finally:
+        worker.kill()
+        worker.wait()
+    assert f"DataLoader worker (pid {worker.pid}):" in text and "in maybe_stall" in text
+
+
 GIL_HANG = """
 import ctypes, sys
 from orchestrator.rundir import RunDir

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from orchestrator import launch, pretrain, storage
 from orchestrator import recipe as recipes
-from orchestrator import storage
 from orchestrator.errors import Interrupted
 from orchestrator.launch import slurm_cluster
-from orchestrator.launch.launcher import launch, launch_world_sizes, preflight
-from orchestrator.pipeline_file import Pipeline, Stage, read_state, record, stage_recipe
+from orchestrator.pipeline.spec import Pipeline, Stage, read_state, record, stage_recipe
+from orchestrator.preflight import preflight, world_sizes_for
 from orchestrator.rundir import RunDir
 from orchestrator.train import trackers
 
@@ -46,7 +46,7 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
             log.info("%s: Slurm job %s is still queued or running, kept", s.name, jobs[-1])
             after = jobs[-1]
             continue
-        after = slurm.submit(s.name, recipes_[s.name], pipeline.slurm_of(s), after)
+        after = str(slurm.submit(pretrain.training(recipes_[s.name]), pipeline.slurm_of(s), after).job_id)
         record(pipeline, s, "slurm", after)
         submitted.append(after)
     return submitted
@@ -60,13 +60,13 @@ def run_in_process(pipeline: Pipeline, launcher: str) -> None:
             if _skip_complete(pipeline, s):
                 continue
             recipe = stage_recipe(pipeline, s)  # as orchestrator.pretrain would run it, under the same launcher
-            preflight(recipe, f"{pipeline.path}: stage {s.name}", launch_world_sizes(recipe, launcher))
+            preflight(recipe, f"{pipeline.path}: stage {s.name}", world_sizes_for(recipe, launcher))
             record(pipeline, s, launcher)
             parent = parent or tracker_parent(pipeline, recipe)
             if parent is not None:
                 trackers.set_parent(pipeline.run(s), {**parent, "job_type": s.name})
             log.info("%s: running %s", s.name, pipeline.run(s).url)
-            launch(recipe, launcher)
+            launch.run(pretrain.training(recipe), launcher)
     except BaseException as exc:
         if parent is not None:
             trackers.close_parent(recipe, parent, "stopped" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed")

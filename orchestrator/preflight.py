@@ -1,29 +1,30 @@
-"""Choosing a launcher: the world size it gives, the checks before it starts, and starting it.
+"""Before a job starts: the world sizes a launcher gives it, and every check that needs them or storage.
 
-Used by ``pretrain``/``finetune``, pipelines and sweeps, so the world size is decided here only.
+Used by every entry point (pretrain/finetune/segment, pipelines, sweeps, the doctor, evaluate), so the world
+size is decided here only.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
 
-from orchestrator import storage, weights
+from orchestrator import storage, weight_lookup
 from orchestrator.data import manifest
 from orchestrator.data.reader import checked_order, select_groups
 from orchestrator.errors import OrchestratorError, RecipeError
 from orchestrator.recipe import Recipe, micro_batch, plan_batch, world_sizes
 from orchestrator.rundir import RunDir
+from orchestrator.slurm_options import SlurmOptions
 
-LAUNCHERS = ("ray", "local")
 
-
-def launch_world_sizes(recipe: Recipe, launcher: str) -> list[int]:
-    """The world sizes the run may have. Ray: ``scaling.num_workers`` (every size of an elastic ``[min, max]``);
-    local: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
-    if launcher == "local":
+def world_sizes_for(recipe: Recipe, where: str, slurm: SlurmOptions | None = None) -> list[int]:
+    """The world sizes a job of ``recipe`` may have under ``where``. Ray: ``scaling.num_workers`` (every size of an
+    elastic ``[min, max]``); local: torchrun's ``WORLD_SIZE`` (1 without torchrun); Slurm: the job's tasks."""
+    if where == "local":
         return [int(os.environ.get("WORLD_SIZE", 1))]
+    if where == "slurm":
+        return [(slurm or SlurmOptions()).world_size]
     return world_sizes(recipe)
 
 
@@ -66,7 +67,7 @@ def preflight(recipe: Recipe, source: str, world: int | list[int], require_init:
             raise RecipeError(f"{source}: {exc}") from exc
     if recipe.model.init and check_init:
         try:
-            weights.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
+            weight_lookup.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options)
         except OrchestratorError as exc:
             raise RecipeError(f"{source}: {exc}") from exc
 
@@ -93,14 +94,3 @@ def finished(recipe: Recipe) -> str | None:
         return None  # it stopped at an earlier run.max_steps: a larger one continues it
     return (f"{run.url} is finished (step {step}, weights {run.final_weights()}); nothing to do. --fresh starts it "
             "over (the old run is kept beside it), or --set run.name=NEW trains another")
-
-
-def launch(recipe: Recipe, launcher: str, fresh: bool = False) -> dict[str, Any]:
-    """Run the recipe under ``launcher`` (``ray`` or ``local``); returns the last metrics."""
-    if launcher == "local":
-        from orchestrator.launch import local
-
-        return local.run(recipe, fresh)
-    from orchestrator.launch import ray_train
-
-    return ray_train.run(recipe, fresh)

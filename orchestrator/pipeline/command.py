@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from orchestrator import cli, storage
 from orchestrator import recipe as recipes
 from orchestrator.launch import slurm_cluster
-from orchestrator.pipeline_file import Pipeline, load, read_state, stage_recipe
+from orchestrator.pipeline.spec import Pipeline, load, read_state, stage_recipe
 
 
 def status(pipeline: Pipeline) -> tuple[list[dict[str, Any]], str]:
@@ -80,16 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.status:
             print_status(*status(pipeline))
             return
-        from orchestrator.launch import pipeline_runner  # torch, submitit and the loop only when launching
+        import orchestrator.pipeline.runner as runner  # torch, submitit and the loop only when launching
 
         if args.launcher == "slurm":
-            jobs = pipeline_runner.run_slurm(pipeline)
+            jobs = runner.run_slurm(pipeline)
             print(f"submitted: {' '.join(jobs) if jobs else 'nothing (all stages complete or queued)'}")
         else:
-            pipeline_runner.run_in_process(pipeline, args.launcher)
+            runner.run_in_process(pipeline, args.launcher)
 
     return cli.run(body, p, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

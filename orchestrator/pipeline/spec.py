@@ -20,9 +20,9 @@ from orchestrator import overrides as overrides_
 from orchestrator import recipe as recipes
 from orchestrator import storage
 from orchestrator.errors import RecipeError
-from orchestrator.launch.slurm_cluster import SlurmOptions, minutes
 from orchestrator.overrides import Override
 from orchestrator.rundir import RunDir
+from orchestrator.slurm_options import SlurmOptions, minutes
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Weights from where users keep them: a run of this project, a checkpoint folder, or a file URL.
 
 Reads the bytes through storage (verified against the commit marker for a checkpoint) and hands
-them to ``model.weights``, which knows the formats.
+them to ``model.weight_format``, which knows the formats.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from model.weights import WeightsError, load_state_dict, state_dict_from_bytes
+from model.weight_format import WeightsError, load_state_dict, state_dict_from_bytes
 from orchestrator import storage
 from orchestrator.errors import CheckpointError
 from orchestrator.rundir import STATE, RunDir

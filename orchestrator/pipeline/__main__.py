@@ -1,0 +1,5 @@
+import sys
+
+from orchestrator.pipeline.command import main
+
+sys.exit(main())
