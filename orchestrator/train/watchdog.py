@@ -160,13 +160,22 @@ class Watchdog:
         run on this node are uploaded (non-empty: an attempt the backstop ended) or removed (empty: it ended
         otherwise)."""
         assert self.local_dir is not None
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        mine = self.local_dir / f"backstop-{stamp}-rank-{self.rank}-pid-{os.getpid()}.txt"
         try:
             self.local_dir.mkdir(parents=True, exist_ok=True)
             for old in self.local_dir.glob("*-pid-*.txt"):
                 if not _alive(int(old.stem.rsplit("-", 1)[1])):
-                    self._collect(old)
-            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-            self._backstop = open(self.local_dir / f"backstop-{stamp}-rank-{self.rank}-pid-{os.getpid()}.txt", "w+")  # noqa: SIM115
+                    with contextlib.suppress(FileNotFoundError):  # another rank of this node collected it first
+                        self._collect(old)
+            for attempt in range(2):  # the folder is shared: another rank's stop may remove it while empty
+                try:
+                    self._backstop = open(mine, "w+")  # noqa: SIM115
+                    break
+                except FileNotFoundError:
+                    if attempt:
+                        raise
+                    self.local_dir.mkdir(parents=True, exist_ok=True)
             self._arm()
         except OSError as exc:
             log.warning("no C backstop for the stall watchdog: %s", exc)

@@ -84,20 +84,27 @@ def test_drop_path_grid_survives_an_interruption_and_gives_table_plot_and_best_r
         assert load_file(run / "model.safetensors")
 
 
-def test_asha_stops_a_hopeless_trial_early(driver: RayCluster, mlflow_server: MlflowServer, synth_dir: Path,
-                                          tmp_path: Path) -> None:
-    """ASHA stops the lr=5 trial after its first epoch. In MLflow: one parent run for the sweep, a child per trial."""
+def test_asha_stops_a_hopeless_trial_early_in_a_sweep_whose_store_secrets_reach_the_trials_by_environment_only(
+        ray_cluster: RayCluster, s3_store: S3Store, mlflow_server: MlflowServer, synth_dir: Path, tmp_path: Path) -> None:
+    """ASHA stops the lr=5 trial after its first epoch. In MLflow: one parent run for the sweep, a child per trial.
+    Key and secret are in sweep.storage_options, the sweep on the S3 store: the trials train and commit there, and
+    no object in the store (Tune's pickled state included) holds the secret."""
+    import s3fs
     from mlflow.tracking import MlflowClient
 
-    experiment = f"asha-{tmp_path.name}"
-    sweep = sweeps.load(ROOT / "recipes" / "sweeps" / "smoke.yaml", [
-        *data_sets(synth_dir, tmp_path), "schedule.warmup_epochs=0", "sweep.name=asha",
-        "sweep.search={optimizer.lr: {grid: [4.0e-3, 5.0]}}", "sweep.proxy={schedule.epochs: 3}",
-        "sweep.max_concurrent_trials=1", "sweep.scheduler={grace_period: 1, reduction_factor: 2}",
-        "run.trackers=[mlflow]", f"run.tracking_uri={mlflow_server.uri}", f"run.experiment={experiment}",
-    ])
-    table = sweep_runner.run(sweep).set_index("optimizer.lr")
+    bucket, experiment = s3_store.bucket("sweeps"), f"asha-{tmp_path.name}"
+    sets = [*data_sets(synth_dir, tmp_path), f"sweep.storage={bucket}", f"sweep.storage_options={json.dumps(s3_store.options)}",
+            "schedule.warmup_epochs=0", "sweep.name=asha", "sweep.search={optimizer.lr: {grid: [4.0e-3, 5.0]}}",
+            "sweep.proxy={schedule.epochs: 3}", "sweep.max_concurrent_trials=1",
+            "sweep.scheduler={grace_period: 1, reduction_factor: 2}", "run.trackers=[mlflow]",
+            f"run.tracking_uri={mlflow_server.uri}", f"run.experiment={experiment}"]
+    command = [sys.executable, "-m", "orchestrator.tune", "recipes/sweeps/smoke.yaml", *(f"--set={s}" for s in sets)]
+    done = subprocess.run(command, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
 
+    fs = s3fs.S3FileSystem(**s3_store.options, skip_instance_cache=True)
+    with fs.open(f"{bucket.removeprefix('s3://')}/asha/results.csv") as f:
+        table = pd.read_csv(f).set_index("optimizer.lr")
     assert not table.loc[4.0e-3, "stopped_early"] and table.loc[4.0e-3, "epochs"] == 3
     assert table.loc[5.0, "stopped_early"] and table.loc[5.0, "epochs"] == 1
     assert table.loc[5.0, "best_top1"] < table.loc[4.0e-3, "best_top1"]
@@ -111,22 +118,6 @@ def test_asha_stops_a_hopeless_trial_early(driver: RayCluster, mlflow_server: Ml
     assert finished.info.status == "FINISHED" and finished.data.params["optimizer.lr"] == "0.004"
     assert len(client.get_metric_history(finished.info.run_id, "top1")) == 3  # an evaluation per epoch
 
-
-def test_inline_storage_secrets_reach_the_trials_through_the_environment_only(
-        ray_cluster: RayCluster, s3_store: S3Store, synth_dir: Path, tmp_path: Path) -> None:
-    """Key and secret in sweep.storage_options, the sweep on the S3 store: one trial trains and commits there,
-    and no object in the store (Tune's pickled state included) holds the secret."""
-    import s3fs
-
-    bucket = s3_store.bucket("sweeps")
-    sets = [*data_sets(synth_dir, tmp_path), f"sweep.storage={bucket}", "sweep.name=inline",
-            f"sweep.storage_options={json.dumps(s3_store.options)}", "sweep.scheduler=null",
-            "sweep.search={model.drop_path_rate: {grid: [0.1]}}", "sweep.proxy={schedule.epochs: 1}"]
-    command = [sys.executable, "-m", "orchestrator.tune", "recipes/sweeps/smoke.yaml", *(f"--set={s}" for s in sets)]
-    done = subprocess.run(command, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    fs = s3fs.S3FileSystem(**s3_store.options, skip_instance_cache=True)
     files = fs.find(bucket.removeprefix("s3://"))
     assert any(f.endswith("/COMMITTED") for f in files) and any(f.endswith("tuner.pkl") for f in files)
     secret = s3_store.options["secret"].encode()

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from orchestrator.rundir import RunDir
@@ -193,6 +194,39 @@ def test_a_worker_dump_written_a_thread_at_a_time_is_read_whole(tmp_path: Path) 
         worker.kill()
         worker.wait()
     assert f"DataLoader worker (pid {worker.pid}):" in text and "in maybe_stall" in text
+
+
+def test_ranks_sharing_a_stalls_folder_each_get_their_backstop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank of a node (every rank, for a run folder on shared disk) collects an earlier attempt's backstop file
+    at start: one that another rank took first, or a folder another rank's stop removed, costs no rank its own."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = tmp_path / f"backstop-20260101T000000Z-rank-1-pid-{int(dead.stdout)}.txt"
+    old.write_text("")
+    real_collect = Watchdog._collect
+
+    def taken_by_a_peer(self: Watchdog, path: Path) -> None:
+        path.unlink()  # the other rank collected it between this one's listing and its look at it
+        real_collect(self, path)
+
+    monkeypatch.setattr(Watchdog, "_collect", taken_by_a_peer)
+    dog = Watchdog(60, 0, lambda line: None, local_dir=tmp_path).start()
+    try:
+        assert [p.name for p in tmp_path.glob(f"backstop-*-pid-{os.getpid()}.txt")]
+    finally:
+        dog.stop()
+    real_mkdir, removed = Path.mkdir, []
+
+    def removed_by_a_peer(self: Path, *args: object, **kwargs: object) -> None:
+        real_mkdir(self, *args, **kwargs)
+        if self == tmp_path / "shared" and not removed:
+            removed.append(self.rmdir())  # a peer's stop found the folder empty and removed it
+
+    monkeypatch.setattr(Path, "mkdir", removed_by_a_peer)
+    dog = Watchdog(60, 0, lambda line: None, local_dir=tmp_path / "shared").start()
+    try:
+        assert removed and [p.name for p in (tmp_path / "shared").glob(f"backstop-*-pid-{os.getpid()}.txt")]
+    finally:
+        dog.stop()
 
 
 GIL_HANG = """
