@@ -54,6 +54,9 @@ def test_ddp_across_two_nodes_gives_the_single_worker_gradients(second_node: Ray
 # named), a stall the two-node Slurm job's and test_watchdog's (a DataLoader worker's frame in the stack file), and a
 # node loss changes the world size, where the suite's run is checked bitwise.
 SUITE_KINDS = ("worker-term", "store-restart", "tear")
+# Its watchdog is on, at a timeout that a store restart (the store down until a read fails, then started: up to 10 s
+# on a loaded machine, the reader retrying all along) does not reach: no stall is injected here.
+CHAOS_STALL_S = 60
 
 
 @pytest.mark.timeout(900)  # about 2.5 minutes on a 2-core machine
@@ -65,11 +68,11 @@ def test_a_seeded_chaos_run_loses_nothing(second_node: RayWorkerNode, ray_cluste
     every = 2
     plan = chaos.schedule(seed=0, count=len(SUITE_KINDS), kinds=SUITE_KINDS, every=every)
     data = chaos.write_data(s3_store)
-    sets = {name: chaos.settings(s3_store, data, tmp_path / "runs", name, plan, every, STALL_S)
+    sets = {name: chaos.settings(s3_store, data, tmp_path / "runs", name, plan, every, CHAOS_STALL_S)
             for name in ("reference", "chaos")}
     chaos.reference_run(ray_cluster, sets["reference"], tmp_path)
     run = chaos.ChaosRun(ray_cluster, second_node, s3_store, sets["chaos"], tmp_path / "runs" / "chaos", plan, every,
-                         tmp_path, stall_s=STALL_S)
+                         tmp_path, stall_s=CHAOS_STALL_S)
     run.run()
     chaos.verify(run, tmp_path / "runs" / "reference")
     print(run.table(), run.summary(), sep="\n")
