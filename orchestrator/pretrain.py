@@ -13,14 +13,17 @@ from orchestrator.errors import RecipeError
 from orchestrator.launch.job import Job
 from orchestrator.preflight import finished, preflight, world_sizes_for
 from orchestrator.rundir import RunDir
-from orchestrator.train import loop, trackers
+from orchestrator.train import trackers
 
 log = logging.getLogger("orchestrator")
 
 
 def training(recipe: recipes.Recipe, fresh: bool = False) -> Job:
     """The training run of ``recipe`` as a launcher ``Job`` (resumable; trackers' settings go to every rank);
-    ``fresh`` first moves an existing run of the name aside."""
+    ``fresh`` first moves an existing run of the name aside. (The loop, torch and timm are imported here, not at
+    the top: ``--print-config`` and bad input are answered without them.)"""
+    from orchestrator.train import loop
+
     return Job(loop.on_rank, recipe, env=trackers.job_environment(recipe), resumable=True,
                setup=RunDir.of(recipe).set_aside if fresh else None)
 

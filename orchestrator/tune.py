@@ -68,7 +68,7 @@ def run(sweep: sweeps.Sweep, fresh: bool = False, verbose: bool = False) -> pd.D
     sweep_url = storage.join(root, sweep.name)
     base = recipes.with_values(sweep.trial_base(), {
         "run.storage": storage.join(sweep_url, "trials"), "run.storage_options": sweep.storage_options}, sweep.name)
-    ray_train.connect({**trackers.job_environment(base), **ray_train.secret_environment(base)})  # trials get the recipe redacted
+    ray_train.connect(ray_train.job_environment(pretrain.training(base)))  # trials get the recipe redacted
     ray_train.check_storage(sweep.storage, "sweep.storage")
     base = ray_train.with_absolute_paths(base)
     if fresh:

@@ -16,9 +16,10 @@ class Job:
     ``fn`` is a module-level function: Ray and Slurm ship it by name, with ``args`` pickled and the recipe with its
     secrets redacted (they travel in the job's environment). ``name`` is the cluster's name for the job (a Ray Train
     run, a Slurm job; default: the run's name); ``env`` is what every rank needs of this process's environment
-    besides the storage secrets (trackers' settings): Ray's workers get it; local and Slurm ranks inherit it. A ``resumable`` job is a training run: a stop request checkpoints it (``StopRequested``),
-    Ray relays the driver's and keeps an elastic worker range, Slurm requeues it; any other job runs on the largest
-    worker count and is simply ended. ``setup`` runs once before any rank starts ``fn``: in the driver (Ray,
+    besides the storage secrets (trackers' settings): Ray's workers get it; local and Slurm ranks inherit it. A
+    ``resumable`` job is a training run: a stop request checkpoints it (``StopRequested``), Ray relays the driver's
+    and keeps an elastic worker range, Slurm requeues it; any other job runs on the largest worker count and is
+    simply ended. ``setup`` runs once before any rank starts ``fn``: in the driver (Ray,
     Slurm), or on rank 0 before a barrier (local, torchrun).
     """
 

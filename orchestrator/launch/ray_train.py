@@ -7,8 +7,9 @@ worker group resumes from the run folder's newest verified checkpoint. Re-runnin
 ``run.name`` and ``run.storage`` resumes; ``--fresh`` starts over.
 
 Rank 0's value comes back through a scratch folder of the job's own under ``run.storage``
-(``.launch-<id>/``, removed after), which the driver reads. Ray's own INFO lines go to the session's log files (``/tmp/ray/session_*/logs``): the driver and
-``ray job logs`` show the run's header, one line per epoch from rank 0 and the summary.
+(``.launch-<id>/``, removed after), which the driver reads. Ray's own INFO lines go to the session's
+log files (``/tmp/ray/session_*/logs``): the driver and ``ray job logs`` show the run's header, one
+line per epoch from rank 0 and the summary.
 """
 
 from __future__ import annotations
@@ -165,6 +166,11 @@ def storage_for_ray(url: str, options: dict[str, Any]) -> tuple[str, pafs.FileSy
     return path, pafs.PyFileSystem(StorageHandler(url, options))
 
 
+def job_environment(job: Job) -> dict[str, str]:
+    """What ``job``'s Ray processes need from this driver's environment: ``job.env`` and the storage secrets."""
+    return {**job.env, **secret_environment(job.recipe)}
+
+
 def secret_environment(recipe: Recipe) -> dict[str, str]:
     """``SECRETS_ENV`` for the recipe's inline storage secrets, to go into the Ray job's environment."""
     secrets = secret_options(recipe)
@@ -299,7 +305,7 @@ def run(job: Job, callbacks: list[ray.train.UserCallback] | None = None, relay: 
     SIGTERM or Ctrl-C to this driver: the workers of a resumable job checkpoint at the next step and return,
     then Interrupted says where it resumes; a second signal stops at once. Inside a Tune trial, ``relay`` is the
     sweep driver's and ``callbacks`` report to Tune."""
-    connect({**job.env, **secret_environment(job.recipe)})
+    connect(job_environment(job))
     recipe = with_absolute_paths(job.recipe)
     if job.setup is not None:
         job.setup()
@@ -327,7 +333,8 @@ def run(job: Job, callbacks: list[ray.train.UserCallback] | None = None, relay: 
 @contextlib.contextmanager
 def relayed_stop() -> Iterator[tuple[str, StopSignals]]:
     """While open, this driver's SIGTERM/SIGINT is a graceful stop request relayed to its workers: yields the name
-    of the ``StopRelay`` they poll (``Rank.relayed``, asked by ``TrainContext.poll_stop``) and the driver's ``StopSignals``."""
+    of the ``StopRelay`` they poll (``Rank.relayed``, asked by ``TrainContext.poll_stop``) and the driver's
+    ``StopSignals``."""
     name = f"stop-relay-{uuid.uuid4().hex}"
     # On the driver's node: the relay must not go down with a worker node (elastic runs lose nodes).
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

@@ -82,7 +82,8 @@ def run(job: Job, options: SlurmOptions) -> Any:
         raise OrchestratorError(f"Slurm job {submitted.job_id} ({job.cluster_name}) did not complete: "
                                 f"{storage.one_line(exc)[:300]}") from None
     except submitit.core.utils.FailedJobError as exc:
-        raise OrchestratorError(f"Slurm job {submitted.job_id} ({job.cluster_name}) failed: {storage.one_line(exc)[-300:]}") from None
+        raise OrchestratorError(f"Slurm job {submitted.job_id} ({job.cluster_name}) failed: "
+                                f"{storage.one_line(exc)[-300:]}") from None
 
 
 def slurm_rank(recipe: Recipe) -> Rank:

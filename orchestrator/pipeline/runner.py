@@ -33,8 +33,8 @@ def run_slurm(pipeline: Pipeline) -> list[str]:
         slurm_cluster.check_cluster(options, recipes_[s.name])
     for s in todo:
         produced_later = s.init_from in {t.name for t in todo}  # its init is made by a stage submitted now
-        preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}", pipeline.slurm_of(s).world_size,
-                  check_init=not produced_later)
+        preflight(recipes_[s.name], f"{pipeline.path}: stage {s.name}",
+                  world_sizes_for(recipes_[s.name], "slurm", pipeline.slurm_of(s)), check_init=not produced_later)
     state, submitted, after = read_state(pipeline), [], None
     parent = tracker_parent(pipeline, recipes_[todo[0].name])  # the stages' jobs end it (close_parent)
     for s in todo:

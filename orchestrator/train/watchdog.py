@@ -168,14 +168,11 @@ class Watchdog:
                 if not _alive(int(old.stem.rsplit("-", 1)[1])):
                     with contextlib.suppress(FileNotFoundError):  # another rank of this node collected it first
                         self._collect(old)
-            for attempt in range(2):  # the folder is shared: another rank's stop may remove it while empty
-                try:
-                    self._backstop = open(mine, "w+")  # noqa: SIM115
-                    break
-                except FileNotFoundError:
-                    if attempt:
-                        raise
-                    self.local_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._backstop = open(mine, "w+")  # noqa: SIM115
+            except FileNotFoundError:  # the folder is shared: another rank's stop removed it while it was empty
+                self.local_dir.mkdir(parents=True, exist_ok=True)
+                self._backstop = open(mine, "w+")  # noqa: SIM115
             self._arm()
         except OSError as exc:
             log.warning("no C backstop for the stall watchdog: %s", exc)

@@ -63,8 +63,9 @@ CHAOS_STALL_S = 60
 def test_a_seeded_chaos_run_loses_nothing(second_node: RayWorkerNode, ray_cluster: RayCluster, s3_store: S3Store,
                                           tmp_path: Path) -> None:
     """Two workers on two nodes, shards in the S3 store: a worker SIGTERMed, the store restarted mid-epoch and a torn
-    upload. Each fault resumes from the checkpoint it should (``ChaosRun.check``), no restart redoes more than ``every`` steps, every step
-    is logged once with the samples of the uninterrupted two-worker run, and the weights end bitwise equal."""
+    upload. Each fault resumes from the checkpoint it should (``ChaosRun.check``), no restart redoes more than
+    ``every`` steps, every step is logged once with the samples of the uninterrupted two-worker run, and the
+    weights end bitwise equal."""
     every = 2
     plan = chaos.schedule(seed=0, count=len(SUITE_KINDS), kinds=SUITE_KINDS, every=every)
     data = chaos.write_data(s3_store)
