@@ -11,6 +11,15 @@ host memory) against what runs in the background (encoding, upload, commit).
 The last line is ``checkpoint_overhead=<with / without>``, the median of the per-round ratios; the line
 before it gives their spread (quartiles) and the standard error of the median, so a 3% effect can be told
 from this machine's noise.
+
+    .venv/bin/python bench/checkpoint.py --state b [--epoch-s 13] [--epochs 4]
+
+A B-sized state through each S3 client candidate: upload and download MB/s of the encoded ``state.pt`` for the
+old writer (s3fs's file writer, one part at a time), s3fs's ``pipe_file`` (waves of 10 parts), boto3's
+``TransferConfig`` (10 threads) and obstore (12 parts in a sliding window: ``orchestrator.transfer``, the one
+training uses). Then epochs of ``--epoch-s`` seconds (the host waits on the device, as in GPU training) with a
+checkpoint at each end, under both ``run.checkpoint_overlap`` policies: the share of each epoch the training thread
+lost (staging, and waiting for the previous upload). Last line: ``upload_speedup=<obstore / old writer>``.
 """
 
 from __future__ import annotations
@@ -18,9 +27,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -28,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from orchestrator import recipe as recipes  # noqa: E402
+from orchestrator import transfer  # noqa: E402
 from orchestrator.rundir import RunDir  # noqa: E402
 from orchestrator.train import checkpoint, components, tasks  # noqa: E402
 from orchestrator.train.components import Components  # noqa: E402
@@ -59,11 +69,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--skip-b", action="store_true")
+    p.add_argument("--state", choices=("smoke", "b"), default="smoke")
+    p.add_argument("--epoch-s", type=float, default=13.0)
+    p.add_argument("--epochs", type=int, default=4)
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
-    store = S3Store(data_dir=root / "data", log_path=root / "weed.log", niceness=19)
-    store.data_dir.mkdir()
-    store.start()
+    if args.state == "b":
+        return clients_and_epochs(args.epoch_s, args.epochs)
+    store = S3Store.started("bench-ckpt-", niceness=19)
     try:
         bucket = store.bucket("bench")
         ctx = TrainContext(run=RunDir(f"{bucket}/smoke", store.options))
@@ -112,17 +124,22 @@ def main() -> None:
         store.stop()
 
 
-def b_sized(bucket: str, store: S3Store) -> None:
-    """One B-sized state: the training thread pays for the snapshot only."""
+def b_state() -> dict[str, Any]:
+    """InceptionNeXt-B's weights, EMA and AdamW moments (without a B-sized backward)."""
     model = timm.create_model("inception_next_base", num_classes=1000)
     ema = timm.create_model("inception_next_base", num_classes=1000)
     optimizer = torch.optim.AdamW(model.parameters())
     for group in optimizer.param_groups:  # materialise the two moments without a B-sized backward
         for param in group["params"]:
-            optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(param),
-                                      "exp_avg_sq": torch.zeros_like(param)}
+            optimizer.state[param] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(param),
+                                      "exp_avg_sq": torch.rand_like(param)}
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def b_sized(bucket: str, store: S3Store) -> None:
+    """One B-sized state: the training thread pays for the snapshot only."""
     ctx = TrainContext(run=RunDir(f"{bucket}/b", store.options))
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+    state = b_state()
     start = time.perf_counter()
     files = checkpoint.encode(state)
     encoded = time.perf_counter() - start  # what blocked training when the snapshot was encoded in its thread
@@ -137,6 +154,100 @@ def b_sized(bucket: str, store: S3Store) -> None:
         print(f"B-sized state ({len(files['state.pt']) / 2**30:.2f} GB): staging {staged:.2f} s blocks training "
               f"(encoding it there took {encoded:.2f} s), submit returns at {submitted:.2f} s, encoding, upload and "
               f"commit done in the background at {uploaded:.2f} s")
+
+
+def clients_and_epochs(epoch_s: float, epochs: int) -> None:
+    store = S3Store.started("bench-ckpt-", niceness=19)
+    try:
+        bucket = store.bucket("bench")
+        state = b_state()
+        data = checkpoint.encode(state)["state.pt"]
+        mb = len(data) / 2**20
+        print(f"B-sized state.pt: {mb:.0f} MB, to {store.endpoint} (SeaweedFS on loopback, niced)")
+        speeds = {}
+        for name in CLIENTS:
+            try:
+                speeds[name] = transfer_speeds(name, bucket.removeprefix("s3://"), store, data)
+            except ImportError as exc:
+                print(f"  {name:<34} not measured: {exc} (pip install -e '.[bench]')")
+        for name, (up, down) in speeds.items():
+            print(f"  {name:<34} upload {mb / up:7.1f} MB/s ({up:5.1f} s)   download {mb / down:7.1f} MB/s ({down:5.1f} s)")
+        for policy in ("wait", "skip"):
+            lost, skipped = epochs_lost(bucket, store, state, epoch_s, epochs, policy)
+            print(f"  {epochs} epochs of {epoch_s:.0f} s, run.checkpoint_overlap={policy}: training lost "
+                  f"{statistics.median(lost):.2f} s per epoch (median; {100 * statistics.median(lost) / epoch_s:.1f}%), "
+                  f"{skipped} checkpoints skipped")
+        print(f"upload_speedup={speeds['old writer (s3fs file, serial)'][0] / speeds['obstore (orchestrator.transfer)'][0]:.2f}")
+    finally:
+        store.stop()
+
+
+CLIENTS = ("old writer (s3fs file, serial)", "s3fs pipe_file (waves of 10)", "boto3 TransferConfig (10 threads)",
+           "obstore (orchestrator.transfer)")
+
+
+def transfer_speeds(name: str, bucket: str, store: S3Store, data: bytes) -> tuple[float, float]:
+    """Seconds to upload and to download ``data`` with one client."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**store.options, skip_instance_cache=True)
+    key = f"clients/{CLIENTS.index(name)}"
+    start = time.perf_counter()
+    if name.startswith("old writer"):
+        with fs.open(f"{bucket}/{key}", "wb") as f:
+            for at in range(0, len(data), 64 * 2**20):
+                f.write(data[at:at + 64 * 2**20])
+        up = time.perf_counter() - start
+        start = time.perf_counter()
+        got = fs.cat_file(f"{bucket}/{key}")
+    elif name.startswith("s3fs"):
+        fs.pipe_file(f"{bucket}/{key}", data)
+        up = time.perf_counter() - start
+        start = time.perf_counter()
+        got = fs.cat_file(f"{bucket}/{key}")
+    elif name.startswith("boto3"):
+        import io
+
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+
+        client = boto3.client("s3", endpoint_url=store.endpoint, aws_access_key_id=store.options["key"],
+                              aws_secret_access_key=store.options["secret"], region_name="us-east-1")
+        config = TransferConfig(multipart_chunksize=16 * 2**20, max_concurrency=10)
+        client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
+        up = time.perf_counter() - start
+        start = time.perf_counter()
+        buffer = io.BytesIO()
+        client.download_fileobj(bucket, key, buffer, Config=config)
+        got = buffer.getvalue()
+    else:
+        url = f"s3://{bucket}/{key}"
+        transfer.put(url, data, store.options)
+        up = time.perf_counter() - start
+        start = time.perf_counter()
+        got = transfer.get(url, store.options)
+    down = time.perf_counter() - start
+    assert len(got) == len(data)
+    return up, down
+
+
+def epochs_lost(bucket: str, store: S3Store, state: dict[str, Any], epoch_s: float, epochs: int,
+                policy: str) -> tuple[list[float], int]:
+    """Seconds per epoch the training thread spent checkpointing (it sleeps through the rest of an epoch, as a
+    host waiting on its GPU does), and how many checkpoints the policy skipped."""
+    ctx = TrainContext(run=RunDir(f"{bucket}/epochs-{policy}", store.options))
+    lost, skipped = [], 0
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        if policy == "skip" and ctx.uploading():
+            skipped += 1
+        else:
+            ctx.save_checkpoint(epoch + 1, checkpoint.stage(state), {"epoch": epoch})
+        spent = time.perf_counter() - start
+        lost.append(spent)
+        time.sleep(max(0.0, epoch_s - spent))
+    ctx.flush()
+    return lost, skipped
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from orchestrator.data.sources import FolderSource, Item
 from orchestrator.errors import CheckpointError, DataError, RecipeError
 from orchestrator.launch.job import Job
 from orchestrator.rundir import EMA_WEIGHTS, WEIGHTS, RunDir
-from orchestrator.train import components, tasks
+from orchestrator.train import components, restart, tasks
 from orchestrator.train.context import Rank
 
 log = logging.getLogger("orchestrator")
@@ -343,10 +343,11 @@ def real_labels(spec: str, data: EvalData, options: dict[str, Any]) -> dict[int,
 
 
 # --- one rank ----------------------------------------------------------------------------------------------
-def prepare(job: Request, recipe: recipes.Recipe) -> tuple[dict[str, torch.Tensor], str, EvalData, list[int] | None]:
-    """Weights and data, checked against each other before anything is computed or written."""
+def prepare(job: Request, recipe: recipes.Recipe, ctx: Rank) -> tuple[dict[str, torch.Tensor], str, EvalData, list[int] | None]:
+    """Weights (read by rank 0 alone, shared with the others) and data, checked against each other before anything
+    is computed or written."""
     options = recipe.run.storage_options
-    sd, what = weight_lookup.state_dict(job.weights, options)
+    sd, what = weight_lookup.state_dict(job.weights, options, restart.reader(ctx))
     data = open_data(recipe, job.val_labels, job.classes_file)
     classes = len(data.manifest.classes) or None
     subset = None
@@ -385,7 +386,7 @@ def build_model(recipe: recipes.Recipe, task: tasks.Task, sd: dict[str, torch.Te
 def on_rank(recipe: recipes.Recipe, ctx: Rank, job: Request) -> dict[str, Any]:
     """Evaluate on this rank (the evaluation's job function); rank 0 saves the result and the per-class CSV. The
     result is the same on every rank."""
-    sd, what, data, subset = prepare(job, recipe)
+    sd, what, data, subset = prepare(job, recipe, ctx)
     task = tasks.for_recipe(recipe)
     loader = data.loader(recipe, task, ctx, job.batch)
     real = real_labels(job.real_labels, data, recipe.run.storage_options) if job.real_labels is not None else None

@@ -7,7 +7,8 @@ after the checkpoint at STEP is committed; ``flip`` then flips one bit of that c
 checkpoint is being uploaded: half of ``state.pt`` is in storage, no marker, when the process is
 SIGKILLed. ``stall`` blocks the rank's data loading of the step after STEP forever (in the training thread);
 ``stall-loader`` blocks the DataLoader worker that reads that step's first micro-batch (``data.num_workers`` > 0);
-``stall-collective`` blocks it just before that step's gradient all-reduce (its last backward).
+``stall-collective`` blocks it just before that step's gradient all-reduce (its last backward). ``unreadable``
+makes RANK's read of the checkpoint at STEP fail when a restarted job reads it.
 Launchers hand the spec on (``configure``); without that it is read from the environment. It sits below the
 data, training and launch code it injects into, which each import it.
 """
@@ -65,6 +66,11 @@ def maybe_stall(kind: str, step: int, rank: int) -> None:
     """Block this thread forever if a ``kind`` fault is armed for ``step`` on ``rank`` (the watchdog ends it)."""
     if _fires((kind,), step, rank):
         threading.Event().wait()  # the injected stall: this frame is what the watchdog's stack file shows
+
+
+def unreadable(step: int, rank: int) -> bool:
+    """Whether ``rank``'s read of the checkpoint at ``step`` is to fail (an ``unreadable`` fault)."""
+    return _fires(("unreadable",), step, rank) is not None
 
 
 def maybe_fail(run: RunDir, step: int, rank: int) -> None:

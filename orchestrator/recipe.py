@@ -116,6 +116,9 @@ class RunConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     checkpoint_every_steps: int | None = None  # also at every epoch end
     keep_checkpoints: int = 3
+    # A checkpoint due while the previous one is still uploading: wait for it (training pauses), or skip this one
+    # with a line (the next is taken as usual; one needed by a stop or the end is never skipped).
+    checkpoint_overlap: str = "wait"  # wait | skip
     seed: int = 0
     max_steps: int | None = None
     eval_every_epochs: int | None = 1  # null: evaluate only every run.eval_every_steps and at the end
@@ -494,6 +497,8 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("data.decode", "gpu decoding replays RandAugment, not colour jitter; use data.decode: cpu with augment.color_jitter")
     if r.run.precision not in ("auto", "fp32", "bf16"):
         fail("run.precision", f"{r.run.precision!r} is not auto, fp32 or bf16")
+    if r.run.checkpoint_overlap not in ("wait", "skip"):
+        fail("run.checkpoint_overlap", f"{r.run.checkpoint_overlap!r} is not wait or skip")
     if r.run.dist_bn not in ("reduce", "broadcast", "none"):
         fail("run.dist_bn", f"{r.run.dist_bn!r} is not reduce, broadcast or none")
     if r.run.max_stall_restarts < 0:

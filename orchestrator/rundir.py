@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from orchestrator import storage
+from orchestrator import storage, transfer
 from orchestrator.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 CONFIG, STATUS, METRICS = "config.json", "status.json", "metrics.jsonl"
 CHECKPOINTS, MARKER, STATE = "checkpoints", "COMMITTED", "state.pt"
-CHUNK = 64 * 2**20  # checkpoint files are written in chunks of this size (each one is progress for the watchdog)
 WEIGHTS, EMA_WEIGHTS = "model.safetensors", "model_ema.safetensors"
 OUTPUTS = ("tensorboard", "curves.png")  # written by the metrics writer
 _STEP_DIR = re.compile(r"step-(\d+)$")
@@ -193,28 +192,26 @@ class RunDir:
 
     def write_checkpoint(self, step: int, files: dict[str, bytes], meta: dict[str, Any],
                          progress: Callable[[], None] | None = None) -> Checkpoint:
-        """Write ``files`` into ``checkpoints/step-N/``, then the marker that lists them: the commit.
-        ``progress`` is called after every chunk of ``CHUNK`` bytes."""
+        """Write ``files`` into ``checkpoints/step-N/`` (in parallel parts on S3: ``orchestrator.transfer``), then the
+        marker that lists them: the commit. ``progress`` is called for every part."""
         folder = self._p(CHECKPOINTS, f"step-{step:08d}")
         self.fs.makedirs(folder, exist_ok=True)
         if self.fs.exists(storage.join(folder, MARKER)):  # a re-run of this step: uncommit before overwriting
             self.fs.rm(storage.join(folder, MARKER))
         listing = {}
         for name, data in files.items():
-            with self.fs.open(storage.join(folder, name), "wb") as f:
-                for at in range(0, max(len(data), 1), CHUNK):
-                    f.write(data[at:at + CHUNK])
-                    if progress is not None:
-                        progress()
+            transfer.put(storage.join(self.checkpoint_url(step), name), data, self.options, progress)
             listing[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         marker = {**meta, "step": step, "files": listing, "written": time.time()}
         with self.fs.open(storage.join(folder, MARKER), "wb") as f:
             f.write(json.dumps(marker).encode())
+        self.fs.invalidate_cache(folder)  # the files went around fsspec: its listings must not hide them
         return Checkpoint(step, self.checkpoint_url(step), marker)
 
     def committed(self) -> list[Checkpoint]:
         """Every committed checkpoint whose files have the sizes its marker lists, oldest first."""
         root = self._p(CHECKPOINTS)
+        self.fs.invalidate_cache(root)  # other processes write here: never a listing cached earlier
         if not self.fs.exists(root):
             return []
         found = []
@@ -246,9 +243,8 @@ class RunDir:
 
     def read_checkpoint(self, checkpoint: Checkpoint, name: str = STATE) -> bytes:
         """A file of a committed checkpoint, checked against the sha256 in its marker."""
-        folder = self._p(CHECKPOINTS, f"step-{checkpoint.step:08d}")
         try:
-            data = self.fs.cat_file(storage.join(folder, name))
+            data = transfer.get(storage.join(checkpoint.url, name), self.options)
         except FileNotFoundError as exc:
             raise CheckpointError(f"{checkpoint.url}: {name} is missing") from exc
         expected = checkpoint.meta["files"].get(name, {}).get("sha256")
@@ -256,10 +252,13 @@ class RunDir:
             raise CheckpointError(f"{checkpoint.url}: {name} does not match the sha256 in its {MARKER} marker")
         return data
 
-    def newest_readable(self) -> Iterator[tuple[Checkpoint, bytes]]:
-        """Committed checkpoints, newest first, with their verified state; a bad one is skipped, named."""
+    def newest_readable(self, before_read: Callable[[Checkpoint], None] | None = None) -> Iterator[tuple[Checkpoint, bytes]]:
+        """Committed checkpoints, newest first, with their verified state; a bad one is skipped, named.
+        ``before_read`` may raise CheckpointError for one (the fault injection of the restart tests)."""
         for checkpoint in reversed(self.committed()):
             try:
+                if before_read is not None:
+                    before_read(checkpoint)
                 yield checkpoint, self.read_checkpoint(checkpoint)
             except CheckpointError as exc:
                 log.warning("skipping checkpoint %s: %s; trying the next older one", checkpoint.url, exc)

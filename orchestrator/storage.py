@@ -132,8 +132,14 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and the protocol-less path for ``url``."""
-    fs, path = fsspec.core.url_to_fs(url, **dict(options or {}))
+    """The fsspec filesystem and the protocol-less path for ``url``. On S3, botocore retries each request in its
+    ``standard`` mode (full jitter, throttling and 5xx included) unless the options say otherwise."""
+    options = dict(options or {})
+    if url.startswith(("s3://", "s3a://")):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"mode": "standard", "max_attempts": RetryPolicy.attempts})
+        options["config_kwargs"] = config
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path
 
 
@@ -164,56 +170,78 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff for transient storage errors: ``base_delay * 2**n``, capped, with jitter."""
+    """The one retry policy of every storage call: exponential backoff with full jitter (a wait drawn uniformly
+    from 0 to ``base_delay * 2**n``, capped), so that ranks throttled together do not retry together, and a
+    deadline after which the call fails, naming what it was doing."""
 
-    attempts: int = 6
+    attempts: int = 8
     base_delay: float = 0.5
     max_delay: float = 20.0
+    deadline_s: float = 300.0
 
     def delays(self) -> Iterable[float]:
         for n in range(self.attempts - 1):
-            yield min(self.max_delay, self.base_delay * 2**n) * (0.5 + random.random() / 2)
+            yield random.uniform(0, min(self.max_delay, self.base_delay * 2**n))
 
 
 @functools.cache
 def transient_errors() -> tuple[type[BaseException], ...]:
-    """Errors worth retrying: I/O and connection failures of any fsspec backend.
+    """Errors worth retrying: I/O and connection failures of any fsspec backend, and obstore's.
 
     Cached: the first call imports botocore/aiohttp, which must not happen in a checkpoint thread while the
     main thread forks DataLoader workers (a child would inherit the held import lock and hang)."""
     errors: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
-    try:
+    with contextlib.suppress(ImportError):
         import botocore.exceptions
 
-        errors.append(botocore.exceptions.BotoCoreError)
-        errors.append(botocore.exceptions.ClientError)
-    except ImportError:
-        pass
-    try:
+        errors += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
+    with contextlib.suppress(ImportError):
         import aiohttp
 
         errors.append(aiohttp.ClientError)
-    except ImportError:
-        pass
+    with contextlib.suppress(ImportError):
+        import obstore.exceptions
+
+        errors.append(obstore.exceptions.GenericError)
     return tuple(errors)
 
 
-def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy, options: Mapping[str, Any] | None = None) -> T:
-    """Call ``fn``; on a transient error wait and retry, then raise StorageError naming ``what``."""
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy | None = None,
+                 options: Mapping[str, Any] | None = None, retry_if: Callable[[BaseException], bool] | None = None) -> T:
+    """Call ``fn``; on a transient error (and one ``retry_if`` accepts) wait and retry under ``policy``, then raise
+    StorageError naming ``what``."""
+    policy = policy or RetryPolicy()
     errors = transient_errors()
     delays = iter(policy.delays())
-    attempt = 1
+    attempt, start = 1, time.monotonic()
     while True:
         try:
             return fn()
         except errors as exc:  # a missing object mid-run is retried too: start-up already checked it exists
             delay = next(delays, None)
             message = redact(f"{type(exc).__name__}: {exc}", options)
-            if delay is None:
-                raise StorageError(f"{what}: still failing after {attempt} attempts: {message}") from exc
+            if retry_if is not None and not retry_if(exc):
+                raise
+            if delay is None or time.monotonic() - start + delay > policy.deadline_s:
+                raise StorageError(f"{what}: still failing after {attempt} attempts in "
+                                   f"{time.monotonic() - start:.0f} s: {message}") from exc
             log.warning("%s: attempt %d failed (%s); retrying in %.1fs", what, attempt, message, delay)
             time.sleep(delay)
             attempt += 1
+
+
+_THROTTLED = ("SlowDown", "reduce your request rate", "Throttl", "TooManyRequests", "RequestLimitExceeded",
+              "ServiceUnavailable", "Service Unavailable", "503", "InternalError", "RequestTimeout")
+
+
+def throttled(exc: BaseException) -> bool:
+    """The store said "not now" (503 SlowDown, 429, a 5xx): worth a retry even where others fail fast."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if any(word in str(seen) for word in _THROTTLED):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # --- start-up checks ----------------------------------------------------------------------------
@@ -225,11 +253,15 @@ def check_reachable(url: str, options: Mapping[str, Any] | None, key: str, optio
     if is_local(fs):
         return
     bucket = path.split("/", 1)[0]
-    try:
+
+    def probe() -> None:
         fs.info(bucket)  # unlike exists(), info() raises what went wrong
         if bucket != path.rstrip("/"):
             with contextlib.suppress(FileNotFoundError):  # a run folder that does not exist yet is fine
                 fs.info(path)
+
+    try:  # a store that throttles the start-up burst is waited for; any other failure is reported at once
+        with_retries(probe, f"{key}={url}", options=options, retry_if=throttled)
     except FileNotFoundError as exc:
         raise StorageError(f"{key}={url}: bucket {bucket!r} does not exist at {_endpoint(options)} (create it, or "
                            f"fix the URL or endpoint_url in {options_key})") from exc

@@ -54,8 +54,11 @@ def read(url: str, options: dict[str, Any] | None = None) -> tuple[bytes, str]:
     return fs.cat_file(path), url
 
 
-def state_dict(url: str, options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    data, name = read(url, options)
+Reader = Callable[[str, "dict[str, Any] | None"], tuple[bytes, str]]  # ``read``, or one that shares rank 0's read
+
+
+def state_dict(url: str, options: dict[str, Any] | None = None, reader: Reader = read) -> tuple[dict[str, torch.Tensor], str]:
+    data, name = reader(url, options)
     try:
         return state_dict_from_bytes(data, name)
     except WeightsError as exc:
@@ -63,10 +66,10 @@ def state_dict(url: str, options: dict[str, Any] | None = None) -> tuple[dict[st
 
 
 def load_into(model: torch.nn.Module, url: str, options: dict[str, Any] | None = None,
-              load: Callable[[Any, dict[str, torch.Tensor], str], str] = load_state_dict) -> str:
+              load: Callable[[Any, dict[str, torch.Tensor], str], str] = load_state_dict, reader: Reader = read) -> str:
     """Load the weights at ``url`` into ``model`` with ``load`` (default: strict, a classifier of another size
     re-initialised; segmentation passes ``model.segmentation.load_pretrained``)."""
-    sd, what = state_dict(url, options)
+    sd, what = state_dict(url, options, reader)
     try:
         return load(model, sd, what)
     except WeightsError as exc:

@@ -74,6 +74,15 @@ class S3Store:
     proc: subprocess.Popen[bytes] | None = None
     niceness: int = 0  # benchmarks run the store niced: on a real cluster it is not on the training node
 
+    @classmethod
+    def started(cls, prefix: str, niceness: int = 0) -> S3Store:
+        """A store in a new temporary folder, running (the benchmarks' own; stop it when done)."""
+        root = Path(tempfile.mkdtemp(prefix=prefix))
+        store = cls(data_dir=root / "data", log_path=root / "weed.log", niceness=niceness)
+        store.data_dir.mkdir()
+        store.start()
+        return store
+
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"

@@ -121,8 +121,12 @@ class BackgroundCommitter:
                          f"checkpoint {self.run.checkpoint_url(step)}",
                          self.policy, self.run.options)
             self.run.prune(self.keep)
+            self.run.write_status("running", step=step)  # here, not on the training thread (a read and a write)
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = exc
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def wait(self) -> None:
         """Block until the upload in flight is committed; raise if it failed."""

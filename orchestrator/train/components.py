@@ -17,6 +17,7 @@ from orchestrator import storage, weight_lookup
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.recipe import BatchPlan, Recipe, plan_batch
+from orchestrator.train import restart
 from orchestrator.train.context import Rank, TrainContext
 from orchestrator.train.tasks import EvalSetup, Task
 
@@ -52,7 +53,8 @@ def build_model(recipe: Recipe, ctx: Rank, init: bool, task: Task) -> torch.nn.M
     """The task's model on ``ctx.device``; ``init`` loads ``model.init`` (only when not resuming)."""
     model = task.create_model(ctx)
     if init and recipe.model.init:
-        task.load_init(model, weight_lookup.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options))
+        task.load_init(model, weight_lookup.resolve_init(recipe.model.init, recipe.run.storage, recipe.run.storage_options),
+                       restart.reader(ctx))  # read by rank 0 alone, shared with the others
     model.to(ctx.device)
     if channels_last(recipe, ctx):
         model.to(memory_format=torch.channels_last)

@@ -130,6 +130,10 @@ class TrainContext(Rank):
             self.flush()  # every rank: the fault comes right after this checkpoint is committed
             faults.maybe_fail(self.run, step, self.rank)
 
+    def uploading(self) -> bool:
+        """Whether rank 0's previous checkpoint is still being encoded or uploaded."""
+        return self.committer is not None and self.committer.busy()
+
     def flush(self) -> None:
         """Wait until every checkpoint handed to ``save_checkpoint`` is committed (raises if one failed)."""
         if self.committer is not None:

@@ -37,7 +37,7 @@ from orchestrator.data.reader import corrupt_budget
 from orchestrator.errors import CheckpointError, DataError, TrainingError
 from orchestrator.recipe import Recipe, plan_batch
 from orchestrator.rundir import CONFIG, EMA_WEIGHTS, WEIGHTS
-from orchestrator.train import checkpoint, components, tasks, trackers, watchdog
+from orchestrator.train import checkpoint, components, restart, tasks, trackers, watchdog
 from orchestrator.train.components import Components
 from orchestrator.train.context import Rank, StopRequested, TrainContext
 from orchestrator.train.metrics import MetricsWriter, interactive
@@ -160,8 +160,8 @@ def _train_with(c: Components, recipe: Recipe, ctx: TrainContext, saved: tuple[s
             if ctx.is_main:
                 log.info("epoch %d  step %d/%d  %s  ETA %s", epoch, state["step"], stop_at, _fmt(last), _duration(eta))
             writer.log({**last, "kind": "epoch" if epoch_done or step_eval else "stop"})
-            save(c, recipe, ctx, state, last)
-            writer.flush(plots=True)
+            save(c, recipe, ctx, state, last, required=stop or final or state["step"] >= stop_at)
+            writer.flush(plots=True, background=True)
             if evaluated or state["step"] >= stop_at:  # Tune requires its metric in every report
                 ctx.report_metrics(last)
         if stop and state["step"] < stop_at:
@@ -206,10 +206,9 @@ def log_header(c: Components, recipe: Recipe, ctx: TrainContext, step: int, stop
 
 
 def newest_state(ctx: TrainContext) -> tuple[str, dict[str, Any]] | None:
-    """(url, state) of the newest checkpoint that passes its commit check; older ones stand in for bad ones."""
-    for found, data in ctx.run.newest_readable():
-        return found.url, checkpoint.decode(data)
-    return None
+    """(url, state) of the checkpoint every rank resumes from: rank 0's choice, read once (``restart``)."""
+    found = restart.newest(ctx.run, restart.ProcessGroup(ctx))
+    return (found[0].url, checkpoint.decode(found[1])) if found else None
 
 
 def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], stop_at: int,
@@ -256,7 +255,7 @@ def train_one_epoch(c: Components, recipe: Recipe, ctx: TrainContext, state: dic
             losses, digest, window_start, window_images = [], 0, time.monotonic(), 0
         stop = ctx.stop_requested()
         if (stop or (every and state["step"] % every == 0)) and state["step"] not in (epoch_end, stop_at):
-            save(c, recipe, ctx, state, {"epoch": epoch, "step": state["step"]})
+            save(c, recipe, ctx, state, {"epoch": epoch, "step": state["step"]}, required=stop)
         if stop:
             break
     bar.close()
@@ -376,8 +375,15 @@ def evaluate_all(c: Components, recipe: Recipe, ctx: TrainContext, final: bool =
     return out
 
 
-def save(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], metrics: dict[str, Any]) -> None:
+def save(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int], metrics: dict[str, Any],
+         required: bool = False) -> None:
+    """Checkpoint ``state``. While the previous upload still runs, rank 0 waits for it, or with
+    ``run.checkpoint_overlap=skip`` skips this checkpoint with a line (never one a stop or the end needs)."""
     count_skipped(c, recipe, state)
+    if ctx.is_main and not required and recipe.run.checkpoint_overlap == "skip" and ctx.uploading():
+        log.warning("step %d: checkpoint skipped: the previous one is still uploading (run.checkpoint_overlap=skip)",
+                    state["step"])
+        return
     snapshot = None
     if ctx.is_main:  # staged in host memory here; encoded and uploaded in the background
         snapshot = checkpoint.stage({
@@ -386,8 +392,6 @@ def save(c: Components, recipe: Recipe, ctx: TrainContext, state: dict[str, int]
             "loader": c.train_loader.state_dict(), "model_name": recipe.model.name,
         })
     ctx.save_checkpoint(state["step"], snapshot, {"epoch": metrics.get("epoch"), "metrics": metrics})
-    if ctx.is_main:
-        ctx.run.write_status("running", step=state["step"])
 
 
 def restore(c: Components, saved: tuple[str, dict[str, Any]], recipe: Recipe, ctx: TrainContext) -> dict[str, int]:

@@ -12,12 +12,14 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.rundir import METRICS, RunDir
+from orchestrator.train.curves import Plotter
 
 if TYPE_CHECKING:
     from orchestrator.train.trackers import Trackers
@@ -40,6 +42,10 @@ class MetricsWriter:
         self.records: list[dict[str, Any]] = []
         self.tb = self.trackers = None
         self.closed = False
+        self._lock = threading.Lock()
+        self._pending: bool | None = None  # a background flush asked for (True: with plots)
+        self._flusher: threading.Thread | None = None
+        self.plotter = Plotter()
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,43 +79,51 @@ class MetricsWriter:
         if self.trackers is not None:
             self.trackers.log(full)
 
-    def flush(self, plots: bool = False) -> None:
-        """Copy outputs to the run folder (object storage) and optionally redraw the plots."""
+    def flush(self, plots: bool = False, background: bool = False) -> None:
+        """Copy outputs to the run folder (object storage) and optionally redraw the plots. ``background``: in the
+        writer's thread, so that an epoch end does not hold up the next step (flushes asked for meanwhile are
+        merged into one; a failed one is logged and redone by the next)."""
         if not self.enabled:
             return
+        if not background:
+            self._wait()
+            self._flush_now(plots)
+            return
+        with self._lock:
+            self._pending = bool(self._pending) or plots
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._drain, name="metrics-flush", daemon=True)
+                self._flusher.start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                pending, self._pending = self._pending, None
+                if pending is None:
+                    self._flusher = None
+                    return
+            try:
+                self._flush_now(pending)
+            except Exception as exc:  # noqa: BLE001 - the next flush copies everything again
+                log.warning("copying the run's logs to %s failed (%s); the next flush retries", self.run.url, exc)
+
+    def _wait(self) -> None:
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.join()
+
+    def _flush_now(self, plots: bool) -> None:
         if self.tb is not None:
             self.tb.flush()
         if plots:
-            self.plot()
+            try:
+                self.plotter.draw(self.dir / METRICS, self.dir / "curves.png", self.metrics[0])
+            except (OSError, RuntimeError) as exc:  # curves.png is a view; TensorBoard and the trackers have the curves
+                log.warning("curves.png not redrawn: %s", exc)
         if not self.local:
             for file in self.dir.rglob("*"):
                 if file.is_file():
                     self.run.put_file(str(file), str(file.relative_to(self.dir)))
-
-    def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        metric = self.metrics[0]
-        for ax, key in zip(axes, ("train_loss", metric, "lr"), strict=True):
-            points = [(r["step"], r[key]) for r in self.records if r.get(key) is not None]
-            if key == metric:
-                ema = [(r["step"], r[f"ema_{key}"]) for r in self.records if r.get(f"ema_{key}") is not None]
-                if ema:
-                    ax.plot(*zip(*ema, strict=True), marker=".", label=f"EMA {key}")
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="." if key == metric else None, label=key)
-            ax.set_xlabel("step")
-            ax.set_title(key)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.dir / "curves.png", dpi=100)
-        plt.close(fig)
 
     def close(self, state: str = "finished", artifacts: dict[str, bytes] | None = None) -> None:
         """The last flush and plots; the trackers get ``curves.png`` and ``artifacts`` and end as ``state``
@@ -118,6 +132,7 @@ class MetricsWriter:
             return
         self.closed = True
         self.flush(plots=state != "failed")
+        self.plotter.close()
         if self.tb is not None:
             self.tb.close()
         if self.trackers is not None:

@@ -75,7 +75,7 @@ class Task:
     def create_model(self, ctx: Rank) -> torch.nn.Module:
         raise NotImplementedError
 
-    def load_init(self, model: torch.nn.Module, url: str) -> None:
+    def load_init(self, model: torch.nn.Module, url: str, reader: weight_lookup.Reader = weight_lookup.read) -> None:
         raise NotImplementedError
 
     def transform(self, manifest: Manifest, train: bool) -> Any:
@@ -128,8 +128,8 @@ class Classification(Task):
     def create_model(self, ctx: Rank) -> torch.nn.Module:
         return create_model(self.recipe.model)
 
-    def load_init(self, model: torch.nn.Module, url: str) -> None:
-        weight_lookup.load_into(model, url, self.recipe.run.storage_options)
+    def load_init(self, model: torch.nn.Module, url: str, reader: weight_lookup.Reader = weight_lookup.read) -> None:
+        weight_lookup.load_into(model, url, self.recipe.run.storage_options, reader=reader)
 
     def pretrained_cfg(self) -> dict[str, Any]:
         d = self.recipe.data
@@ -227,8 +227,8 @@ class Segmentation(Task):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
-    def load_init(self, model: torch.nn.Module, url: str) -> None:
-        weight_lookup.load_into(model, url, self.recipe.run.storage_options, load=load_pretrained)
+    def load_init(self, model: torch.nn.Module, url: str, reader: weight_lookup.Reader = weight_lookup.read) -> None:
+        weight_lookup.load_into(model, url, self.recipe.run.storage_options, load=load_pretrained, reader=reader)
 
     def pretrained_cfg(self) -> dict[str, Any]:
         s = self.recipe.segment

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -12,12 +14,15 @@ import pytest
 import s3fs
 
 from orchestrator import pretrain
+from orchestrator import recipe as recipes
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.errors import StorageError
-from orchestrator.storage import RetryPolicy
-from tests.conftest import ROOT, smoke_recipe
-from tests.services import S3Store
+from orchestrator.rundir import STATE, RunDir
+from orchestrator.storage import RetryPolicy, check_reachable
+from tests.conftest import ROOT, smoke_sets
+from tests.s3_proxy import S3Proxy
+from tests.services import S3Store, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -96,18 +101,64 @@ def test_storage_errors_name_the_shard_after_the_last_retry(s3_store: S3Store, s
         fs.pipe_file(victim, data)
 
 
-def test_training_run_lives_in_the_store_and_resumes_from_it(s3_store: S3Store, s3_synth: str, tmp_path: Path) -> None:
+def test_the_start_up_check_waits_out_a_burst_of_slowdowns_and_still_fails_fast_on_a_wrong_bucket(
+        s3_store: S3Store) -> None:
+    proxy = S3Proxy(s3_store.endpoint, slowdown_next=8)  # more than s3fs's own five tries
+    try:
+        options = proxy.options(s3_store.options)
+        check_reachable(f"{s3_store.bucket('runs')}/burst", options, "run.storage", "run.storage_options")
+        assert proxy.slowdown_next == 0 and sum(r.status == 503 for r in proxy.select()) == 8
+        with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+            check_reachable("s3://no-such-bucket/x", options, "run.storage", "run.storage_options")
+    finally:
+        proxy.close()
+
+
+def test_a_run_in_the_store_resumes_on_two_nodes_from_one_checkpoint_read_once_through_a_throttling_store(
+        s3_store: S3Store, synth_dir: Path, tmp_path: Path) -> None:
+    """One rank trains 4 steps (the data on local disk: the shards' own S3 tests are above); then two torchrun "nodes" of two ranks each resume it, every request going through a
+    proxy that counts per node and answers 503 SlowDown to a fifth of them. Rank 2 cannot read the newest
+    checkpoint: before one restart decision it resumed from the older one alone and the job hung."""
+    proxy = S3Proxy(s3_store.endpoint)
     runs = f"{s3_store.bucket('runs')}/it"
-    options = json.dumps(s3_store.options)
-    overrides = (f"data.train={s3_synth}/train", f"data.val={s3_synth}/val", f"run.storage={runs}",
-                 f"run.storage_options={options}", f"data.storage_options={options}", "run.name=s3run")
-    pretrain.train(smoke_recipe(tmp_path, Path("unused"), *overrides, "run.max_steps=3"))
-    result = pretrain.train(smoke_recipe(tmp_path, Path("unused"), *overrides, "run.max_steps=5"))
-    assert result["step"] == 5
+    settings = [*smoke_sets(tmp_path, synth_dir), f"run.storage={runs}", "run.name=s3run", "run.checkpoint_every_steps=2", "data.partitions=4",
+                "batch.per_device_max=8"]
+
+    def options(tag: str) -> list[str]:
+        return [f"run.storage_options={json.dumps(proxy.options(s3_store.options, tag))}"]
+    try:
+        pretrain.train(recipes.load(ROOT / "recipes" / "smoke.yaml", [*settings, *options("first"), "run.max_steps=4"]))
+        run = RunDir(f"{runs}/s3run", s3_store.options)
+        assert [c.step for c in run.committed()] == [2, 4]  # an older checkpoint to fall back to
+        size = run.latest().meta["files"][STATE]["size"]
+
+        proxy.slowdown_share = 0.2
+        port, marker = free_port(), tmp_path / "unreadable.fired"
+        nodes = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2",
+             "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "orchestrator.pretrain",
+             str(ROOT / "recipes" / "smoke.yaml"), "--launcher=local", "--set", *settings, *options(f"node{node}"),
+             "run.max_steps=6"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "ORCHESTRATOR_INJECT_FAULT": f"unreadable:4:2:{marker}"}) for node in (0, 1)]
+        logs = [p.communicate(timeout=180)[0] for p in nodes]
+    finally:
+        proxy.close()
+
+    # Throttled and alive: 503s were answered, and every rank finished the run.
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert sum(1 for r in proxy.select() if r.status == 503 and r.tag.startswith("node")) > 0
+    starts = sorted(map(int, re.findall(r"rank (\d) of 4 on \S+ \(cpu\) trains from step 4", "".join(logs))))
+    assert starts == [0, 1, 2, 3], "every rank resumes at step 4, rank 2 too (its own read would have failed)"
+
+    # One read per node at most, counted at the store: rank 0 read it, node 1 got it over the process group.
+    read = {tag: proxy.bytes_served(tag, f"checkpoints/step-00000004/{STATE}") for tag in ("node0", "node1")}
+    assert sum(read.values()) <= 1.1 * 2 * size and read == {"node0": size, "node1": 0}, f"{read}, {size} bytes"
+
+    # The run lives in the store, finished, without a secret in it.
     fs = s3fs.S3FileSystem(**s3_store.options)
-    run = f"{runs.removeprefix('s3://')}/s3run"
-    names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
+    folder = f"{runs.removeprefix('s3://')}/s3run"
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(folder)}
     assert {"config.json", "metrics.jsonl", "model.safetensors", "checkpoints", "curves.png", "tensorboard"} <= names
-    assert s3_store.options["secret"] not in fs.cat_file(f"{run}/config.json").decode()
-    steps = [json.loads(line)["step"] for line in fs.cat_file(f"{run}/metrics.jsonl").decode().splitlines()]
-    assert max(steps) == 5
+    assert s3_store.options["secret"] not in fs.cat_file(f"{folder}/config.json").decode()
+    assert run.latest().step == 6 and run.last_record()["step"] == 6
