@@ -343,11 +343,12 @@ def real_labels(spec: str, data: EvalData, options: dict[str, Any]) -> dict[int,
 
 
 # --- one rank ----------------------------------------------------------------------------------------------
-def prepare(job: Request, recipe: recipes.Recipe, ctx: Rank) -> tuple[dict[str, torch.Tensor], str, EvalData, list[int] | None]:
-    """Weights (read by rank 0 alone, shared with the others) and data, checked against each other before anything
-    is computed or written."""
+def prepare(job: Request, recipe: recipes.Recipe,
+            ctx: Rank | None = None) -> tuple[dict[str, torch.Tensor], str, EvalData, list[int] | None]:
+    """Weights and data, checked against each other before anything is computed or written. On a job's ranks
+    (``ctx``) the weights are read by rank 0 alone and shared with the others."""
     options = recipe.run.storage_options
-    sd, what = weight_lookup.state_dict(job.weights, options, restart.reader(ctx))
+    sd, what = weight_lookup.state_dict(job.weights, options, restart.reader(ctx) if ctx else weight_lookup.read)
     data = open_data(recipe, job.val_labels, job.classes_file)
     classes = len(data.manifest.classes) or None
     subset = None

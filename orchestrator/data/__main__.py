@@ -1,5 +1,5 @@
-"""``python -m orchestrator.data shard SRC DEST`` and ``python -m orchestrator.data synth DEST``
-(``--task segmentation``: ADE20K-style images with PNG masks)."""
+"""``python -m orchestrator.data shard SRC DEST``, ``python -m orchestrator.data synth DEST`` (``--task
+segmentation``: ADE20K-style images with PNG masks) and ``python -m orchestrator.data verify URL``."""
 
 from __future__ import annotations
 
@@ -9,17 +9,21 @@ import sys
 from typing import Any
 
 from orchestrator import cli, storage
+from orchestrator.data.ilsvrc_tars import OfficialTarSource, is_official
 from orchestrator.data.seg_sources import open_segmentation_source
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.sources import open_source
 from orchestrator.data.synth import SynthSegSource, SynthSource
+from orchestrator.data.verify import verify
+from orchestrator.errors import RecipeError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("orchestrator.data", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     shard = sub.add_parser("shard", help="convert an ILSVRC/ImageFolder tree or HF-style Parquet into shards")
-    shard.add_argument("src", help="source folder or URL (ILSVRC-2012 layout, ImageFolder, or Parquet files)")
+    shard.add_argument("src", help="source folder or URL: ImageNet's downloads (ILSVRC2012_img_train.tar, _img_val.tar, "
+                       "_devkit_t12.tar.gz, read in place), an ILSVRC-2012 tree, an ImageFolder, or Parquet files")
     shard.add_argument("dest", help="destination URL: s3://..., gs://..., file://..., or a local path")
     shard.add_argument("--val-labels", help="ground truth for a flat val/ folder (LOC_val_solution.csv or '<file> <wnid>' lines)")
     shard.add_argument("--classes", dest="classes_file", metavar="FILE",
@@ -33,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--size", type=int, default=64)
     shard.add_argument("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
                        help="segmentation: mask value 0 is a class (default: 0 is 'other' and ignored, as ADE20K)")
+    check = sub.add_parser("verify", help="check every shard against its manifest: sha256, rows, classes, totals")
+    check.add_argument("url", help="a dataset (its train/ and val/ folders) or one split's folder")
+    check.add_argument("--expect", action="append", default=[], metavar="SPLIT=N",
+                       help="images a split must hold (default for ImageNet-1K's classes: train=1281167, val=50000)")
+    check.add_argument("--workers", type=int, default=16, help="shards checked at once")
+    cli.add_storage_option(check)
     for p in (shard, synth):
         p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
                        help="segmentation: SRC is ADEChallengeData2016 (images/, annotations/) or Parquet with a mask column")
@@ -44,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run(write, parser, argv)
 
 
-def write(args: argparse.Namespace) -> None:
+def write(args: argparse.Namespace) -> int | None:
     options = cli.storage_options(args.storage_option)
+    if args.command == "verify":
+        return check(args, options)
     for name in ("src", "dest"):
         if getattr(args, name, None):
             storage.check_reachable(getattr(args, name), options, name.upper(), "--storage-option")
@@ -58,12 +70,32 @@ def write(args: argparse.Namespace) -> None:
             source = SynthSource(args.classes or 10, train, val, args.size, args.seed)
         opts = WriteOptions(args.shard_size_mb, args.rows_per_group, None, args.seed, args.workers)
     else:
-        source = open_segmentation_source(args.src, options, args.reduce_zero_label, args.classes_file) if args.task == "segmentation" \
-            else open_source(args.src, options, args.val_labels)
+        if args.task == "segmentation":
+            source = open_segmentation_source(args.src, options, args.reduce_zero_label, args.classes_file)
+        elif is_official(args.src, options):
+            source = OfficialTarSource(args.src, options)
+        else:
+            source = open_source(args.src, options, args.val_labels)
         opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers)
     report = write_dataset(source, args.dest, opts, options)
     print(f"done: {report.written} shards written, {report.reused} verified shards kept, "
           f"{report.skipped_images} unreadable images skipped")
+
+
+
+def check(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``verify``: one line per problem, then a summary; non-zero when there is a problem."""
+    try:
+        expect = {k: int(v) for k, v in (e.split("=", 1) for e in args.expect)}
+    except ValueError as exc:
+        raise RecipeError(f"--expect takes SPLIT=N (for example val=50000), got {args.expect}") from exc
+    storage.check_reachable(args.url, options, "URL", "--storage-option")
+    report = verify(args.url, options, expect, args.workers)
+    for line in report.problems:
+        print(line)
+    print(f"verify: {len(report.problems)} problems in {report.shards} shards of {', '.join(report.splits)} "
+          f"({report.images} images)")
+    return 1 if report.problems else 0
 
 
 if __name__ == "__main__":

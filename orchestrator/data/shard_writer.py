@@ -3,7 +3,8 @@
 Plan: blocks (one image, or one source row group) are permuted with the seed and packed into
 shards of about ``shard_size_mb``; rows are shuffled inside each shard, so every shard mixes classes.
 Each finished shard leaves a progress record (rows, row groups, size, sha256, plan digest) under
-``<split>/_progress/``; a re-run trusts a shard only if its record, plan digest and size still match.
+``<split>/_progress/`` the moment it is done, whatever happens to the others; a re-run trusts a shard only if its
+record, plan digest and size still match. ``python -m orchestrator.data verify`` checks the sha256 later.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from orchestrator import storage
 from orchestrator.data import manifest as mf
 from orchestrator.data.seg_sources import mask_size_mismatch
 from orchestrator.data.sources import Item, Source
+from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +180,30 @@ def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str,
     bar = tqdm(total=total, unit="img", desc=f"{split}", initial=sum(len(plan[i]) for i in records), disable=None)
     log.info("%s: %d images in %d shards (%d already verified)", split, total, len(plan), len(records))
 
-    def finished() -> Iterator[tuple[int, dict[str, Any]]]:
+    def finished() -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+        """Each shard as it is done (or its error): the others go on, and each is recorded when it is done."""
         args = [(source, plan[i], storage.join(split_url, shard_name(i)), opts, options) for i in todo]
         if opts.workers <= 1:
             for i, a in zip(todo, args, strict=True):
-                yield i, _write_shard(*a)
+                try:
+                    yield i, _write_shard(*a)
+                except Exception as exc:  # noqa: BLE001 - reported with the others' after the last shard
+                    yield i, exc
             return
         with ProcessPoolExecutor(opts.workers) as pool:
             futures = {pool.submit(_write_shard, *a): i for i, a in zip(todo, args, strict=True)}
-            for fut, i in futures.items():
-                yield i, fut.result()
+            for fut in as_completed(futures):
+                try:
+                    yield futures[fut], fut.result()
+                except Exception as exc:  # noqa: BLE001 - as above
+                    yield futures[fut], exc
 
+    failed: dict[int, Exception] = {}
     for i, record in finished():
+        if isinstance(record, Exception):
+            failed[i] = record
+            log.error("%s: %s failed: %s", split, shard_name(i), storage.one_line(record))
+            continue
         record["plan"] = digests[i]
         with fs.open(storage.join(split_path, "_progress", f"{i:05d}.json"), "wb") as f:
             f.write(json.dumps(record).encode())
@@ -200,6 +214,10 @@ def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str,
         if bar.disable:
             log.info("%s: shard %d/%d written (%d rows)", split, len(records), len(plan), record["rows"])
     bar.close()
+    if failed:
+        named = ", ".join(f"{shard_name(i)}: {storage.one_line(e)}" for i, e in sorted(failed.items())[:3])
+        raise DataError(f"{split_url}: {len(failed)} shard(s) failed ({named}{', ...' if len(failed) > 3 else ''}); the "
+                        f"{len(records)} others are recorded, and the same command redoes only the failed ones")
     shards = [mf.ShardInfo(url=shard_name(i), rows=r["rows"], row_groups=r["row_groups"], bytes=r["bytes"], sha256=r["sha256"])
               for i, r in sorted(records.items())]
     manifest = mf.Manifest(split=split, shards=shards, classes=source.classes, root=split_url, seed=opts.seed,

@@ -63,6 +63,12 @@ def class_infos(wnids: list[str]) -> list[ClassInfo]:
     return [ClassInfo(index=i, wnid=w, name=names.get(w, w)) for i, w in enumerate(wnids)]
 
 
+def kaggle_val_labels(text: str) -> dict[str, str]:
+    """Image stem -> WNID from Kaggle's ``LOC_val_solution.csv`` (ImageId, PredictionString: its first WNID)."""
+    rows = list(csv.reader(text.splitlines()))[1:]
+    return {r[0]: r[1].split()[0] for r in rows if len(r) >= 2 and r[1].strip()}
+
+
 class FolderSource:
     """ILSVRC-2012 layout (``train/<wnid>/*``, ``val/`` in class folders or flat + labels file), any ImageFolder,
     or a flat ILSVRC-2012 val folder alone with its labels file (the 1000 ImageNet classes, in timm's order)."""
@@ -136,8 +142,7 @@ class FolderSource:
                 continue
             text = fs.cat_file(path).decode()
             if path.endswith(".csv"):
-                rows = list(csv.reader(text.splitlines()))[1:]
-                return {r[0]: r[1].split()[0] for r in rows if len(r) >= 2 and r[1].strip()}
+                return kaggle_val_labels(text)
             pairs = (line.replace(",", " ").split() for line in text.splitlines() if line.strip())
             return {os.path.splitext(p[0])[0]: p[1] for p in pairs if len(p) >= 2}
         raise DataError(
@@ -171,7 +176,11 @@ class ParquetSource:
         self.classes = class_infos([f"class_{i}" for i in range(n)])
 
     def splits(self) -> dict[str, list[list[Item]]]:
-        return row_group_blocks(self.fs, self.files)
+        """Every split but ``test``: Hugging Face's ImageNet test split has no labels (all -1)."""
+        found = row_group_blocks(self.fs, self.files)
+        if "test" in found:
+            log.warning("%s: the test split is left out: it is unlabelled (label -1)", self.url)
+        return {name: blocks for name, blocks in found.items() if name != "test"}
 
     def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
         """Reads each needed row group once (labels and paths come from the file, not the item)."""
@@ -183,6 +192,9 @@ class ParquetSource:
                 table = pq.ParquetFile(self.fs.open(f, "rb")).read_row_group(int(g), columns=["image", "label"])
                 groups[(f, int(g))] = (table.column("image").to_pylist(), table.column("label").to_pylist())
             images, labels = groups[(f, int(g))]
+            if labels[int(r)] is None or labels[int(r)] < 0:
+                raise DataError(f"{storage.unstrip(self.fs, f)}: row group {g}, row {r} has label {labels[int(r)]} "
+                                "(unlabelled, like Hugging Face's test split); only labelled splits can be sharded")
             image = images[int(r)]
             out.append((image["bytes"], int(labels[int(r)]), image.get("path") or ""))
         return out

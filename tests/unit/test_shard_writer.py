@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from orchestrator.data import manifest as mf
-from orchestrator.data.shard_writer import WriteOptions, write_dataset
-from orchestrator.data.sources import open_source
-from orchestrator.data.synth import draw
+from orchestrator.data.shard_writer import WriteOptions, plan_shards, write_dataset
+from orchestrator.data.sources import Item, open_source
+from orchestrator.data.synth import SynthSource, draw
+from orchestrator.errors import DataError
 from tests.conftest import ROOT
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # tench, goldfish, great white shark
@@ -90,6 +91,32 @@ def test_rerun_keeps_verified_shards_and_redoes_broken_ones(ilsvrc: Path, tmp_pa
     assert mf.load(str(dest / "train")).num_samples == 36
 
 
+class FailingSource(SynthSource):
+    """The synthetic set, whose images with ``fail`` ids cannot be read (an upload or a read failing mid-run)."""
+
+    def __init__(self, fail: set[str]) -> None:
+        super().__init__(classes=3, train=60, val=0, size=16)
+        self.fail = fail
+
+    def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
+        if any(it.key in self.fail for it in items):
+            raise OSError("503 SlowDown: the store gave up on this shard")
+        return super().read(items)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_failing_shard_costs_only_itself(tmp_path: Path, workers: int) -> None:
+    dest, opts = tmp_path / "shards", WriteOptions(shard_size_mb=0.002, rows_per_group=4, workers=workers)
+    plan = plan_shards(FailingSource(set()).splits()["train"], opts.shard_size_mb * 2**20, opts.seed)
+    assert len(plan) >= 4
+    with pytest.raises(DataError, match=r"1 shard\(s\) failed \(shard-00000.parquet: .*503 SlowDown"):
+        write_dataset(FailingSource({plan[0][0].key}), str(dest), opts)  # the first shard: every later one ran
+    assert not (dest / "train" / "manifest.json").exists()
+    again = write_dataset(FailingSource(set()), str(dest), opts)
+    assert (again.written, again.reused) == (1, len(plan) - 1)
+    assert mf.load(str(dest / "train")).num_samples == 60
+
+
 def test_flat_val_without_labels_file_is_an_error(ilsvrc: Path, tmp_path: Path) -> None:
     (ilsvrc / "LOC_val_solution.csv").unlink()
     out = shard(ilsvrc, tmp_path / "shards")
@@ -106,6 +133,22 @@ def test_hugging_face_parquet_is_resharded(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     labels = labels_by_path(tmp_path / "shards" / "train")
     assert labels == {f"img{i}.jpg": i % 3 for i in range(20)}
+
+
+def test_hugging_face_test_split_is_left_out_and_an_unlabelled_row_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "hf"
+    src.mkdir()
+    for split, labels in (("train", [0, 1, 2, 0]), ("test", [-1] * 4)):
+        table = pa.table({"image": pa.array([{"bytes": jpeg(i % 3, i), "path": f"{split}{i}.jpg"} for i in range(4)],
+                                            type=mf.IMAGE_TYPE), "label": pa.array(labels, pa.int64())})
+        pq.write_table(table, src / f"{split}-00000-of-00001.parquet", row_group_size=2)
+    write_dataset(open_source(str(src)), str(tmp_path / "shards"), WriteOptions(rows_per_group=2))
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["train"]
+    table = pq.read_table(src / "train-00000-of-00001.parquet")
+    pq.write_table(table.set_column(1, "label", pa.array([0, 1, -1, 0], pa.int64())),
+                   src / "train-00000-of-00001.parquet", row_group_size=2)
+    with pytest.raises(DataError, match=r"train-00000-of-00001.parquet: row group 1, row 0 has label -1"):
+        write_dataset(open_source(str(src)), str(tmp_path / "again"), WriteOptions(rows_per_group=2))
 
 
 def test_max_side_reencodes_only_large_images(tmp_path: Path) -> None:
