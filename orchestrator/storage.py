@@ -133,11 +133,12 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the protocol-less path for ``url``. On S3, botocore retries each request in its
-    ``standard`` mode (full jitter, throttling and 5xx included) unless the options say otherwise."""
+    ``standard`` mode (full jitter, throttling and 5xx included; 3 attempts, so that a store that is down is
+    reported in seconds, and ``with_retries`` waits longer where that is wanted) unless the options say otherwise."""
     options = dict(options or {})
     if url.startswith(("s3://", "s3a://")):
         config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", {"mode": "standard", "max_attempts": RetryPolicy.attempts})
+        config.setdefault("retries", {"mode": "standard", "max_attempts": 3})
         options["config_kwargs"] = config
     fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path

@@ -2,10 +2,9 @@
 
 Rank 0 lists the run's checkpoints and reads the newest one that verifies (a torn, corrupt or unreadable one is
 skipped, named, for the next older one), under the storage retry policy. Every other rank receives that choice and
-its bytes over the process group and checks them against the marker's sha256. So all ranks resume from the same
-step, or all of them stop with a line that names the ranks and the checkpoint (each node's copy is checked by the
-rank that received it for the node); no rank falls back alone (the
-weights would be re-broadcast by DDP, but the optimizer, EMA, step and data position would not).
+its bytes; each node's copy is checked against the marker's sha256 by the rank that received it for the node. So
+all ranks resume from the same step, or all of them stop with a line that names the ranks and the checkpoint; no
+rank falls back alone (DDP would re-broadcast the weights, but not the optimizer, EMA, step and data position).
 
 The store serves one copy per job, not one per rank: 256 ranks restarting from InceptionNeXt-B read 1.4 GB, not
 356 GB. Across nodes the bytes travel over the training network (NCCL on InfiniBand: tens of GB/s, faster than a

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from scipy.io import savemat
 from timm.data import ImageNetInfo
 
-from orchestrator.data.ilsvrc_tars import DEVKIT, TRAIN, VAL, OfficialTarSource
 from orchestrator.data.__main__ import main
+from orchestrator.data.ilsvrc_tars import DEVKIT, TRAIN, VAL, OfficialTarSource
 from tests.unit.test_shard_writer import jpeg
 
 WNIDS = list(ImageNetInfo("imagenet-1k").label_names())  # sorted: timm's class order
