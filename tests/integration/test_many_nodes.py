@@ -49,36 +49,6 @@ def test_ddp_across_two_nodes_gives_the_single_worker_gradients(second_node: Ray
     assert_same_gradients(grads)
 
 
-# The suite's chaos run: the kinds whose recovery only a whole run shows. bench/chaos.py runs every kind; in the suite
-# a driver's SIGTERM is test_resume's, a SIGKILLed worker test_ray's, a flipped checkpoint test_rundir's (skipped,
-# named), a stall the two-node Slurm job's and test_watchdog's (a DataLoader worker's frame in the stack file), and a
-# node loss changes the world size, where the suite's run is checked bitwise.
-SUITE_KINDS = ("worker-term", "tear")  # a store restart mid-run: bench/chaos.py, and the reader's own test in test_s3_store
-# Its watchdog is on, at a timeout no fault here reaches: no stall is injected in the suite's run.
-CHAOS_STALL_S = 60
-
-
-@pytest.mark.timeout(900)  # about 2 minutes on a 2-core machine
-def test_a_seeded_chaos_run_loses_nothing(second_node: RayWorkerNode, ray_cluster: RayCluster, s3_store: S3Store,
-                                          tmp_path: Path) -> None:
-    """Two workers on two nodes, shards in the S3 store: a worker SIGTERMed and a torn upload. Each fault resumes from the checkpoint it should (``ChaosRun.check``), no restart redoes more than
-    ``every`` steps, every step is logged once with the samples of the uninterrupted two-worker run, and the
-    weights end bitwise equal."""
-    every = 2
-    plan = chaos.schedule(seed=0, count=len(SUITE_KINDS), kinds=SUITE_KINDS, every=every)
-    data = chaos.write_data(s3_store)
-    sets = {name: chaos.settings(s3_store, data, tmp_path / "runs", name, plan, every, CHAOS_STALL_S)
-            for name in ("reference", "chaos")}
-    chaos.reference_run(ray_cluster, sets["reference"], tmp_path)
-    run = chaos.ChaosRun(ray_cluster, second_node, s3_store, sets["chaos"], tmp_path / "runs" / "chaos", plan, every,
-                         tmp_path, stall_s=CHAOS_STALL_S)
-    run.run()
-    chaos.verify(run, tmp_path / "runs" / "reference")
-    print(run.table(), run.summary(), sep="\n")
-    assert [f.phase for f in plan] == ["done"] * len(SUITE_KINDS) and {f.kind for f in plan} == set(SUITE_KINDS)
-    assert all(r["world_size"] == 2 for f in plan for r in f.resumes)  # so verify() compared the weights bitwise
-
-
 # The doctor's planned step time against a real run of the same recipe on the same cluster: measured at 0.9-1.6
 # on this 2-core machine (both "nodes" share its cores, so every figure here is noisy); the bound leaves room.
 PLAN_FACTOR = 3.0
