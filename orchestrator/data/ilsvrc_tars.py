@@ -34,7 +34,7 @@ class OfficialTarSource:
         self.url, self.options = url.rstrip("/"), options or {}
         self.fs, self.root = storage.filesystem(self.url, self.options)
         self.train = storage.join(self.root, TRAIN)
-        self.class_tars = members(self.fs, self.train)  # name -> (offset, size)
+        self.class_tars = tar_members(self.fs, self.train)  # name -> (offset, size)
         wnids = sorted(name.removesuffix(".tar") for name in self.class_tars)
         if not wnids or not all(name.endswith(".tar") for name in self.class_tars):
             raise DataError(f"{storage.unstrip(self.fs, self.train)}: expected a tar of class tars (<wnid>.tar)")
@@ -48,7 +48,7 @@ class OfficialTarSource:
         with self.fs.open(self.train, "rb") as f:
             for name, (offset, _) in sorted(self.class_tars.items()):
                 wnid = name.removesuffix(".tar")
-                for image, (inner, size) in sorted(members(f, None, offset).items()):
+                for image, (inner, size) in sorted(members(f, offset).items()):
                     train.append([Item(key=f"{TRAIN}@{offset + inner}+{size}", label=index[wnid], path=f"train/{wnid}/{image}",
                                        size=size)])
         out = {"train": train}
@@ -56,7 +56,7 @@ class OfficialTarSource:
         if self.fs.exists(val):
             labels = self.val_labels()
             blocks = []
-            for image, (offset, size) in sorted(members(self.fs, val).items()):
+            for image, (offset, size) in sorted(tar_members(self.fs, val).items()):
                 stem = image.rsplit(".", 1)[0]
                 if stem not in labels:
                     raise DataError(f"{storage.unstrip(self.fs, val)}: {image} has no ground-truth label in the devkit")
@@ -90,15 +90,17 @@ class OfficialTarSource:
         return out
 
 
-def members(fs_or_file: Any, path: str | None, base: int = 0) -> dict[str, tuple[int, int]]:
-    """Member name -> (data offset, size) of the uncompressed tar at ``path`` (or inside the open file at ``base``),
-    by reading its headers only."""
-    if path is not None:
-        with fs_or_file.open(path, "rb") as f:
-            return members(f, None)
-    fs_or_file.seek(base)
-    window = _Window(fs_or_file, base)
-    with tarfile.open(fileobj=window, mode="r:") as tar:  # type: ignore[call-overload]
+def tar_members(fs: Any, path: str) -> dict[str, tuple[int, int]]:
+    """``members`` of the uncompressed tar file at ``path``."""
+    with fs.open(path, "rb") as f:
+        return members(f)
+
+
+def members(f: Any, base: int = 0) -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, size) of the uncompressed tar that starts at ``base`` in the open file ``f``
+    (a tar inside a tar: offsets from ``base``), by reading its headers only."""
+    f.seek(base)
+    with tarfile.open(fileobj=_Window(f, base), mode="r:") as tar:  # type: ignore[call-overload]
         return {m.name.rsplit("/", 1)[-1]: (m.offset_data, m.size) for m in tar if m.isfile()}
 
 

@@ -172,7 +172,7 @@ def newest(run: RunDir, group: Group) -> tuple[Checkpoint, bytes] | None:
         raise CheckpointError(f"restart from {checkpoint.url} failed: {'; '.join(problems)}; every rank stops "
                               "(none resumes from another step)")
     if group.rank == 0:
-        log.info("all %d ranks resume from %s (read once from the store, %.1f MB, shared over the process group)",
+        log.info("all %d ranks resume from %s (read once from the store, %.1f MB, shared with the other ranks)",
                  group.world_size, checkpoint.url, len(received) / 2**20)
     return checkpoint, received
 
