@@ -5,6 +5,7 @@ Rank 0's bytes are handed over by reference, so the transport costs nothing here
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -19,6 +20,23 @@ class ThreadWorld:
 
     def group(self, rank: int) -> ThreadGroup:
         return ThreadGroup(self, rank)
+
+    def run(self, fn: Callable[[ThreadGroup], Any], group: type[ThreadGroup] | None = None) -> list[Any]:
+        """``fn(group)`` on every rank at once: what each returned, or the exception it raised."""
+        out: list[Any] = [None] * self.world_size
+
+        def rank(r: int) -> None:
+            try:
+                out[r] = fn((group or ThreadGroup)(self, r))
+            except Exception as exc:  # noqa: BLE001 - the caller looks at it
+                out[r] = exc
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(self.world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
 
     def abort(self) -> None:
         """A rank failed: the others' next collective raises instead of waiting for it forever."""

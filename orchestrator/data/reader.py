@@ -65,6 +65,14 @@ def split_evenly(start: int, stop: int, parts: int, index: int) -> tuple[int, in
     return a, a + base + (1 if index < extra else 0)
 
 
+def _nearest(bounds: np.ndarray, x: int) -> int:
+    """The value of sorted ``bounds`` nearest ``x`` (ties: the lower); monotone in ``x``, so cuts never cross."""
+    i = int(np.searchsorted(bounds, x))
+    if i == len(bounds) or (i > 0 and x - bounds[i - 1] <= bounds[i] - x):
+        return int(bounds[i - 1])
+    return int(bounds[i])
+
+
 def shuffle_order(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     """The output order of a bounded shuffle buffer fed ``0..n-1`` (only indices: nothing is read)."""
     if buffer <= 1:
@@ -147,8 +155,15 @@ class ShardDataset(IterableDataset):
 
     # --- layout -------------------------------------------------------------------------------
     def val_span(self, worker: int, num_workers: int) -> tuple[int, int]:
-        """Validation: this worker's contiguous part of this rank's contiguous part of all samples."""
-        return split_evenly(*split_evenly(0, self.num_samples, self.world_size, self.rank), num_workers, worker)
+        """Validation: this worker's contiguous part of this rank's contiguous part of all samples, both cut at the
+        row-group boundary nearest an even split. A row group is read whole, so cutting inside one reads it twice:
+        50,000 images in groups of 100 on 256 ranks x 10 workers read 6.0x their bytes cut evenly, 1.0x cut at groups
+        (some ranks then evaluate a group more than others, which costs far less than reading; none waits on
+        another per batch)."""
+        bounds = np.concatenate([[0], np.cumsum(self.groups[:, 3])])
+        a, b = (_nearest(bounds, x) for x in split_evenly(0, self.num_samples, self.world_size, self.rank))
+        a, b = (_nearest(bounds, x) for x in split_evenly(a, b, num_workers, worker))
+        return int(a), int(b)
 
     def _stream_slice(self, groups: np.ndarray, a: int, b: int) -> np.ndarray:
         """``[n, 3]`` rows of (row-group index into self.groups, row in group, sample id) for stream ``[a, b)``."""

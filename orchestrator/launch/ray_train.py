@@ -39,7 +39,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator import faults, logs, storage
 from orchestrator.errors import OrchestratorError, RecipeError
-from orchestrator.launch.distributed import collective_timeout
+from orchestrator.launch.distributed import collective_timeout, share_host_cores
 from orchestrator.launch.job import Job
 from orchestrator.recipe import SECRETS_ENV, Recipe, absolute_paths, from_dict, secret_options
 from orchestrator.train.context import Rank, StopRequested
@@ -74,9 +74,11 @@ def ray_rank(recipe: Recipe, relay: str | None) -> Rank:
     """This Ray Train worker's rank, device and node; stop requests come from the driver's ``relay``."""
     tctx = ray.train.get_context()
     device = ray.train.torch.get_device() if recipe.scaling.gpus_per_worker > 0 else torch.device("cpu")
-    return Rank(rank=tctx.get_world_rank(), world_size=tctx.get_world_size(), local_rank=tctx.get_local_rank(),
+    rank = Rank(rank=tctx.get_world_rank(), world_size=tctx.get_world_size(), local_rank=tctx.get_local_rank(),
                 device=device, launcher="ray", node=ray.get_runtime_context().get_node_id()[:12],
                 relayed=(lambda: stop_relayed(relay)) if relay else None, report=_report)
+    share_host_cores(rank)
+    return rank
 
 
 def _report(metrics: dict[str, Any]) -> None:

@@ -20,9 +20,11 @@ from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.errors import StorageError
 from orchestrator.rundir import STATE, RunDir
 from orchestrator.storage import RetryPolicy, check_reachable
+from orchestrator.train import components
 from tests.conftest import ROOT, smoke_sets
 from tests.s3_proxy import S3Proxy
 from tests.services import S3Store, free_port
+from tests.thread_group import ThreadWorld
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +58,27 @@ def test_manifest_on_s3_lists_verified_shards_and_no_secret(s3_store: S3Store, s
     text = fs.cat_file(f"{s3_synth.removeprefix('s3://')}/train/manifest.json").decode()
     assert s3_store.options["secret"] not in text and s3_store.options["key"] not in text
     assert json.loads(text)["shards"][0]["sha256"]
+
+
+def test_ranks_starting_together_check_the_dataset_once_counted_at_the_store(s3_store: S3Store, s3_synth: str) -> None:
+    """The training start-up's dataset check on 1 and on 8 ranks (threads), every request counted at the store: rank
+    0 checks every shard, the other ranks get its manifest. Each rank checking for itself added a footer read per
+    shard per rank."""
+    proxy = S3Proxy(s3_store.endpoint)
+    counts, manifests = {}, []
+    try:
+        options = proxy.options(s3_store.options)
+        for world in (1, 8):
+            proxy.reset()
+            manifests = ThreadWorld(world, timeout=120).run(
+                lambda g: components.checked_manifest(f"{s3_synth}/train", options, g))
+            counts[world] = len(list(proxy.select()))
+    finally:
+        proxy.close()
+    assert all(m.num_samples == 320 and m.shards == manifests[0].shards for m in manifests), manifests
+    shards = len(manifests[0].shards)
+    assert counts[1] >= shards >= 8  # rank 0 did look at every shard
+    assert (counts[8] - counts[1]) / 7 <= 2, counts  # a handful per extra rank, not one per shard
 
 
 def test_validation_from_s3_is_read_exactly_once_across_ranks(s3_store: S3Store, s3_synth: str) -> None:

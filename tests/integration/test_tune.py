@@ -36,7 +36,8 @@ def test_drop_path_grid_survives_an_interruption_and_gives_table_plot_and_best_r
     running trial checkpoints at its stop step, as one run does; then the same command continues it."""
     sets = [*data_sets(synth_dir, tmp_path), "sweep.scheduler=null",  # ASHA could stop either trial; tested below
             "sweep.proxy={schedule.epochs: 2, data.train_fraction: 0.5, scaling.cpus_per_worker: 1}",
-            "run.checkpoint_every_steps=2"]  # the first checkpoint at step 2 of 8: the Ctrl-C lands mid-run
+            "run.checkpoint_every_steps=2",  # the first checkpoint at step 2 of 8: the Ctrl-C lands mid-run
+            "run.keep_checkpoints=8"]  # the one it resumed from is still there at the end, whichever it was
     command = [sys.executable, "-m", "orchestrator.tune", "recipes/sweeps/smoke.yaml", *(f"--set={s}" for s in sets)]
     with open(tmp_path / "first.log", "wb") as log:
         first = subprocess.Popen(command, cwd=ROOT, env=driver.env, stdout=log, stderr=subprocess.STDOUT,

@@ -143,6 +143,24 @@ def test_validation_sees_every_image_exactly_once_across_ranks(synth_dir: Path, 
     assert seen == list(range(80))
 
 
+def test_validation_on_256_ranks_of_10_workers_reads_each_row_group_once(synth_dir: Path) -> None:
+    """ImageNet's 50,000 validation images in row groups of 100: every (rank, worker) reads the row groups its span
+    touches, whole. Cut evenly, they read 6.0x the split; cut at row groups, each group once."""
+    base = mf.load(str(synth_dir / "val"))
+    manifest = mf.Manifest(split="validation", shards=[mf.ShardInfo(url=f"s{i}.parquet", rows=5000, row_groups=[100] * 50)
+                                                       for i in range(10)], root=base.root)
+    read, spans = 0, []
+    for rank in range(256):
+        ds = ShardDataset(manifest, to_tensor, train=False, rank=rank, world_size=256)
+        for worker in range(10):
+            a, b = ds.val_span(worker, 10)
+            spans.append((a, b))
+            read += 100 * len({i // 100 for i in range(a, b)})  # the groups of 100 holding samples a..b-1
+    assert sorted(spans) == spans and spans[0][0] == 0 and spans[-1][1] == 50_000
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(spans, spans[1:], strict=False))  # each image once
+    assert read / 50_000 <= 1.2
+
+
 def corrupt_copy(src: Path, dest: Path, rows: dict[int, bytes]) -> Path:
     """A copy of a split whose first shard has ``rows`` replaced by the given bytes."""
     shutil.copytree(src, dest)

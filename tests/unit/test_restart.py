@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,11 @@ from tests.thread_group import ThreadGroup, ThreadWorld
 
 def resume_on_threads(run: RunDir, ranks: int, group: type[ThreadGroup] = ThreadGroup) -> list[Any]:
     """What each rank's ``restart.newest`` gave: (step, bytes), or the exception it raised."""
-    world, out = ThreadWorld(ranks, timeout=30), [None] * ranks
+    def rank(g: ThreadGroup) -> Any:
+        found = restart.newest(run, g)
+        return (found[0].step, found[1]) if found else None
 
-    def rank(r: int) -> None:
-        try:
-            found = restart.newest(run, group(world, r))
-            out[r] = (found[0].step, found[1]) if found else None
-        except Exception as exc:  # noqa: BLE001 - the test looks at it
-            out[r] = exc
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    return ThreadWorld(ranks, timeout=30).run(rank, group)
 
 
 @pytest.fixture
