@@ -19,8 +19,10 @@ from minute to minute; turns make the drift cost both sides alike). Printed, in 
   RandAugment on the device), and the device step's images/s and CPU ms per image on the device this
   machine has (CUDA if present, else the CPU, where it is only a correctness path);
 - shards re-encoded with ``--max-side`` (not part of the ratio): the whole pipeline against the originals;
-- with ``--workers N`` DataLoader workers on both sides (the workers-only transforms): images per CPU-second
-  counting every worker process's CPU (whole passes, the sides alternating), ``parallel_worker_ratio``;
+- with ``--workers N`` DataLoader workers on both sides (the workers-only transforms), persisting over
+  ``--epochs`` epochs as in training: images per CPU-second counting every worker process's CPU (whole
+  passes, the sides alternating), ``parallel_worker_ratio``; and, from passes of one epoch, what the workers'
+  start-up costs each side (CPU = start-up + epochs x per epoch);
 - ``ratio=<reader / timm>`` for the whole pipeline on CPU (normalisation and erasing here too);
 - last, the headline ``worker_ratio=<reader / timm>`` of the workers alone against timm with
   ``use_prefetcher`` (how timm's train.py runs by default).
@@ -143,18 +145,29 @@ def paired_rates(sides: dict[str, tuple[Iterable[Any], Callable[[Any], Any]]], p
     return best
 
 
-def parallel_rates(sides: dict[str, Callable[[], Iterable[Any]]], passes: int) -> dict[str, float]:
-    """Images per CPU-second of whole passes over each side's loader with worker processes, counting the
-    workers' CPU (reaped children) and this process's; the sides alternate pass by pass, best of ``passes``."""
-    best = dict.fromkeys(sides, 0.0)
+def parallel_cpu(sides: dict[str, Callable[[], Any]], passes: int, epochs: int) -> dict[str, float]:
+    """CPU-seconds of a whole pass of ``epochs`` epochs over each side's loader with worker processes that persist
+    across the epochs (as in training: timm's ``create_loader`` keeps them, and so does this reader), ended with
+    the pass: the workers' CPU (reaped children) and this process's. The sides alternate pass by pass; the best
+    (least) of ``passes``."""
+    best = dict.fromkeys(sides, float("inf"))
     for _ in range(passes):
         for name, make in sides.items():
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = time.process_time()
-            seen = sum(len(batch[1]) for batch in make())
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers exit (and are reaped) with the pass
+            loader = make()
+            for epoch in range(epochs):
+                if isinstance(loader, ShardLoader):
+                    loader.set_epoch(epoch)
+                for _batch in loader:
+                    pass
+            if isinstance(loader, ShardLoader):
+                loader.close()
+            elif getattr(loader, "_iterator", None) is not None:
+                loader._iterator._shutdown_workers()  # joined, so reaped: their CPU is in RUSAGE_CHILDREN
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             spent = time.process_time() - cpu + (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            best[name] = max(best[name], seen / spent)
+            best[name] = min(best[name], spent)
     return best
 
 
@@ -268,6 +281,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--max-side", type=int, default=320, help="shorter side of the re-encoded shards")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers of the parallel run")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the parallel run (its workers persist across them)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -324,10 +338,13 @@ def main() -> None:
             "gpu_workers": (reader(TrainDraws(args.size, POLICY, "random")), fetched),
         }, passes=2)
         gpu_batches = list(reader(TrainDraws(args.size, POLICY, "random")))
-        parallel = parallel_rates({
-            "timm_workers": lambda: timm_side(workers_only, collate_fn=fast_collate, num_workers=args.workers),
+        parallel_sides = {
+            "timm_workers": lambda: timm_side(workers_only, collate_fn=fast_collate, num_workers=args.workers,
+                                              persistent_workers=True),
             "reader_workers": lambda: reader(workers=args.workers),
-        }, passes=3)
+        }
+        one_epoch = parallel_cpu(parallel_sides, passes=3, epochs=1)
+        many = parallel_cpu(parallel_sides, passes=3, epochs=args.epochs)
     finally:
         store.stop()
     device_rate, device_cpu_ms, where = device_step(gpu_batches, args.size)
@@ -343,9 +360,15 @@ def main() -> None:
           + (" (an upper bound: the device here is the CPU)" if where == "cpu" else ""))
     print(f"--max-side {args.max_side} shards (not in the ratio): {others['max_side']:.1f} images/CPU-s, "
           f"{others['max_side'] / others['reader']:.2f}x the same reader on the originals")
-    print(f"{args.workers} DataLoader workers, their CPU counted: timm (use_prefetcher) {parallel['timm_workers']:.1f}, "
-          f"this reader {parallel['reader_workers']:.1f} images/CPU-s; "
-          f"parallel_worker_ratio={parallel['reader_workers'] / parallel['timm_workers']:.3f}")
+    images = args.images // args.batch * args.batch  # both sides drop the last partial batch
+    rate = {k: images * args.epochs / v for k, v in many.items()}
+    per_epoch = {k: (many[k] - one_epoch[k]) / (args.epochs - 1) for k in many}  # CPU = start-up + epochs x per_epoch
+    start_up = {k: one_epoch[k] - per_epoch[k] for k in many}
+    print(f"{args.workers} DataLoader workers, their CPU counted, {args.epochs} epochs of {images} images: timm "
+          f"(use_prefetcher) {rate['timm_workers']:.1f}, this reader {rate['reader_workers']:.1f} images/CPU-s; "
+          f"start-up of the workers {start_up['timm_workers']:.2f} and {start_up['reader_workers']:.2f} CPU-s, one epoch "
+          f"alone {images / one_epoch['timm_workers']:.1f} and {images / one_epoch['reader_workers']:.1f} images/CPU-s; "
+          f"parallel_worker_ratio={rate['reader_workers'] / rate['timm_workers']:.3f}")
     print(f"ratio={best['reader'] / best['timm']:.3f}")
     print(f"worker_ratio={best['reader_workers'] / best['timm_workers']:.3f}")
 

@@ -59,6 +59,11 @@ class DataConfig:
     train_fraction: float = 1.0
     val_fraction: float = 1.0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # A node-local folder where whole shards are kept across epochs and restarts, shared by the node's ranks
+    # (null: every epoch reads the store); evicted least recently used beyond cache_limit_gb (null: 90% of the
+    # disk's free space when the run starts, plus what is cached already). README "Data".
+    cache_dir: str | None = None
+    cache_limit_gb: float | None = None
 
 
 @dataclass
@@ -512,6 +517,10 @@ def validate(recipe: Recipe, origin: dict[str, str] | None = None, path: str = "
         fail("run.max_steps", f"must be positive or null, got {r.run.max_steps}")
     if not r.data.train:
         fail("data.train", "no training dataset given")
+    if r.data.cache_dir is not None and "://" in r.data.cache_dir:
+        fail("data.cache_dir", f"{r.data.cache_dir!r} is a URL; the shard cache is a folder on each node's local disk")
+    if r.data.cache_limit_gb is not None and r.data.cache_limit_gb <= 0:
+        fail("data.cache_limit_gb", f"must be positive, got {r.data.cache_limit_gb}")
     if not r.run.name or "/" in r.run.name:
         fail("run.name", f"{r.run.name!r} must be a non-empty name without '/'")
     n = r.scaling.num_workers

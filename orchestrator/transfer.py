@@ -56,6 +56,25 @@ def get(url: str, options: Mapping[str, Any] | None = None) -> bytes:
         raise FileNotFoundError(url) from exc
 
 
+def download(url: str, local: str, options: Mapping[str, Any] | None = None) -> None:
+    """``url`` into the local file ``local``, streamed (a shard may be larger than memory should hold)."""
+    found = _s3(url, options)
+    if found is None:
+        fs, path = storage.filesystem(url, options)
+        fs.get_file(path, local)
+        return
+    import obstore
+    from obstore.exceptions import NotFoundError
+
+    store, key = found
+    try:
+        with open(local, "wb") as f:
+            for chunk in obstore.get(store, key).stream(min_chunk_size=PART):
+                f.write(chunk)
+    except NotFoundError as exc:
+        raise FileNotFoundError(url) from exc
+
+
 def _parts(data: bytes, progress: Callable[[], None] | None) -> Iterator[memoryview]:
     view = memoryview(data)
     for at in range(0, max(len(data), 1), PART):
@@ -64,9 +83,16 @@ def _parts(data: bytes, progress: Callable[[], None] | None) -> Iterator[memoryv
             progress()
 
 
+_used_in: int | None = None  # the process whose obstore runtime exists
+
+
 def _s3(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str] | None:
-    """(obstore store, key) for an ``s3://`` URL whose options obstore can express, else None."""
+    """(obstore store, key) for an ``s3://`` URL whose options obstore can express, else None. Also None in a
+    process forked after its parent used obstore (a DataLoader worker of a resumed run): the runtime's threads did
+    not come along, and any obstore call there would hang."""
     if not url.startswith(("s3://", "s3a://")) or set(options or {}) - _UNDERSTOOD:
+        return None
+    if _used_in not in (None, os.getpid()):
         return None
     if os.environ.get("AWS_PROFILE") and not (options or {}).get("key"):
         return None  # a named profile: botocore reads ~/.aws, obstore does not
@@ -89,6 +115,8 @@ def _store(bucket: str, config_json: str) -> Any:
     """One client per bucket and configuration in this process (its connection pool is reused)."""
     from obstore.store import S3Store
 
+    global _used_in
+    _used_in = os.getpid()
     config = {k: v for k, v in json.loads(config_json).items() if v not in (None, False)}
     endpoint = config.pop("endpoint", None)
     policy = storage.RetryPolicy()

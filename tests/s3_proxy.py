@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
             b"<Message>Please reduce your request rate.</Message></Error>")
@@ -26,7 +26,7 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connec
 class Request:
     tag: str
     method: str
-    path: str  # /bucket/key, without the query
+    path: str  # /bucket/key without the query; a listing: /bucket/<its prefix>
     status: int
     bytes_in: int  # request body
     bytes_out: int  # response body
@@ -131,7 +131,9 @@ def _handler(proxy: S3Proxy, tag: str) -> type[BaseHTTPRequestHandler]:
 
         def _relay(self) -> None:
             body = self._body()
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
+            if prefix := parse_qs(query).get("prefix", [""])[0]:
+                path = f"{path.rstrip('/')}/{prefix}"
             if proxy.throttled():
                 self.send_response(503)
                 self.send_header("Content-Type", "application/xml")

@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     shard.add_argument("--classes", dest="classes_file", metavar="FILE",
                        help="segmentation: class names, one per line (default: objectInfo150.txt, else counted from the masks)")
     shard.add_argument("--max-side", type=int, help="re-encode images whose shorter side exceeds this many pixels")
+    shard.add_argument("--launcher", choices=("local", "ray"), default="local",
+                       help="ray: a task per shard across this Ray cluster (RAY_ADDRESS, or a local one started here)")
+    shard.add_argument("--split", action="append", choices=("train", "val", "test"), dest="splits",
+                       help="convert only this split (repeatable; default: every labelled split found)")
     synth = sub.add_parser("synth", help="generate the embedded learnable dataset")
     synth.add_argument("dest")
     synth.add_argument("--classes", type=int, help="classes (default 10); segmentation: shapes besides the background (default 4)")
@@ -58,6 +62,14 @@ def write(args: argparse.Namespace) -> int | None:
     options = cli.storage_options(args.storage_option)
     if args.command == "verify":
         return check(args, options)
+    splits = tuple(dict.fromkeys(getattr(args, "splits", None) or ())) or None
+    if splits and "test" in splits:
+        raise RecipeError("--split test: ImageNet's test split is unlabelled (every label -1; its labels were never "
+                          "released), so it cannot train or evaluate; convert train and val")
+    if getattr(args, "launcher", "local") == "ray":
+        from orchestrator.data import ray_shards
+
+        ray_shards.check_options(options)
     for name in ("src", "dest"):
         if getattr(args, name, None):
             storage.check_reachable(getattr(args, name), options, name.upper(), "--storage-option")
@@ -76,8 +88,8 @@ def write(args: argparse.Namespace) -> int | None:
             source = OfficialTarSource(args.src, options)
         else:
             source = open_source(args.src, options, args.val_labels)
-        opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers)
-    report = write_dataset(source, args.dest, opts, options)
+        opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers, args.launcher)
+    report = write_dataset(source, args.dest, opts, options, splits)
     print(f"done: {report.written} shards written, {report.reused} verified shards kept, "
           f"{report.skipped_images} unreadable images skipped")
 

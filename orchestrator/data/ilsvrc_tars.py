@@ -42,18 +42,19 @@ class OfficialTarSource:
         if len(wnids) == 1000:
             check_imagenet_synsets(wnids, storage.unstrip(self.fs, self.train))
 
-    def splits(self) -> dict[str, list[list[Item]]]:
+    def splits(self, names: tuple[str, ...] | None = None) -> dict[str, list[list[Item]]]:
         index = {c.wnid: c.index for c in self.classes}
-        train = []
-        with self.fs.open(self.train, "rb") as f:
-            for name, (offset, _) in sorted(self.class_tars.items()):
-                wnid = name.removesuffix(".tar")
-                for image, (inner, size) in sorted(members(f, offset).items()):
-                    train.append([Item(key=f"{TRAIN}@{offset + inner}+{size}", label=index[wnid], path=f"train/{wnid}/{image}",
-                                       size=size)])
-        out = {"train": train}
+        out: dict[str, list[list[Item]]] = {}
+        if names is None or "train" in names:
+            out["train"] = []
+            with self.fs.open(self.train, "rb") as f:
+                for name, (offset, _) in sorted(self.class_tars.items()):
+                    wnid = name.removesuffix(".tar")
+                    for image, (inner, size) in sorted(members(f, offset).items()):
+                        out["train"].append([Item(key=f"{TRAIN}@{offset + inner}+{size}", label=index[wnid],
+                                                  path=f"train/{wnid}/{image}", size=size)])
         val = storage.join(self.root, VAL)
-        if self.fs.exists(val):
+        if (names is None or "val" in names) and self.fs.exists(val):
             labels = self.val_labels()
             blocks = []
             for image, (offset, size) in sorted(tar_members(self.fs, val).items()):

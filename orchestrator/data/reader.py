@@ -31,6 +31,7 @@ from orchestrator.data import worker_stacks
 from orchestrator.data.device import sample_seed
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.order import EpochOrder, auto_partitions
+from orchestrator.data.shard_cache import ShardCache
 from orchestrator.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class ReaderOptions:
     max_corrupt_fraction: float = 0.001
     retry: storage.RetryPolicy = storage.RetryPolicy()
     storage_options: dict[str, Any] | None = None
+    cache_dir: str | None = None  # node-local shard cache (``shard_cache``), None: read from storage
+    cache_limit_bytes: int = 0
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -142,9 +145,26 @@ class ShardDataset(IterableDataset):
         self.groups = select_groups(manifest, fraction)
         self.num_samples = int(self.groups[:, 3].sum())
         self.global_batch, self.partitions = global_batch, partitions
-        self.epoch = 0
+        # (epoch, this rank's micro-batches the loader already consumed this epoch), set by ShardLoader: in shared
+        # memory, so DataLoader workers that persist across epochs read the current values
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.batch_size = 1
-        self.skip_batches = 0  # this rank's micro-batches the loader already consumed this epoch (set by ShardLoader)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._position[0] = value
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self._position[1])
+
+    @skip_batches.setter
+    def skip_batches(self, value: int) -> None:
+        self._position[1] = value
 
     @property
     def order(self) -> EpochOrder:
@@ -222,6 +242,7 @@ class _WorkerStream:
         self.remaining = np.bincount(items[:, 0], minlength=len(ds.groups))
         self.cache: dict[int, tuple[list[bytes | None], list[int]]] = {}
         self.files: dict[int, pq.ParquetFile] = {}
+        self.shard_cache: ShardCache | None = None
         self.corrupt = 0
 
     def __iter__(self) -> Iterator[tuple[Any, int, int, int]]:
@@ -303,7 +324,7 @@ class _WorkerStream:
                 if shard not in self.files:
                     if len(self.files) >= self.MAX_OPEN:
                         self.files.pop(next(iter(self.files)))
-                    self.files[shard] = open_shard(url, opts.storage_options)
+                    self.files[shard] = open_shard(url, opts.storage_options, self._cached(shard))
                 table = self.files[shard].read_row_group(g, columns=["image", "mask" if segmentation else "label"])
             except Exception:
                 self.files.pop(shard, None)  # reopen on retry: the old handle may be stale
@@ -315,10 +336,22 @@ class _WorkerStream:
 
         return storage.with_retries(read, f"reading {url} row group {g}", opts.retry, opts.storage_options)
 
+    def _cached(self, shard: int) -> str | None:
+        """The node-local copy of ``shard`` (fetched now if it is not there), or None without a cache."""
+        opts = self.ds.options
+        if opts.cache_dir is None:
+            return None
+        if self.shard_cache is None:
+            self.shard_cache = ShardCache(opts.cache_dir, opts.cache_limit_bytes, opts.storage_options, opts.retry)
+        found = self.shard_cache.local(self.ds.manifest.shard_url(shard), self.ds.manifest.shards[shard])
+        return str(found) if found is not None else None
 
-def open_shard(url: str, storage_options: dict[str, Any] | None) -> pq.ParquetFile:
+
+def open_shard(url: str, storage_options: dict[str, Any] | None, local: str | None = None) -> pq.ParquetFile:
     """A shard as the reader opens it: row groups are read as coalesced byte ranges (pre_buffer) straight from
-    storage (fsspec's read-ahead cache only copied them once more)."""
+    storage (fsspec's read-ahead cache only copied them once more), or from its ``local`` copy."""
+    if local is not None:
+        return pq.ParquetFile(local, pre_buffer=True)
     fs, path = storage.filesystem(url, storage_options)
     return pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)
 
@@ -346,7 +379,9 @@ def ignore_stop_signals(_worker_id: int) -> None:
 class ShardLoader:
     """A DataLoader over a ShardDataset that remembers how many micro-batches the world consumed (for resume).
 
-    Training uses as many of ``num_workers`` as divide the rank's partitions (``EpochOrder.workers``)."""
+    Training uses as many of ``num_workers`` as divide the rank's partitions (``EpochOrder.workers``). The workers
+    persist across epochs (forking them again each epoch cost a pause per epoch and per evaluation); ``close`` ends
+    them."""
 
     def __init__(self, dataset: ShardDataset, batch_size: int, num_workers: int, pin_memory: bool = False,
                  on_batch: Callable[[Any], Any] | None = None) -> None:
@@ -359,6 +394,7 @@ class ShardLoader:
         self.epoch = 0
         self.consumed = 0  # this rank's micro-batches
         self.progress: Callable[[], None] | None = None  # called per batch (the stall watchdog)
+        self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         ds = self.dataset
@@ -389,11 +425,18 @@ class ShardLoader:
         if not ds.train:
             self.consumed = 0  # evaluation always reads the whole split
         ds.epoch, ds.skip_batches = self.epoch, self.consumed
-        loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=self.num_workers, drop_last=False,
-                            pin_memory=self.pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals,
-                            prefetch_factor=4 if self.num_workers else None)
-        for batch in loader:
+        if self._loader is None:
+            self._loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=self.num_workers, drop_last=False,
+                                      pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                                      worker_init_fn=ignore_stop_signals, prefetch_factor=4 if self.num_workers else None)
+        for batch in self._loader:
             self.consumed += 1
             if self.progress is not None:
                 self.progress()
             yield batch if self.on_batch is None else self.on_batch(batch)
+
+    def close(self) -> None:
+        """End the persistent workers (they also end with this loader, or with the process)."""
+        if self._loader is not None and getattr(self._loader, "_iterator", None) is not None:
+            self._loader._iterator._shutdown_workers()  # torch's own shutdown of a persistent iterator
+        self._loader = None

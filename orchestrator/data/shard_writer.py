@@ -42,6 +42,7 @@ class WriteOptions:
     max_side: int | None = None  # re-encode images whose shorter side exceeds this
     seed: int = 0
     workers: int = 1
+    launcher: str = "local"  # or ray: a task per shard across the cluster (``ray_shards``)
 
 
 @dataclass
@@ -183,6 +184,11 @@ def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str,
     def finished() -> Iterator[tuple[int, dict[str, Any] | Exception]]:
         """Each shard as it is done (or its error): the others go on, and each is recorded when it is done."""
         args = [(source, plan[i], storage.join(split_url, shard_name(i)), opts, options) for i in todo]
+        if opts.launcher == "ray":
+            from orchestrator.data import ray_shards
+
+            yield from ray_shards.finished(_write_shard, dict(zip(todo, args, strict=True)))
+            return
         if opts.workers <= 1:
             for i, a in zip(todo, args, strict=True):
                 try:
@@ -228,10 +234,15 @@ def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str,
     return manifest
 
 
-def write_dataset(source: Source, dest: str, opts: WriteOptions, options: dict[str, Any] | None = None) -> WriteReport:
-    """Shard every split of ``source`` into ``dest/<split>/`` and write each split's manifest last."""
+def write_dataset(source: Source, dest: str, opts: WriteOptions, options: dict[str, Any] | None = None,
+                  splits: tuple[str, ...] | None = None) -> WriteReport:
+    """Shard every split of ``source`` (``splits``: only these) into ``dest/<split>/`` and write each split's
+    manifest last."""
     report = WriteReport()
-    for split, blocks in source.splits().items():
+    found = source.splits(splits)
+    if missing := [name for name in splits or () if name not in found]:
+        raise DataError(f"{source.url}: no {' or '.join(missing)} split here (--split {' '.join(splits or ())})")
+    for split, blocks in found.items():
         manifest = write_split(source, split, blocks, dest, opts, options or {}, report)
         log.info("%s: wrote %s (%d samples, %d shards)", split, storage.join(dest, split), manifest.num_samples, len(manifest.shards))
     return report

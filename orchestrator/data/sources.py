@@ -33,9 +33,12 @@ class Item:
 
 
 class Source(Protocol):
+    url: str
     classes: list[ClassInfo]
 
-    def splits(self) -> dict[str, list[list[Item]]]: ...
+    def splits(self, names: tuple[str, ...] | None = None) -> dict[str, list[list[Item]]]:
+        """Items by split name (train, val), in blocks; ``names``: only these (the others are not even listed)."""
+        ...
 
     def read(self, items: list[Item]) -> list[tuple[bytes, Any, str]]:
         """Encoded bytes, target (a label; segmentation sources: the PNG mask's bytes) and stored path of each item."""
@@ -175,12 +178,12 @@ class ParquetSource:
         n = num_classes or (max(labels) + 1 if labels else 0)
         self.classes = class_infos([f"class_{i}" for i in range(n)])
 
-    def splits(self) -> dict[str, list[list[Item]]]:
+    def splits(self, names: tuple[str, ...] | None = None) -> dict[str, list[list[Item]]]:
         """Every split but ``test``: Hugging Face's ImageNet test split has no labels (all -1)."""
         found = row_group_blocks(self.fs, self.files)
-        if "test" in found:
+        if "test" in found and names is None:
             log.warning("%s: the test split is left out: it is unlabelled (label -1)", self.url)
-        return {name: blocks for name, blocks in found.items() if name != "test"}
+        return {name: blocks for name, blocks in found.items() if name != "test" and (names is None or name in names)}
 
     def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
         """Reads each needed row group once (labels and paths come from the file, not the item)."""

@@ -73,11 +73,11 @@ class SynthSource:
         self.classes = [ClassInfo(index=i, wnid=f"synth{i:03d}", name=f"{class_style(i, classes)[0]}-{i}") for i in range(classes)]
         self.url = f"synth(classes={classes}, size={size}, seed={seed})"
 
-    def splits(self) -> dict[str, list[list[Item]]]:
+    def splits(self, names: tuple[str, ...] | None = None) -> dict[str, list[list[Item]]]:
         approx = self.size * self.size * 3 // 4  # ~JPEG size at q=90, for shard packing only
         return {
             split: [[Item(key=f"{split}:{i}", label=i % self.num_classes, path="", size=approx)] for i in range(n)]
-            for split, n in self.counts.items() if n > 0
+            for split, n in self.counts.items() if n > 0 and (names is None or split in names)
         }
 
     def read(self, items: list[Item]) -> list[tuple[bytes, int, str]]:
@@ -115,10 +115,10 @@ class SynthSegSource:
             ClassInfo(index=k + 1, wnid=f"synth-{SHAPES[k]}", name=SHAPES[k]) for k in range(shapes)]
         self.url = f"synth-seg(shapes={shapes}, size={size}, seed={seed})"
 
-    def splits(self) -> dict[str, list[list[Item]]]:
+    def splits(self, names: tuple[str, ...] | None = None) -> dict[str, list[list[Item]]]:
         approx = self.size * self.size  # JPEG + PNG, for shard packing only
         return {split: [[Item(key=f"{split}:{i}", label=-1, path="", size=approx)] for i in range(n)]
-                for split, n in self.counts.items() if n > 0}
+                for split, n in self.counts.items() if n > 0 and (names is None or split in names)}
 
     def read(self, items: list[Item]) -> list[tuple[bytes, bytes, str]]:
         out = []

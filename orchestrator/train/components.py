@@ -4,6 +4,7 @@ transforms and loss)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from timm.utils import ModelEmaV3
 
 from orchestrator import storage, weight_lookup
 from orchestrator.data import manifest as mf
+from orchestrator.data import shard_cache
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
 from orchestrator.errors import DataError
 from orchestrator.recipe import BatchPlan, Recipe, plan_batch
@@ -28,18 +30,30 @@ log = logging.getLogger(__name__)
 def reader_options(recipe: Recipe) -> ReaderOptions:
     d = recipe.data
     retry = storage.RetryPolicy(attempts=d.retries, base_delay=d.retry_base_delay)
-    return ReaderOptions(d.shuffle_buffer, d.max_corrupt_fraction, retry, d.storage_options)
+    cache = os.path.expanduser(d.cache_dir) if d.cache_dir else None
+    limit = int(d.cache_limit_gb * 1e9) if d.cache_limit_gb else shard_cache.default_limit(cache) if cache else 0
+    return ReaderOptions(d.shuffle_buffer, d.max_corrupt_fraction, retry, d.storage_options, cache, limit)
 
 
 def checked_manifest(url: str, options: dict[str, Any] | None, group: restart.Group) -> mf.Manifest:
     """Rank 0 checks the dataset (its manifest, or the Parquet footers it is built from, and every shard's schema
     and row groups) and every rank gets that checked manifest: one check per job start. Each rank checking for
     itself was one LIST and a footer GET per shard per rank: at 256 ranks and 1,000 shards, ~143,000 requests in one
-    burst. A failure is rank 0's, raised on every rank."""
+    burst. A store answering 503 SlowDown is waited out under the retry policy; any other failure is rank 0's,
+    raised on every rank."""
+    def load() -> mf.Manifest:
+        try:
+            return mf.load(url, options)
+        except DataError as exc:
+            if storage.throttled(exc):  # the store said "not now" (503 SlowDown): wait and check again
+                raise OSError(str(exc)) from exc
+            raise
+
     found: tuple[str | None, mf.Manifest | None] = (None, None)
     if group.rank == 0:
         try:
-            found = (None, mf.load(url, options))
+            found = (None, storage.with_retries(load, f"checking {storage.redact(url, options)}", options=options,
+                                                retry_if=storage.throttled))
         except Exception as exc:  # every rank raises it, none waits on rank 0 forever
             group.share((storage.one_line(exc), None))
             raise

@@ -111,6 +111,10 @@ def _train(recipe: Recipe, ctx: TrainContext) -> dict[str, Any]:
         with contextlib.suppress(Exception):  # the failure is what gets reported, not a flush after it
             writer.close("failed")
         raise
+    finally:  # their workers persist across epochs: not past the run (a Tune actor trains trial after trial)
+        for loader in (c.train_loader, c.val_loader):
+            if loader is not None:
+                loader.close()
 
 
 def tracker_factory(recipe: Recipe, ctx: TrainContext) -> Callable[[Path], trackers.Trackers] | None:

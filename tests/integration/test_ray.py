@@ -308,3 +308,40 @@ def test_pipeline_under_ray_resumes_a_stage_another_launcher_started(driver: Ray
     assert all(r.info.status == "FINISHED" and r.data.tags["launcher"] == "ray" for r in children.values())
 
 
+
+
+def test_data_shard_on_ray_writes_the_local_shards_and_a_failed_shard_costs_only_itself(
+        driver: RayCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``data shard --launcher ray``: a task per shard gives the same shards as one local process. One shard's upload
+    fails (its temporary name is taken by a folder): Ray retries its task, then that shard alone is reported; the
+    rerun writes only it."""
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.data import manifest as mf
+    from orchestrator.data.__main__ import main
+
+    folder = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        (folder / f"class{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"class{i % 3}" / f"{i:03d}.jpg")
+    sets = ["--shard-size-mb", "0.02", "--rows-per-group", "4"]
+    assert main(["shard", str(folder), str(tmp_path / "local"), "--workers", "1", *sets]) == 0
+    blocker = tmp_path / "ray" / "train" / "shard-00002.parquet.tmp" / "x"
+    blocker.mkdir(parents=True)
+    assert main(["shard", str(folder), str(tmp_path / "ray"), "--launcher", "ray", *sets]) != 0
+    err = capsys.readouterr().err
+    assert re.search(r"1 shard\(s\) failed \(shard-00002\.parquet: ", err), err[-2000:]
+    shutil.rmtree(blocker.parent)
+    assert main(["shard", str(folder), str(tmp_path / "ray"), "--launcher", "ray", *sets]) == 0
+    local, ray_made = (mf.load(str(tmp_path / d / "train")) for d in ("local", "ray"))
+    assert len(local.shards) >= 4 and [s.sha256 for s in ray_made.shards] == [s.sha256 for s in local.shards]
+    assert "done: 1 shards written, " in capsys.readouterr().out  # the rerun: only the failed one
+    from ray.util.state import list_tasks
+
+    def ran_on_ray() -> bool:  # a task per shard, the rerun's, and the blocked shard's retries (task events lag)
+        tasks = list_tasks(filters=[("func_or_class_name", "=", "_write_shard")], raise_on_missing_output=False)
+        return len({t.task_id for t in tasks}) >= len(local.shards) + 1 and max(t.attempt_number for t in tasks) >= 3
+
+    poll(ran_on_ray, 30, "Ray's record of the shard tasks")

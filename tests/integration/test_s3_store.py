@@ -9,11 +9,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import s3fs
 
-from orchestrator import pretrain
+from orchestrator import pretrain, transfer
 from orchestrator import recipe as recipes
 from orchestrator.data import manifest as mf
 from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader
@@ -79,6 +80,60 @@ def test_ranks_starting_together_check_the_dataset_once_counted_at_the_store(s3_
     shards = len(manifests[0].shards)
     assert counts[1] >= shards >= 8  # rank 0 did look at every shard
     assert (counts[8] - counts[1]) / 7 <= 2, counts  # a handful per extra rank, not one per shard
+
+
+def test_the_node_cache_serves_later_epochs_and_a_restart_without_store_reads(s3_store: S3Store, s3_synth: str,
+                                                                            tmp_path: Path) -> None:
+    """``data.cache_dir``: two workers fetch each shard once (a lock per shard); the next epoch, read by a new loader
+    on the same folder as a restarted job would, reads nothing from the store and yields what an uncached loader
+    yields. With a limit of three shards the cache stays within it and the epoch is still right."""
+    manifest = mf.load(f"{s3_synth}/train", s3_store.options)
+    proxy = S3Proxy(s3_store.endpoint)
+
+    def epoch(epoch: int, cache: Path | None, limit: int = 10**9) -> tuple[list[int], int]:
+        proxy.reset()
+        opts = ReaderOptions(storage_options=proxy.options(s3_store.options), cache_dir=str(cache) if cache else None,
+                             cache_limit_bytes=limit)
+        lo = ShardLoader(ShardDataset(manifest, to_tensor, train=True, options=opts, global_batch=16), 8, 2)
+        lo.set_epoch(epoch)
+        got = [int(i) for b in lo for i in b[2]]
+        lo.close()
+        return got, len(list(proxy.select()))
+
+    try:
+        expected = [epoch(e, None)[0] for e in (0, 1)]
+        first, fetched = epoch(0, tmp_path / "cache")
+        again, after = epoch(1, tmp_path / "cache")
+        small = max(s.bytes for s in manifest.shards) * 3
+        limited, _ = epoch(1, tmp_path / "small", small)
+    finally:
+        proxy.close()
+    assert [first, again, limited] == [expected[0], expected[1], expected[1]]
+    assert fetched >= len(manifest.shards) and after == 0
+    assert len(list((tmp_path / "cache").glob("*.parquet"))) == len(manifest.shards)
+    assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.parquet")) <= small
+
+
+def _read_in_child(url: str, options: dict, out: Any) -> None:
+    out.put(len(transfer.get(url, options)))
+
+
+def test_a_process_forked_after_obstore_was_used_still_reads_the_store(s3_store: S3Store) -> None:
+    """A resumed run reads its checkpoint through obstore, then forks DataLoader workers, which fetch shards for the
+    node cache: obstore's runtime threads are not in the child, where a call through it hung."""
+    import multiprocessing
+
+    url = f"{s3_store.bucket('fork')}/blob"
+    transfer.put(url, b"x" * 5000, s3_store.options)
+    assert transfer.get(url, s3_store.options) == b"x" * 5000  # this process has used obstore now
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(url, s3_store.options, out))
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0 and out.get(timeout=5) == 5000
 
 
 def test_validation_from_s3_is_read_exactly_once_across_ranks(s3_store: S3Store, s3_synth: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,28 @@ def test_epochs_are_shuffled_differently_and_reproducibly(synth_dir: Path) -> No
 def test_validation_sees_every_image_exactly_once_across_ranks(synth_dir: Path, world: int) -> None:
     seen = sorted(i for r in range(world) for i in ids(loader(synth_dir, "val", r, world, workers=2, batch=7)))
     assert seen == list(range(80))
+
+
+def with_pid(data: bytes, label: int) -> tuple[torch.Tensor, int]:
+    return torch.tensor(os.getpid()), label
+
+
+def test_workers_persist_across_epochs_and_read_each_epoch_as_a_fresh_loader_does(synth_dir: Path) -> None:
+    ds = ShardDataset(mf.load(str(synth_dir / "train")), with_pid, train=True, options=ReaderOptions(shuffle_buffer=32),
+                      global_batch=16)
+    lo = ShardLoader(ds, 8, 2)
+    try:
+        epochs = []
+        for epoch in (0, 1):
+            lo.set_epoch(epoch)
+            epochs.append(list(lo))
+    finally:
+        lo.close()
+    pids = [{int(p) for b in batches for p in b[0]} for batches in epochs]
+    assert len(pids[0]) == 2 and pids[0] == pids[1]  # the same two processes read both epochs
+    fresh = loader(synth_dir, "train", 0, 1, workers=2, global_batch=16)
+    fresh.set_epoch(1)
+    assert ids(epochs[1]) == ids(fresh) != ids(epochs[0])
 
 
 def test_validation_on_256_ranks_of_10_workers_reads_each_row_group_once(synth_dir: Path) -> None:

@@ -127,6 +127,14 @@ def test_negative_lr_from_override_names_set() -> None:
         recipes.load(R / "smoke.yaml", ["optimizer.lr=-0.1"])
 
 
+def test_the_shard_cache_is_a_local_folder_with_a_positive_limit() -> None:
+    with pytest.raises(RecipeError, match=r"data.cache_dir: 's3://b/c' is a URL; the shard cache is a folder on each node"):
+        recipes.load(R / "smoke.yaml", ["data.cache_dir=s3://b/c"])
+    with pytest.raises(RecipeError, match=r"data.cache_limit_gb: must be positive, got 0"):
+        recipes.load(R / "smoke.yaml", ["data.cache_dir=/tmp/c", "data.cache_limit_gb=0"])
+    assert recipes.load(R / "smoke.yaml", ["data.cache_dir=/tmp/c"]).data.cache_limit_gb is None
+
+
 def test_error_names_the_base_file_that_set_the_key(tmp_path: Path) -> None:
     base = write(tmp_path, f"extends: {R / 'smoke.yaml'}\nmodel:\n  drop_path_rate: 1.5\n", "base.yaml")
     child = write(tmp_path, "extends: base.yaml\nrun:\n  name: child\n", "child.yaml")

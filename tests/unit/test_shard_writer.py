@@ -151,6 +151,28 @@ def test_hugging_face_test_split_is_left_out_and_an_unlabelled_row_is_named(tmp_
         write_dataset(open_source(str(src)), str(tmp_path / "again"), WriteOptions(rows_per_group=2))
 
 
+def test_split_converts_only_the_splits_named_and_refuses_the_unlabelled_test_split(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.data.__main__ import main
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    for split in ("train", "validation"):
+        table = pa.table({"image": pa.array([{"bytes": jpeg(i % 3, i), "path": f"{split}{i}.jpg"} for i in range(4)],
+                                            type=mf.IMAGE_TYPE), "label": pa.array([0, 1, 2, 0], pa.int64())})
+        pq.write_table(table, src / f"{split}-00000-of-00001.parquet", row_group_size=2)
+    assert main(["shard", str(src), str(tmp_path / "val-only"), "--split", "val", "--rows-per-group", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "val-only").iterdir()) == ["val"]
+    assert labels_by_path(tmp_path / "val-only" / "val") == {f"validation{i}.jpg": [0, 1, 2, 0][i] for i in range(4)}
+    capsys.readouterr()
+    assert main(["shard", str(src), str(tmp_path / "t"), "--split", "test"]) != 0
+    assert "--split test: ImageNet's test split is unlabelled" in capsys.readouterr().err
+    (src / "validation-00000-of-00001.parquet").unlink()
+    with pytest.raises(DataError, match=r"hf: no val split here \(--split val\)"):
+        write_dataset(open_source(str(src)), str(tmp_path / "none"), WriteOptions(rows_per_group=2), splits=("val",))
+    assert not (tmp_path / "t").exists() and not (tmp_path / "none").exists()
+
+
 def test_max_side_reencodes_only_large_images(tmp_path: Path) -> None:
     root = tmp_path / "folder"
     (root / "a").mkdir(parents=True)
