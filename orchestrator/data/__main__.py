@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     shard.add_argument("--classes", dest="classes_file", metavar="FILE",
                        help="segmentation: class names, one per line (default: objectInfo150.txt, else counted from the masks)")
     shard.add_argument("--max-side", type=int, help="re-encode images whose shorter side exceeds this many pixels")
-    shard.add_argument("--launcher", choices=("local", "ray"), default="local",
-                       help="ray: a task per shard across this Ray cluster (RAY_ADDRESS, or a local one started here)")
+    shard.add_argument("--launcher", choices=("local", "ray", "slurm"), default="local",
+                       help="ray: a task per shard across this Ray cluster (RAY_ADDRESS, or a local one started here); "
+                       "slurm: a Slurm array job, a task per shard")
+    cli.add_slurm_flags(shard, "--launcher slurm")
     shard.add_argument("--split", action="append", choices=("train", "val", "test"), dest="splits",
                        help="convert only this split (repeatable; default: every labelled split found)")
     synth = sub.add_parser("synth", help="generate the embedded learnable dataset")
@@ -66,10 +68,13 @@ def write(args: argparse.Namespace) -> int | None:
     if splits and "test" in splits:
         raise RecipeError("--split test: ImageNet's test split is unlabelled (every label -1; its labels were never "
                           "released), so it cannot train or evaluate; convert train and val")
-    if getattr(args, "launcher", "local") == "ray":
-        from orchestrator.data import ray_shards
+    tasks = None
+    if getattr(args, "launcher", "local") != "local":
+        from orchestrator.launch import shard_tasks
 
-        ray_shards.check_options(options)
+        shard_tasks.check_options(options, args.launcher)
+        slurm = cli.slurm_options(args)
+        tasks = shard_tasks.on_slurm(slurm) if slurm is not None else shard_tasks.on_ray
     for name in ("src", "dest"):
         if getattr(args, name, None):
             storage.check_reachable(getattr(args, name), options, name.upper(), "--storage-option")
@@ -88,8 +93,8 @@ def write(args: argparse.Namespace) -> int | None:
             source = OfficialTarSource(args.src, options)
         else:
             source = open_source(args.src, options, args.val_labels)
-        opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers, args.launcher)
-    report = write_dataset(source, args.dest, opts, options, splits)
+        opts = WriteOptions(args.shard_size_mb, args.rows_per_group, args.max_side, args.seed, args.workers)
+    report = write_dataset(source, args.dest, opts, options, splits, tasks)
     print(f"done: {report.written} shards written, {report.reused} verified shards kept, "
           f"{report.skipped_images} unreadable images skipped")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,8 +20,6 @@ from typing import Any
 from orchestrator import storage, transfer
 from orchestrator.data.manifest import ShardInfo
 from orchestrator.errors import DataError
-
-log = logging.getLogger(__name__)
 
 
 class ShardCache:
@@ -47,12 +44,14 @@ class ShardCache:
                 os.utime(path)  # recently used
                 return path
             part = path.with_suffix(f".part-{os.getpid()}")
-            storage.with_retries(lambda: transfer.download(url, str(part), self.options),
-                                 f"caching {url} in {self.root}", self.retry, self.options)
-            if info.sha256 and _sha256(part) != info.sha256:
-                part.unlink()
-                raise DataError(f"shard {url}: its bytes do not match the sha256 in the manifest")
-            os.replace(part, path)
+            try:
+                storage.with_retries(lambda: transfer.download(url, str(part), self.options),
+                                     f"caching {url} in {self.root}", self.retry, self.options)
+                if info.sha256 and _sha256(part) != info.sha256:
+                    raise DataError(f"shard {url}: its bytes do not match the sha256 in the manifest")
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)  # a failed fetch leaves nothing behind
         self.evict(keep=path)
         return path
 

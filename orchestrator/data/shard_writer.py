@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +42,6 @@ class WriteOptions:
     max_side: int | None = None  # re-encode images whose shorter side exceeds this
     seed: int = 0
     workers: int = 1
-    launcher: str = "local"  # or ray: a task per shard across the cluster (``ray_shards``)
 
 
 @dataclass
@@ -161,8 +160,12 @@ def _verified(fs: Any, split_path: str, index: int, digest: str) -> dict[str, An
     return record
 
 
+# Runs ``write(*args)`` for each shard index elsewhere (``launch.shard_tasks``): yields (index, record or exception).
+Tasks = Callable[[Callable[..., dict[str, Any]], dict[int, tuple[Any, ...]]], Iterator[tuple[int, Any]]]
+
+
 def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str, opts: WriteOptions,
-                options: dict[str, Any], report: WriteReport) -> mf.Manifest:
+                options: dict[str, Any], report: WriteReport, tasks: Tasks | None = None) -> mf.Manifest:
     split_url = storage.join(dest, split)
     fs, split_path = storage.filesystem(split_url, options)
     fs.makedirs(storage.join(split_path, "_progress"), exist_ok=True)
@@ -184,10 +187,8 @@ def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str,
     def finished() -> Iterator[tuple[int, dict[str, Any] | Exception]]:
         """Each shard as it is done (or its error): the others go on, and each is recorded when it is done."""
         args = [(source, plan[i], storage.join(split_url, shard_name(i)), opts, options) for i in todo]
-        if opts.launcher == "ray":
-            from orchestrator.data import ray_shards
-
-            yield from ray_shards.finished(_write_shard, dict(zip(todo, args, strict=True)))
+        if tasks is not None:
+            yield from tasks(_write_shard, dict(zip(todo, args, strict=True)))
             return
         if opts.workers <= 1:
             for i, a in zip(todo, args, strict=True):
@@ -235,14 +236,14 @@ def write_split(source: Source, split: str, blocks: list[list[Item]], dest: str,
 
 
 def write_dataset(source: Source, dest: str, opts: WriteOptions, options: dict[str, Any] | None = None,
-                  splits: tuple[str, ...] | None = None) -> WriteReport:
+                  splits: tuple[str, ...] | None = None, tasks: Tasks | None = None) -> WriteReport:
     """Shard every split of ``source`` (``splits``: only these) into ``dest/<split>/`` and write each split's
-    manifest last."""
+    manifest last; ``tasks``: the shards are written by them (a Ray cluster's), else here (``opts.workers``)."""
     report = WriteReport()
     found = source.splits(splits)
     if missing := [name for name in splits or () if name not in found]:
         raise DataError(f"{source.url}: no {' or '.join(missing)} split here (--split {' '.join(splits or ())})")
     for split, blocks in found.items():
-        manifest = write_split(source, split, blocks, dest, opts, options or {}, report)
+        manifest = write_split(source, split, blocks, dest, opts, options or {}, report, tasks)
         log.info("%s: wrote %s (%d samples, %d shards)", split, storage.join(dest, split), manifest.num_samples, len(manifest.shards))
     return report

@@ -64,10 +64,11 @@ def share_host_cores(rank: Rank) -> None:
     hosts: list[str | None] = [None] * rank.world_size
     dist.all_gather_object(hosts, socket.gethostname())
     sharing, cores = hosts.count(socket.gethostname()), len(os.sched_getaffinity(0))
-    if torch.get_num_threads() > max(1, cores // sharing):
+    fair = max(1, cores // sharing)
+    if torch.get_num_threads() > fair:
         log.info("rank %d: %d ranks share this machine's %d cores: %d torch thread(s) each, not %d", rank.rank,
-                 sharing, cores, max(1, cores // sharing), torch.get_num_threads())
-        torch.set_num_threads(max(1, cores // sharing))
+                 sharing, cores, fair, torch.get_num_threads())
+        torch.set_num_threads(fair)
 
 
 def end_process_group() -> None:

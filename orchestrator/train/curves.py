@@ -53,8 +53,8 @@ def draw(jsonl: Path, png: Path, metric: str) -> None:
 
 
 class Plotter:
-    """The helper process, started at the first drawing (niced) and ended by ``close`` or by its parent's exit
-    (its stdin closes). ``draw`` waits for the drawing; the metrics writer calls it from its own thread."""
+    """The helper process, started at the first drawing (niced) and ended by ``close`` (an empty line) or by its
+    parent's exit (its stdin closes). ``draw`` waits for the drawing; the metrics writer calls it from its own thread."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[str] | None = None
@@ -77,6 +77,9 @@ class Plotter:
     def close(self) -> None:
         with self._lock:
             if self._proc is not None and self._proc.stdin is not None:
+                with contextlib.suppress(OSError):  # an empty line ends it: processes forked since (DataLoader
+                    self._proc.stdin.write("\n")  # workers) hold the pipe too, so closing it is no end of input
+                    self._proc.stdin.flush()
                 self._proc.stdin.close()
                 try:
                     self._proc.wait(timeout=30)
@@ -87,6 +90,8 @@ class Plotter:
 
 def main() -> None:
     for line in sys.stdin:
+        if not line.strip():
+            break
         try:
             request = json.loads(line)
             draw(Path(request["jsonl"]), Path(request["png"]), request["metric"])

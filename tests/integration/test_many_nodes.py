@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from orchestrator import doctor, faults, pretrain
+from orchestrator.data import manifest as mf
 from orchestrator.data.shard_writer import WriteOptions, write_dataset
 from orchestrator.data.synth import SynthSource
 from orchestrator.rundir import RunDir
@@ -236,3 +240,48 @@ def test_a_two_node_checkpoint_resumed_with_one_node_continues_exactly(
     reference = torchrun_reference(tmp_path, sets, 1)
     assert digests(run) == digests(reference)  # every step once, with its samples
     assert parameter_distance(run, reference) < 5e-3
+
+
+def test_data_shard_across_two_ray_nodes_and_as_a_slurm_array_writes_the_local_shards_a_failed_shard_costing_only_itself(
+        second_node: RayWorkerNode, driver: RayCluster, slurm2: SlurmCluster, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``data shard --launcher ray|slurm``: a task per shard gives the shards one local process writes. One shard's
+    upload fails (its temporary name is taken by a folder): Ray retries its task, Slurm reports it; either way that
+    shard alone fails, and the rerun writes only it."""
+    from ray.util.state import list_tasks
+
+    from orchestrator.data.__main__ import main
+
+    folder = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        (folder / f"class{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"class{i % 3}" / f"{i:03d}.jpg")
+    sets = ["--shard-size-mb", "0.02", "--rows-per-group", "4"]
+    assert main(["shard", str(folder), str(tmp_path / "local"), "--workers", "1", *sets]) == 0
+    local = mf.load(str(tmp_path / "local" / "train"))
+    assert len(local.shards) >= 4
+    for launcher, extra in (("ray", []), ("slurm", ["--time", "00:05:00", f"--log-dir={tmp_path}/logs"])):
+        blocker = tmp_path / launcher / "train" / "shard-00002.parquet.tmp" / "x"
+        blocker.mkdir(parents=True)
+        capsys.readouterr()
+        assert main(["shard", str(folder), str(tmp_path / launcher), "--launcher", launcher, *extra, *sets]) != 0
+        err = capsys.readouterr().err
+        assert re.search(r"1 shard\(s\) failed \(shard-00002\.parquet: ", err), err[-2000:]
+        err_slurm = err
+        shutil.rmtree(blocker.parent)
+        assert main(["shard", str(folder), str(tmp_path / launcher), "--launcher", launcher, *extra, *sets]) == 0
+        assert "done: 1 shards written, " in capsys.readouterr().out  # the rerun: only the failed one
+        made = mf.load(str(tmp_path / launcher / "train"))
+        assert [s.sha256 for s in made.shards] == [s.sha256 for s in local.shards], launcher
+
+    def ran_on_ray() -> bool:  # a task per shard, the rerun's, the blocked shard's retries, on both nodes
+        tasks = list_tasks(filters=[("func_or_class_name", "=", "_write_shard")], detail=True,
+                           raise_on_missing_output=False)
+        return (len({t.task_id for t in tasks}) >= len(local.shards) + 1 and max(t.attempt_number for t in tasks) >= 3
+                and len({t.node_id for t in tasks}) == 2)
+
+    poll(ran_on_ray, 30, "Ray's record of the shard tasks on both nodes")
+    assert len(list((tmp_path / "logs").glob("*/*_result.pkl"))) == len(local.shards) + 1  # a Slurm task per shard, and
+    # the rerun's; the failure named the task's own error:
+    assert re.search(r"shard-00002\.parquet: Slurm task \d+_\d+: IsADirectoryError", err_slurm), err_slurm[-2000:]

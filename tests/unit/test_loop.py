@@ -220,3 +220,28 @@ def test_a_checkpoint_is_staged_in_the_step_and_encoded_off_the_training_thread(
     committer.submit(1, checkpoint.stage({"w": torch.ones(2)}), {})
     committer.wait()
     assert threads == ["checkpoint-1"] and steps_of(tmp_path / "run") == [1]
+
+
+def test_the_curve_helper_ends_on_close_while_a_forked_dataloader_worker_holds_its_pipe(tmp_path: Path) -> None:
+    """Persistent DataLoader workers forked after the helper started hold its stdin too, so it never saw the end of
+    its input: every run's end waited out the 30 s close timeout, then killed it."""
+    import multiprocessing
+
+    from orchestrator.train import curves
+
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text('{"step": 1, "train_loss": 2.0, "top1": 10.0, "lr": 0.001}\n')
+    plotter = curves.Plotter()
+    plotter.draw(jsonl, tmp_path / "curves.png", "top1")
+    helper = plotter._proc
+    assert helper is not None and (tmp_path / "curves.png").stat().st_size > 1000
+    ctx = multiprocessing.get_context("fork")
+    release = ctx.Event()
+    worker = ctx.Process(target=release.wait, args=(120,))
+    worker.start()
+    try:
+        plotter.close()
+        assert helper.returncode == 0  # it read the end line; killed after the timeout it would be -9
+    finally:
+        release.set()
+        worker.join()

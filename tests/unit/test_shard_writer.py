@@ -197,3 +197,15 @@ def test_synth_command_writes_the_same_format(tmp_path: Path) -> None:
     train = mf.load(str(tmp_path / "s" / "train"))
     assert train.num_samples == 40 and len(train.classes) == 4
     assert sorted(labels_by_path(tmp_path / "s" / "train").values()) == sorted(i % 4 for i in range(40))
+
+
+@pytest.mark.parametrize("launcher", ["ray", "slurm"])
+def test_cluster_conversions_refuse_inline_secrets_before_starting_anything(
+        launcher: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.data.__main__ import main
+
+    args = ["shard", str(tmp_path / "src"), "s3://b/d", "--launcher", launcher, "--storage-option", "secret=abcdefgh"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert f"--launcher {launcher}: --storage-option secret would travel in the tasks' pickled arguments" in err
+    assert "abcdefgh" not in err
