@@ -238,6 +238,7 @@ class _WorkerStream:
 
     def __init__(self, ds: ShardDataset, items: np.ndarray, steps: tuple[int, int, EpochOrder] | None = None) -> None:
         self.ds, self.items = ds, items
+        self.epoch = ds.epoch  # read once: the dataset keeps it in shared memory, a tensor read per sample
         self.steps = steps  # training: (this worker's first micro-batch of the rank, its stride, the order)
         self.remaining = np.bincount(items[:, 0], minlength=len(ds.groups))
         self.cache: dict[int, tuple[list[bytes | None], list[int]]] = {}
@@ -273,12 +274,12 @@ class _WorkerStream:
         assert self.steps is not None
         first, stride, order = self.steps
         per_rank_step = order.micro_per_step // self.ds.world_size
-        step = self.ds.epoch * order.steps + (first + k * stride) // per_rank_step
+        step = self.epoch * order.steps + (first + k * stride) // per_rank_step
         faults.maybe_stall("stall-loader", step, self.ds.rank)
 
     def _decode(self, data: bytes, target: Any, sample_id: int) -> tuple[Any, Any] | None:
         """The transform of the sample (None when it does not decode), its RNGs seeded per sample."""
-        seed = sample_seed(self.ds.seed, self.ds.epoch, sample_id)
+        seed = sample_seed(self.ds.seed, self.epoch, sample_id)
         random.seed(seed)
         np.random.seed(seed)
         # CPU generator only: torch.manual_seed also queues a CUDA seeding that records a stack trace (~0.5 ms).
@@ -342,7 +343,7 @@ class _WorkerStream:
         if opts.cache_dir is None:
             return None
         if self.shard_cache is None:
-            self.shard_cache = ShardCache(opts.cache_dir, opts.cache_limit_bytes, opts.storage_options, opts.retry)
+            self.shard_cache = ShardCache(opts.cache_dir, opts.cache_limit_bytes, opts.storage_options)
         found = self.shard_cache.local(self.ds.manifest.shard_url(shard), self.ds.manifest.shards[shard])
         return str(found) if found is not None else None
 

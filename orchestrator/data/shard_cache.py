@@ -17,15 +17,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orchestrator import storage, transfer
+from orchestrator import transfer
 from orchestrator.data.manifest import ShardInfo
 from orchestrator.errors import DataError
 
 
 class ShardCache:
-    def __init__(self, root: str, limit_bytes: int, options: dict[str, Any] | None = None,
-                 retry: storage.RetryPolicy | None = None) -> None:
-        self.root, self.limit, self.options, self.retry = Path(root), limit_bytes, options, retry
+    def __init__(self, root: str, limit_bytes: int, options: dict[str, Any] | None = None) -> None:
+        self.root, self.limit, self.options = Path(root), limit_bytes, options
         self.root.mkdir(parents=True, exist_ok=True)
 
     def name(self, url: str, info: ShardInfo) -> str:
@@ -34,7 +33,8 @@ class ShardCache:
         return hashlib.sha256(f"{url}\0{version}".encode()).hexdigest()[:32] + ".parquet"
 
     def local(self, url: str, info: ShardInfo) -> Path | None:
-        """The local copy of the shard at ``url``, fetched if needed; None when it alone is over the limit."""
+        """The local copy of the shard at ``url``, fetched if needed; None when it alone is over the limit. A failed
+        fetch raises (the reader retries the read it was for, under its retry policy)."""
         if info.bytes > self.limit:
             return None
         path = self.root / self.name(url, info)
@@ -45,9 +45,10 @@ class ShardCache:
                 return path
             part = path.with_suffix(f".part-{os.getpid()}")
             try:
-                storage.with_retries(lambda: transfer.download(url, str(part), self.options),
-                                     f"caching {url} in {self.root}", self.retry, self.options)
-                if info.sha256 and _sha256(part) != info.sha256:
+                transfer.download(url, str(part), self.options)
+                with open(part, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                if info.sha256 and digest != info.sha256:
                     raise DataError(f"shard {url}: its bytes do not match the sha256 in the manifest")
                 os.replace(part, path)
             finally:
@@ -82,11 +83,3 @@ def default_limit(root: str) -> int:
     """90% of the free space on ``root``'s disk, plus what the cache holds already."""
     Path(root).mkdir(parents=True, exist_ok=True)
     return int(0.9 * shutil.disk_usage(root).free) + sum(size for _, size, _ in _cached(Path(root)))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -127,10 +127,8 @@ def _write_shard(source: Source, items: list[Item], url: str, opts: WriteOptions
         local = tmp.name
     try:
         pq.write_table(table, local, row_group_size=opts.rows_per_group, compression="none")
-        digest = hashlib.sha256()
         with open(local, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+            digest = hashlib.file_digest(f, "sha256")
         meta = pq.ParquetFile(local).metadata
         if storage.is_local(fs):
             fs.put_file(local, path + ".tmp")

@@ -71,12 +71,10 @@ def check_shard(manifest: mf.Manifest, i: int, classes: int, options: dict[str, 
     shard, url = manifest.shards[i], manifest.shard_url(i)
     fs, path = storage.filesystem(url, options)
     where = f"{url} (shard {i} of {manifest.split})"
-    digest, size = hashlib.sha256(), 0
     try:
         with fs.open(path, "rb") as f:
-            while chunk := f.read(8 * 2**20):
-                digest.update(chunk)
-                size += len(chunk)
+            digest = hashlib.file_digest(f, "sha256")
+            size = f.tell()
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             groups = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
