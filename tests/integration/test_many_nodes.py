@@ -82,7 +82,7 @@ def test_the_doctor_measures_both_ray_nodes_and_plans_a_real_run_within_a_factor
     real_step = recipe.batch.global_batch_size / statistics.median(rates[3:])
     factor = real_step / planned["step_s"]
     print(f"doctor plan vs real run: {planned['step_s']:.3f} s against {real_step:.3f} s a step (factor {factor:.2f})")
-    assert 1 / PLAN_FACTOR < factor < PLAN_FACTOR, (planned["seconds"], [p["compute"] for p in probes])
+    assert 1 / PLAN_FACTOR < factor < PLAN_FACTOR, (planned["seconds"], [(p["compute"], p["input"]) for p in probes])
 
 
 def test_evaluate_on_two_ray_nodes_and_as_a_two_node_slurm_job_gives_the_local_result(

@@ -24,13 +24,13 @@ SIZE = 96  # the last stage is 3x3 here; at 64 px (2x2) the maps are too coarse 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(shard dataset, run folder): atto trained for 6 short epochs on objects at random positions (~50% top-1)."""
+    """(shard dataset, run folder): atto trained for 4 short epochs on objects at random positions."""
     root = tmp_path_factory.mktemp("gradcam")
     data = root / "data"
     write_dataset(SynthSource(classes=10, train=640, val=40, size=SIZE), str(data), WriteOptions(seed=0))
     pretrain.train(recipes.load(ROOT / "recipes" / "smoke.yaml", [
         f"data.train={data}/train", f"data.val={data}/val", f"data.input_size={SIZE}", "data.crop_pct=1.0",
-        "data.num_workers=0", "augment.auto_augment=null", "schedule.epochs=6", "batch.global_batch_size=32",
+        "data.num_workers=0", "augment.auto_augment=null", "schedule.epochs=4", "batch.global_batch_size=32",
         "batch.per_device_max=32", f"run.storage={root}/runs", "run.name=cam",
     ]))
     return data, root / "runs" / "cam"
@@ -45,7 +45,7 @@ def test_maps_put_their_energy_on_the_object(trained: tuple[Path, Path]) -> None
         assert cell.cam.shape == (SIZE, SIZE) and cell.cam.min() >= 0 and cell.cam.max() <= 1
         inside, area = cam.box_energy(cell.cam, box_from_path(sample.path), sample.image.size)
         ratios.append(inside / area)
-    # Uniform maps give 1.0; measured here: mean 1.94, median 2.16.
+    # Uniform maps give 1.0; measured here: mean 1.65, median 2.17 (1.94 and 2.16 after 6 epochs).
     assert np.mean(ratios) > 1.4, f"energy inside the object box / its area share: {np.round(ratios, 2)}"
 
 

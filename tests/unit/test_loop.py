@@ -30,14 +30,20 @@ def weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tenso
     return load_file(run / name)
 
 
-def test_resume_is_bitwise_exact(synth_dir: Path, tmp_path: Path) -> None:
-    straight = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=straight", "run.max_steps=14")
-    pretrain.train(straight)
+@pytest.fixture(scope="module")
+def straight(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted 14-step run that the stopped and resumed runs below must equal bit for bit."""
+    root = tmp_path_factory.mktemp("straight")
+    pretrain.train(smoke_recipe(root, synth_dir, *RANDOM_EVERYTHING, "run.name=straight", "run.max_steps=14"))
+    return root / "runs" / "straight"
+
+
+def test_resume_is_bitwise_exact(straight: Path, synth_dir: Path, tmp_path: Path) -> None:
     for steps in (7, 14):  # stop mid-epoch 0, resume across the epoch boundary
         pretrain.train(smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=resumed", f"run.max_steps={steps}"))
     runs = tmp_path / "runs"
     for name in ("model.safetensors", "model_ema.safetensors"):
-        a, b = weights(runs / "straight", name), weights(runs / "resumed", name)
+        a, b = weights(straight, name), weights(runs / "resumed", name)
         assert a.keys() == b.keys()
         unequal = [k for k in a if not torch.equal(a[k], b[k])]
         assert not unequal, f"{name}: {len(unequal)} tensors differ after resume, e.g. {unequal[:3]}"
@@ -140,9 +146,8 @@ def test_fresh_moves_the_old_run_aside_and_starts_at_step_zero(synth_dir: Path, 
 
 
 @pytest.mark.parametrize("stop_after", [7, 10])  # mid-epoch, and exactly at the end of epoch 0
-def test_a_requested_stop_checkpoints_and_resumes_exactly(stop_after: int, synth_dir: Path, tmp_path: Path) -> None:
-    straight = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=straight", "run.max_steps=14")
-    pretrain.train(straight)
+def test_a_requested_stop_checkpoints_and_resumes_exactly(stop_after: int, straight: Path, synth_dir: Path,
+                                                           tmp_path: Path) -> None:
     stopped = smoke_recipe(tmp_path, synth_dir, *RANDOM_EVERYTHING, "run.name=stopped", "run.max_steps=14")
     run = tmp_path / "runs" / "stopped"
     with pytest.raises(StopRequested):
@@ -150,7 +155,7 @@ def test_a_requested_stop_checkpoints_and_resumes_exactly(stop_after: int, synth
     assert steps_of(run)[-1] == stop_after
     assert not (run / "model.safetensors").exists()
     pretrain.train(stopped)
-    a, b = weights(tmp_path / "runs" / "straight"), weights(run)
+    a, b = weights(straight), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
