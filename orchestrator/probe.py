@@ -173,8 +173,8 @@ def input_rate(recipe: Recipe, ctx: Rank, images: list[tuple[bytes, Any]], secon
     worker: one torch thread, this thread's CPU time, after one warm-up image), and with ``data.decode: gpu``
     the device step's images/s and the training process's CPU ms per image.
 
-    The process's CPU time once counted a Ray worker's other threads too: a CI run measured 1.5 images per
-    CPU-second where this thread did 2,400, and planned an input-bound 5.4 s step against a real 0.19 s."""
+    The process's CPU time counts a Ray worker's other threads too: a CI run measured 1.5 images per CPU-second
+    (a laptop: 2,400) and planned an input-bound 5.4 s step against a real 0.19 s."""
     task = tasks.for_recipe(recipe)
     manifest = mf.load(recipe.data.train, recipe.data.storage_options, verify=False)
     transform = task.transform(manifest, train=True)
