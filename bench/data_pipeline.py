@@ -19,10 +19,15 @@ from minute to minute; turns make the drift cost both sides alike). Printed, in 
   RandAugment on the device), and the device step's images/s and CPU ms per image on the device this
   machine has (CUDA if present, else the CPU, where it is only a correctness path);
 - shards re-encoded with ``--max-side`` (not part of the ratio): the whole pipeline against the originals;
-- with ``--workers N`` DataLoader workers on both sides (the workers-only transforms), persisting over
-  ``--epochs`` epochs as in training: images per CPU-second counting every worker process's CPU (whole
-  passes, the sides alternating), ``parallel_worker_ratio``; and, from passes of one epoch, what the workers'
-  start-up costs each side (CPU = start-up + epochs x per epoch);
+- with ``--workers N`` DataLoader workers on each side (the workers-only transforms), persisting over
+  ``--epochs`` epochs as in training, every worker process's CPU counted (whole passes, the sides alternating):
+  images per CPU-second over the epochs, and, with passes of one epoch, the workers' start-up and the steady
+  state (CPU = start-up + epochs x per epoch). ``parallel_worker_ratio`` is the steady state's, this reader
+  against timm: a training epoch of ImageNet is 1.28M images, so the start-up (once per run) is no share of it;
+  here, at 320 images, it is a tenth;
+- the same for MosaicML Streaming and litdata (``bench/data_peers.py``: their shards in the same store, timm's
+  transform, their loaders' own caching and prefetching): ``streaming_ratio`` and ``litdata_ratio``, this reader's
+  steady state against each (after ``bash scripts/install_peers.sh``);
 - ``ratio=<reader / timm>`` for the whole pipeline on CPU (normalisation and erasing here too);
 - last, the headline ``worker_ratio=<reader / timm>`` of the workers alone against timm with
   ``use_prefetcher`` (how timm's train.py runs by default).
@@ -36,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -274,6 +281,22 @@ def read_ms(manifest: mf.Manifest, options: dict[str, Any]) -> float:
     return per_image_ms(read_all, [None]) / manifest.num_samples
 
 
+def peer_rates(folder: Path, store: S3Store, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """MosaicML Streaming's and litdata's CPU-seconds in the parallel configuration (``bench/data_peers.py``, in a
+    child process with ``.peers/`` first on its path); none where ``scripts/install_peers.sh`` has not run."""
+    peers = Path(__file__).resolve().parents[1] / ".peers"
+    if not peers.is_dir():
+        print("streaming, litdata: not measured (install them with: bash scripts/install_peers.sh)")
+        return {}
+    o = store.options
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("data_peers.py")), "--folder", str(folder), "--bucket",
+         f"{store.bucket('bench')}/peers", "--endpoint", o["endpoint_url"], "--key", o["key"], "--secret", o["secret"],
+         "--size", str(args.size), "--batch", str(args.batch), "--workers", str(args.workers), "--epochs", str(args.epochs)],
+        env={**os.environ, "PYTHONPATH": str(peers)}, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=320)
@@ -345,6 +368,7 @@ def main() -> None:
         }
         one_epoch = parallel_cpu(parallel_sides, passes=3, epochs=1)
         many = parallel_cpu(parallel_sides, passes=3, epochs=args.epochs)
+        peers = peer_rates(folder, store, args)
     finally:
         store.stop()
     device_rate, device_cpu_ms, where = device_step(gpu_batches, args.size)
@@ -361,14 +385,24 @@ def main() -> None:
     print(f"--max-side {args.max_side} shards (not in the ratio): {others['max_side']:.1f} images/CPU-s, "
           f"{others['max_side'] / others['reader']:.2f}x the same reader on the originals")
     images = args.images // args.batch * args.batch  # both sides drop the last partial batch
+    for name, r in peers.items():
+        assert r["images_per_epoch"] == images, f"{name} yields {r['images_per_epoch']} images an epoch, not {images}"
+        many[name], one_epoch[name] = r["cpu_s"], r["one_epoch_cpu_s"]
     rate = {k: images * args.epochs / v for k, v in many.items()}
     per_epoch = {k: (many[k] - one_epoch[k]) / (args.epochs - 1) for k in many}  # CPU = start-up + epochs x per_epoch
+    steady = {k: images / per_epoch[k] for k in many}
     start_up = {k: one_epoch[k] - per_epoch[k] for k in many}
-    print(f"{args.workers} DataLoader workers, their CPU counted, {args.epochs} epochs of {images} images: timm "
-          f"(use_prefetcher) {rate['timm_workers']:.1f}, this reader {rate['reader_workers']:.1f} images/CPU-s; "
-          f"start-up of the workers {start_up['timm_workers']:.2f} and {start_up['reader_workers']:.2f} CPU-s, one epoch "
-          f"alone {images / one_epoch['timm_workers']:.1f} and {images / one_epoch['reader_workers']:.1f} images/CPU-s; "
-          f"parallel_worker_ratio={rate['reader_workers'] / rate['timm_workers']:.3f}")
+    print(f"{args.workers} DataLoader workers, their CPU counted, {args.epochs} epochs of {images} images (images/CPU-s; "
+          "start-up CPU-s; an epoch after the first, the steady state of a long run):")
+    for k, name in (("timm_workers", "timm (use_prefetcher)"), ("reader_workers", "this reader"),
+                    *((p, p) for p in peers)):
+        print(f"  {name:<22} {rate[k]:7.1f} over {args.epochs} epochs, start-up {start_up[k]:.2f}, steady {steady[k]:7.1f}")
+    print(f"over {args.epochs} epochs, start-up included: {args.workers}-worker ratio "
+          f"{rate['reader_workers'] / rate['timm_workers']:.3f}"
+          + "".join(f", against {p} {rate['reader_workers'] / rate[p]:.3f}" for p in peers))
+    for p in peers:
+        print(f"{p}_ratio={steady['reader_workers'] / steady[p]:.3f}")
+    print(f"parallel_worker_ratio={steady['reader_workers'] / steady['timm_workers']:.3f}")
     print(f"ratio={best['reader'] / best['timm']:.3f}")
     print(f"worker_ratio={best['reader_workers'] / best['timm_workers']:.3f}")
 

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
             b"<Message>Please reduce your request rate.</Message></Error>")
+DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+          b"<Message>Access Denied</Message></Error>")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
 
 
@@ -36,12 +38,14 @@ class Request:
 class S3Proxy:
     """``slowdown_share``: the share of requests answered 503 SlowDown (drawn with ``seed``); ``max_rate``: requests
     per second above which every request is answered so (a one-second window, over all ports); ``slowdown_next``:
-    that many requests from now on are answered so, whatever the others say."""
+    that many requests from now on are answered so, whatever the others say. ``deny``: a write (PUT or POST) whose
+    path holds it is answered ``403 AccessDenied``, which no client retries (one upload that fails for good)."""
 
     upstream: str
     slowdown_share: float = 0.0
     max_rate: float | None = None
     slowdown_next: int = 0
+    deny: str | None = None
     seed: int = 0
     requests: list[Request] = field(default_factory=list)
     _servers: dict[str, ThreadingHTTPServer] = field(default_factory=dict)
@@ -66,8 +70,13 @@ class S3Proxy:
         return {**store_options, "endpoint_url": self.endpoint(tag)}
 
     def close(self) -> None:
+        # together: each shutdown waits out its server's 0.5 s poll, and a run of 256 ports took two minutes
+        stopping = [threading.Thread(target=server.shutdown) for server in self._servers.values()]
+        for t in stopping:
+            t.start()
+        for t in stopping:
+            t.join()
         for server in self._servers.values():
-            server.shutdown()
             server.server_close()
         self._servers.clear()
 
@@ -134,14 +143,11 @@ def _handler(proxy: S3Proxy, tag: str) -> type[BaseHTTPRequestHandler]:
             path, _, query = self.path.partition("?")
             if prefix := parse_qs(query).get("prefix", [""])[0]:
                 path = f"{path.rstrip('/')}/{prefix}"
+            if self.command in ("PUT", "POST") and proxy.deny and proxy.deny in path:
+                self._refuse(403, DENIED, path, body)
+                return
             if proxy.throttled():
-                self.send_response(503)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(SLOWDOWN)))
-                self.end_headers()
-                if self.command != "HEAD":  # a HEAD answer has no body (its Content-Length says what a GET would get)
-                    self.wfile.write(SLOWDOWN)
-                proxy.record(Request(tag, self.command, path, 503, len(body), 0))
+                self._refuse(503, SLOWDOWN, path, body)
                 return
             self.upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
             for name, value in self.headers.items():
@@ -168,6 +174,15 @@ def _handler(proxy: S3Proxy, tag: str) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(chunk)
                     sent += len(chunk)
             proxy.record(Request(tag, self.command, path, response.status, len(body), sent))
+
+        def _refuse(self, status: int, answer: bytes, path: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            if self.command != "HEAD":  # a HEAD answer has no body (its Content-Length says what a GET would get)
+                self.wfile.write(answer)
+            proxy.record(Request(tag, self.command, path, status, len(body), 0))
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay  # noqa: N815
 

@@ -229,11 +229,16 @@ class RayCluster:
         authentication on (as cluster.yaml has it), and this interpreter's ``bin`` first on PATH (a job's ``python``
         is then the one with the project installed)."""
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        return {**os.environ, "PATH": path, "RAY_ADDRESS": self.address, **self.auth_env()}
+        return {**os.environ, "PATH": path, "RAY_ADDRESS": self.address, **self.driver_env()}
 
     @staticmethod
-    def auth_env() -> dict[str, str]:
-        return {"RAY_USAGE_STATS_ENABLED": "0", **RAY_AUTH}
+    def driver_env() -> dict[str, str]:
+        """What every driver of the suite sets: no usage stats, the token, and no Ray Train preemption watcher (an
+        actor per run waiting for drain notices no loopback node gets; a second or so of each run's start, which the
+        local clusters this project starts skip too)."""
+        from orchestrator.launch.ray_train import PREEMPTION_WATCHER_ENV
+
+        return {"RAY_USAGE_STATS_ENABLED": "0", PREEMPTION_WATCHER_ENV: "0", **RAY_AUTH}
 
     @property
     def token_path(self) -> Path:
@@ -352,7 +357,7 @@ def driver(ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
     from orchestrator.launch import ray_train
 
-    for key in ("RAY_ADDRESS", *ray_cluster.auth_env()):
+    for key in ("RAY_ADDRESS", *ray_cluster.driver_env()):
         monkeypatch.setenv(key, ray_cluster.env[key])
     ray_train.connect()
     yield ray_cluster

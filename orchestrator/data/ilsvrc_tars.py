@@ -16,7 +16,7 @@ import tarfile
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.data.sources import Item, class_infos, kaggle_val_labels
+from orchestrator.data.sources import Item, class_infos, imagenet_synsets, kaggle_val_labels
 from orchestrator.errors import DataError
 
 TRAIN, VAL, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -99,7 +99,28 @@ def tar_members(fs: Any, path: str) -> dict[str, tuple[int, int]]:
 
 def members(f: Any, base: int = 0) -> dict[str, tuple[int, int]]:
     """Member name -> (data offset, size) of the uncompressed tar that starts at ``base`` in the open file ``f``
-    (a tar inside a tar: offsets from ``base``), by reading its headers only."""
+    (a tar inside a tar: offsets from ``base``), by reading its headers only.
+
+    Plain ustar headers (ImageNet's tars) are parsed here, a seek and a 512-byte read each: tarfile through
+    ``_Window`` took 39 us a member, 50 of the 116 CPU-seconds of converting ImageNet's 1.28M training images.
+    A tar with any other kind of header (long names, pax) is listed by tarfile."""
+    out: dict[str, tuple[int, int]] = {}
+    offset = 0
+    while True:
+        f.seek(base + offset)
+        header = f.read(512)
+        if len(header) < 512 or header.count(0) == 512:  # the end: two zero blocks (or a truncated file)
+            return out
+        kind = header[156:157]
+        if kind not in (b"0", b"\0", b"5") or header[257:262] != b"ustar" or header[345:500].strip(b"\0"):
+            return _tarfile_members(f, base)  # GNU long names, pax headers, prefixed names, links: tarfile's job
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        if kind != b"5":
+            out[header[:100].rstrip(b"\0").decode().rsplit("/", 1)[-1]] = (offset + 512, size)
+        offset += 512 + -(-size // 512) * 512
+
+
+def _tarfile_members(f: Any, base: int) -> dict[str, tuple[int, int]]:
     f.seek(base)
     with tarfile.open(fileobj=_Window(f, base), mode="r:") as tar:  # type: ignore[call-overload]
         return {m.name.rsplit("/", 1)[-1]: (m.offset_data, m.size) for m in tar if m.isfile()}
@@ -156,9 +177,7 @@ def devkit_val_labels(data: bytes, where: str) -> dict[str, str]:
 
 def check_imagenet_synsets(wnids: list[str], where: str) -> None:
     """1,000 classes must be ImageNet-1K's synsets (timm's list), or the labels would mean other classes."""
-    from timm.data import ImageNetInfo
-
-    known = set(ImageNetInfo("imagenet-1k").label_names())
+    known = set(imagenet_synsets())
     strange = [w for w in wnids if w not in known]
     if strange:
         raise DataError(f"{where}: 1000 classes, but {len(strange)} are not ImageNet-1K synsets (first: {strange[0]})")

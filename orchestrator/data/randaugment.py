@@ -87,6 +87,7 @@ class RandAugmentDraws:
         for op in self.augment.ops:
             op.aug_fn = _Recorder(op.aug_fn, self._log)
         self._proxy = Image.new("RGB", (1, 1))  # what the recorders are handed; they never look at it
+        affine.warm()  # built before the DataLoader forks its workers: they inherit the loaded kernel
 
     def __call__(self) -> list[Op]:
         self._log.clear()

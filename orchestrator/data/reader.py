@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from fsspec.spec import AbstractBufferedFile
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -148,6 +149,9 @@ class ShardDataset(IterableDataset):
         # (epoch, this rank's micro-batches the loader already consumed this epoch), set by ShardLoader: in shared
         # memory, so DataLoader workers that persist across epochs read the current values
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # Each shard's Parquet footer, read once per process: a persistent worker opens a shard again each time
+        # its partitions come back to it (a row group in most epochs at ImageNet's size), without asking the store.
+        self.footers: dict[int, pq.FileMetaData] = {}
         self.batch_size = 1
 
     @property
@@ -325,7 +329,10 @@ class _WorkerStream:
                 if shard not in self.files:
                     if len(self.files) >= self.MAX_OPEN:
                         self.files.pop(next(iter(self.files)))
-                    self.files[shard] = open_shard(url, opts.storage_options, self._cached(shard))
+                    footers = self.ds.footers
+                    self.files[shard] = open_shard(url, opts.storage_options, self._cached(shard),
+                                                   self.ds.manifest.shards[shard].bytes, footers.get(shard))
+                    footers[shard] = self.files[shard].metadata
                 table = self.files[shard].read_row_group(g, columns=["image", "mask" if segmentation else "label"])
             except Exception:
                 self.files.pop(shard, None)  # reopen on retry: the old handle may be stale
@@ -348,13 +355,22 @@ class _WorkerStream:
         return str(found) if found is not None else None
 
 
-def open_shard(url: str, storage_options: dict[str, Any] | None, local: str | None = None) -> pq.ParquetFile:
+def open_shard(url: str, storage_options: dict[str, Any] | None, local: str | None = None, size: int = 0,
+               metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
     """A shard as the reader opens it: row groups are read as coalesced byte ranges (pre_buffer) straight from
-    storage (fsspec's read-ahead cache only copied them once more), or from its ``local`` copy."""
+    storage (fsspec's read-ahead cache only copied them once more), or from its ``local`` copy. With its ``size``
+    (the manifest's) and its footer's ``metadata`` already known, opening asks the store nothing."""
     if local is not None:
-        return pq.ParquetFile(local, pre_buffer=True)
+        return pq.ParquetFile(local, pre_buffer=True, metadata=metadata)
     fs, path = storage.filesystem(url, storage_options)
-    return pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True)
+    if size <= 0:  # a manifest without sizes
+        return pq.ParquetFile(fs.open(path, "rb", cache_type="none"), pre_buffer=True, metadata=metadata)
+    f = fs.open(path, "rb", cache_type="none", size=size)
+    if isinstance(f, AbstractBufferedFile):
+        # s3fs asks for the object's details (a HEAD) at the first read, for an ETag check that an immutable,
+        # sha256-recorded shard does not need
+        f.details = {"name": path, "size": size, "type": "file"}
+    return pq.ParquetFile(f, pre_buffer=True, metadata=metadata)
 
 
 class WithLabel:

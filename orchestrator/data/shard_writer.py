@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import simplejpeg
 from PIL import Image
 from tqdm import tqdm
 
@@ -87,7 +88,14 @@ def reencode(data: bytes, max_side: int) -> bytes:
 
 
 def is_image(data: bytes) -> bool:
-    """Cheap header check: PIL can identify the format (full decode happens at training time)."""
+    """Cheap header check (full decode happens at training time): libjpeg-turbo reads a JPEG's header (about 2 us);
+    anything else must be a format PIL identifies (its Python marker scan, about 30 us, was a third of the
+    converter's CPU per image when every JPEG went through it)."""
+    try:
+        simplejpeg.decode_jpeg_header(data)
+        return True
+    except ValueError:
+        pass
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.verify()

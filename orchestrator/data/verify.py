@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from orchestrator import storage
 from orchestrator.data import manifest as mf
+from orchestrator.data.sources import imagenet_synsets
 from orchestrator.errors import DataError
 
 IMAGENET_1K = {"train": 1_281_167, "val": 50_000}
@@ -126,6 +127,4 @@ def is_imagenet_1k(manifest: mf.Manifest) -> bool:
     """The classes are ImageNet-1K's 1,000 synsets in timm's (sorted) order."""
     if len(manifest.classes) != 1000:
         return False
-    from timm.data import ImageNetInfo
-
-    return [c.wnid for c in manifest.classes] == list(ImageNetInfo("imagenet-1k").label_names())
+    return [c.wnid for c in manifest.classes] == imagenet_synsets()

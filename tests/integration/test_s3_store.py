@@ -114,6 +114,32 @@ def test_the_node_cache_serves_later_epochs_and_a_restart_without_store_reads(s3
     assert sum(p.stat().st_size for p in (tmp_path / "small").glob("*.parquet")) <= small
 
 
+def test_persistent_workers_read_only_row_groups_after_their_first_epoch(s3_store: S3Store, s3_synth: str) -> None:
+    """Without a cache: a worker reads each shard's footer once and knows its size from the manifest, so a later epoch
+    asks the store for row groups alone (one ranged GET each; no HEAD, no footer), and yields what a new loader
+    yields. Opening a shard again each epoch cost a HEAD and a footer read per shard per worker."""
+    manifest = mf.load(f"{s3_synth}/train", s3_store.options)
+    proxy = S3Proxy(s3_store.endpoint)
+    try:
+        opts = ReaderOptions(storage_options=proxy.options(s3_store.options))
+        loader = ShardLoader(ShardDataset(manifest, to_tensor, train=True, options=opts, global_batch=16), 8, 2)
+        for e in (0, 1):
+            proxy.reset()
+            loader.set_epoch(e)
+            got = [int(i) for b in loader for i in b[2]]
+        requests = list(proxy.select())
+        loader.close()
+        fresh = ShardLoader(ShardDataset(manifest, to_tensor, train=True, options=opts, global_batch=16), 8, 2)
+        fresh.set_epoch(1)
+        assert got == [int(i) for b in fresh for i in b[2]]
+        fresh.close()
+    finally:
+        proxy.close()
+    groups = sum(len(s.row_groups) for s in manifest.shards)
+    assert {r.method for r in requests} == {"GET"} and all(r.status == 206 for r in requests), requests[:5]
+    assert len(requests) <= groups * 2, (len(requests), groups)  # each worker reads at most its groups' share twice
+
+
 def _read_in_child(url: str, options: dict, out: Any) -> None:
     out.put(len(transfer.get(url, options)))
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.data import manifest as mf
-from orchestrator.data.shard_writer import WriteOptions, plan_shards, write_dataset
+from orchestrator.data.shard_writer import WriteOptions, is_image, plan_shards, write_dataset
 from orchestrator.data.sources import Item, open_source
 from orchestrator.data.synth import SynthSource, draw
 from orchestrator.errors import DataError
@@ -209,3 +209,11 @@ def test_cluster_conversions_refuse_inline_secrets_before_starting_anything(
     err = capsys.readouterr().err
     assert f"--launcher {launcher}: --storage-option secret would travel in the tasks' pickled arguments" in err
     assert "abcdefgh" not in err
+
+
+def test_the_image_check_reads_a_jpeg_header_and_leaves_other_formats_to_pil() -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    good = jpeg(0, 1)
+    assert is_image(good) and is_image(png.getvalue())
+    assert not is_image(b"\xff\xd8 not really a jpeg") and not is_image(good[:40]) and not is_image(b"")
