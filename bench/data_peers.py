@@ -75,8 +75,6 @@ def streaming_side(items: list[tuple[bytes, int]], remote: str, cache: Path, tra
         def __getitem__(self, index: int) -> Any:
             return transform(super().__getitem__(index))
 
-    globals()["Dataset"] = Dataset  # picklable by name
-    Dataset.__qualname__ = "Dataset"
     passes = iter(range(1 << 30))
 
     def make() -> DataLoader:
@@ -101,7 +99,9 @@ def litdata_side(items: list[tuple[bytes, int]], remote: str, cache: Path, trans
     def convert() -> None:
         optimize(fn=_litdata_sample, inputs=items, output_dir=remote, chunk_bytes="8MB", num_workers=1,
                  storage_options=storage_options, mode="overwrite")
-        multiprocessing.set_start_method("fork", force=True)  # optimize() made every later DataLoader spawn
+        # optimize() made every later DataLoader spawn its workers; training forks them (Linux's default), and so do
+        # the other sides here (a spawned worker would also need this module's local Dataset class by name)
+        multiprocessing.set_start_method("fork", force=True)
 
     passes = iter(range(1 << 30))
 

@@ -45,12 +45,12 @@ def test_the_official_files_become_shards_with_every_val_image_under_its_sorted_
     assert not any((tmp_path / "in").glob("n*")), "nothing was extracted"
 
 
-@pytest.mark.parametrize("layout", ["ustar", "gnu", "pax", "long names"])
+@pytest.mark.parametrize("layout", ["ustar", "gnu", "pax", "long names", "base-256 size"])
 def test_the_header_parser_lists_what_tarfile_lists(layout: str) -> None:
     """``members`` parses plain ustar headers itself (6x faster than tarfile) and leaves the rest to tarfile: the same
     names, offsets and sizes either way, for a tar lying inside another file."""
     fmt = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT,
-           "long names": tarfile.GNU_FORMAT}[layout]
+           "long names": tarfile.GNU_FORMAT, "base-256 size": tarfile.GNU_FORMAT}[layout]
     names = ["a.JPEG", "sub/b.JPEG", "empty.JPEG"] + (["n" * 150 + ".JPEG"] if layout == "long names" else [])
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
@@ -59,7 +59,14 @@ def test_the_header_parser_lists_what_tarfile_lists(layout: str) -> None:
         folder = tarfile.TarInfo("sub")
         folder.type = tarfile.DIRTYPE
         tar.addfile(folder)
-    f = io.BytesIO(b"P" * 1024 + out.getvalue())
+    data = bytearray(out.getvalue())
+    if layout == "base-256 size":  # how tar writes a member over 8 GB: here the second one's 700 bytes
+        header = data[512:1024]  # the members: a.JPEG (0 bytes, a header alone), then sub/b.JPEG
+        header[124:136] = b"\x80" + (700).to_bytes(11, "big")
+        header[148:156] = b" " * 8
+        header[148:156] = f"{sum(header):06o}\0 ".encode()
+        data[512:1024] = header
+    f = io.BytesIO(b"P" * 1024 + bytes(data))
     listed = members(f, 1024)
     assert listed == _tarfile_members(f, 1024)
     assert sorted(listed) == sorted(n.rsplit("/", 1)[-1] for n in names)
