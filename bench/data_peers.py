@@ -15,10 +15,8 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pipeline import POLICY, RE_PROB, Seeds, parallel_cpu, reseed  # noqa: E402
+from data_pipeline import POLICY, RE_PROB, Seeds, cpu_of, parallel_cpu, reseed  # noqa: E402
 
 from orchestrator.data.transforms import open_rgb, timm_train_transform  # noqa: E402
 
@@ -38,14 +36,6 @@ def images_of(folder: Path) -> list[tuple[bytes, int]]:
     """(JPEG bytes, label) in timm's ImageFolder order: classes sorted, files sorted."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     return [(f.read_bytes(), c) for c, name in enumerate(classes) for f in sorted((folder / name).iterdir())]
-
-
-def cpu_of(fn: Callable[[], Any]) -> float:
-    """CPU-seconds of ``fn``: this process's and its reaped children's (a conversion's worker processes)."""
-    before, cpu = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
-    fn()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() - cpu + after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 class Decoded:

@@ -152,29 +152,35 @@ def paired_rates(sides: dict[str, tuple[Iterable[Any], Callable[[Any], Any]]], p
     return best
 
 
+def cpu_of(fn: Callable[[], Any]) -> float:
+    """CPU-seconds of ``fn``: this process's and its reaped children's (worker processes, once joined)."""
+    before, cpu = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
+    fn()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() - cpu + (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def parallel_cpu(sides: dict[str, Callable[[], Any]], passes: int, epochs: int) -> dict[str, float]:
     """CPU-seconds of a whole pass of ``epochs`` epochs over each side's loader with worker processes that persist
     across the epochs (as in training: timm's ``create_loader`` keeps them, and so does this reader), ended with
     the pass: the workers' CPU (reaped children) and this process's. The sides alternate pass by pass; the best
     (least) of ``passes``."""
+    def run(make: Callable[[], Any]) -> None:
+        loader = make()
+        for epoch in range(epochs):
+            if isinstance(loader, ShardLoader):
+                loader.set_epoch(epoch)
+            for _batch in loader:
+                pass
+        if isinstance(loader, ShardLoader):
+            loader.close()
+        elif getattr(loader, "_iterator", None) is not None:
+            loader._iterator._shutdown_workers()  # joined, so reaped: their CPU is in RUSAGE_CHILDREN
+
     best = dict.fromkeys(sides, float("inf"))
     for _ in range(passes):
         for name, make in sides.items():
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu = time.process_time()
-            loader = make()
-            for epoch in range(epochs):
-                if isinstance(loader, ShardLoader):
-                    loader.set_epoch(epoch)
-                for _batch in loader:
-                    pass
-            if isinstance(loader, ShardLoader):
-                loader.close()
-            elif getattr(loader, "_iterator", None) is not None:
-                loader._iterator._shutdown_workers()  # joined, so reaped: their CPU is in RUSAGE_CHILDREN
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            spent = time.process_time() - cpu + (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            best[name] = min(best[name], spent)
+            best[name] = min(best[name], cpu_of(lambda make=make: run(make)))
     return best
 
 

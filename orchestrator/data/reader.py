@@ -131,6 +131,19 @@ def checked_order(groups: np.ndarray, micro_batch: int, global_batch: int, parti
     return order
 
 
+class _Shared:
+    """An int field of ``ShardDataset._position``, the shared-memory tensor that persistent workers read."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __get__(self, ds: ShardDataset, owner: type | None = None) -> int:
+        return int(ds._position[self.index])
+
+    def __set__(self, ds: ShardDataset, value: int) -> None:
+        ds._position[self.index] = value
+
+
 class ShardDataset(IterableDataset):
     """Yields ``(*transform(image bytes, target), sample_id, corrupt)`` for one rank; use it through ``ShardLoader``.
 
@@ -154,21 +167,8 @@ class ShardDataset(IterableDataset):
         self.footers: dict[int, pq.FileMetaData] = {}
         self.batch_size = 1
 
-    @property
-    def epoch(self) -> int:
-        return int(self._position[0])
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._position[0] = value
-
-    @property
-    def skip_batches(self) -> int:
-        return int(self._position[1])
-
-    @skip_batches.setter
-    def skip_batches(self, value: int) -> None:
-        self._position[1] = value
+    epoch = _Shared(0)
+    skip_batches = _Shared(1)
 
     @property
     def order(self) -> EpochOrder:

@@ -76,7 +76,7 @@ def check_shard(manifest: mf.Manifest, i: int, classes: int, options: dict[str, 
         with fs.open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256")
             size = f.tell()
-        with fs.open(path, "rb") as f:
+            f.seek(0)  # the same handle: reopening asked the store for the object again
             parquet = pq.ParquetFile(f)
             groups = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
             labels = parquet.read(columns=["label"]).column("label").to_numpy()
