@@ -25,6 +25,9 @@ from minute to minute; turns make the drift cost both sides alike). Printed, in 
   state (CPU = start-up + epochs x per epoch). ``parallel_worker_ratio`` is the steady state's, this reader
   against timm: a training epoch of ImageNet is 1.28M images, so the start-up (once per run) is no share of it;
   here, at 320 images, it is a tenth;
+- the hand-over of ready images from the workers to the training process, CPU microseconds per image: through
+  the reader's reused shared-memory slots (``orchestrator/data/batch_ring.py``) and through torch's own path, a
+  new shared-memory segment per tensor per batch (which timm's loader takes);
 - the same for MosaicML Streaming and litdata (``bench/data_peers.py``: their shards in the same store, timm's
   transform, their loaders' own caching and prefetching): ``streaming_ratio`` and ``litdata_ratio``, this reader's
   steady state against each (after ``bash scripts/install_peers.sh``);
@@ -61,11 +64,11 @@ import torch
 from PIL import Image, ImageFilter
 from timm.data import ImageDataset
 from timm.data.loader import fast_collate
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchestrator import storage  # noqa: E402
-from orchestrator.data import device  # noqa: E402
+from orchestrator.data import batch_ring, device  # noqa: E402
 from orchestrator.data import manifest as mf  # noqa: E402
 from orchestrator.data.gpu_decode import DeviceCrop, TrainDraws  # noqa: E402
 from orchestrator.data.randaugment import apply  # noqa: E402
@@ -182,6 +185,37 @@ def parallel_cpu(sides: dict[str, Callable[[], Any]], passes: int, epochs: int) 
         for name, make in sides.items():
             best[name] = min(best[name], cpu_of(lambda make=make: run(make)))
     return best
+
+
+class ReadyImages(IterableDataset):
+    """``n`` ready uint8 images of the bench's size, with their integers, batched through ``slots`` slots a
+    worker (0: torch's own path)."""
+
+    def __init__(self, n: int, size: int, batch: int, slots: int) -> None:
+        self.n, self.size, self.batch, self.slots = n, size, batch, slots
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        image = torch.zeros(self.size, self.size, 3, dtype=torch.uint8)
+        samples = ((image.clone(), i % 1000, i, 0) for i in range(worker, self.n, workers))
+        return batch_ring.batches(samples, self.batch, self.slots)
+
+
+def handover_us(size: int, batch: int, workers: int, passes: int = 3) -> dict[str, float]:
+    """CPU microseconds per image to hand ready images from ``workers`` workers to this process (the workers'
+    CPU and this process's, less the same pass's images made and collated in this process), best of ``passes``."""
+    n = 100 * batch
+    def run(slots: int, workers: int) -> None:
+        for b in DataLoader(ReadyImages(n, size, batch, slots), batch_size=None, collate_fn=batch_ring.as_is,
+                            num_workers=workers, prefetch_factor=4 if workers else None):
+            batch_ring.received(b)
+
+    best = {"slots": float("inf"), "torch": float("inf"), "in_process": float("inf")}
+    for _ in range(passes):
+        for name, slots, w in (("slots", 5, workers), ("torch", 0, workers), ("in_process", 0, 0)):
+            best[name] = min(best[name], cpu_of(lambda slots=slots, w=w: run(slots, w)))
+    return {k: 1e6 * (best[k] - best["in_process"]) / n for k in ("slots", "torch")}
 
 
 def on_device(batch: Any) -> Any:
@@ -377,6 +411,7 @@ def main() -> None:
         peers = peer_rates(folder, store, args)
     finally:
         store.stop()
+    handover = handover_us(args.size, args.batch, args.workers)
     device_rate, device_cpu_ms, where = device_step(gpu_batches, args.size)
     print(f"timm ImageFolder (local disk), whole pipeline:  {best['timm']:.1f} images/CPU-s")
     print(f"this reader (loopback S3), whole pipeline:      {best['reader']:.1f} images/CPU-s")
@@ -390,6 +425,8 @@ def main() -> None:
           + (" (an upper bound: the device here is the CPU)" if where == "cpu" else ""))
     print(f"--max-side {args.max_side} shards (not in the ratio): {others['max_side']:.1f} images/CPU-s, "
           f"{others['max_side'] / others['reader']:.2f}x the same reader on the originals")
+    print(f"hand-over from {args.workers} workers, CPU us per image: through reused slots {handover['slots']:.0f}, "
+          f"through torch's own path {handover['torch']:.0f}")
     images = args.images // args.batch * args.batch  # both sides drop the last partial batch
     for name, r in peers.items():
         assert r["images_per_epoch"] == images, f"{name} yields {r['images_per_epoch']} images an epoch, not {images}"

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from orchestrator import faults, storage
-from orchestrator.data import worker_stacks
+from orchestrator.data import batch_ring, worker_stacks
 from orchestrator.data.device import sample_seed
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.order import EpochOrder, auto_partitions
@@ -383,6 +383,16 @@ class WithLabel:
         return self.transform(data), label
 
 
+class _Batches(IterableDataset):
+    """The dataset's samples as micro-batches, collated in the worker through ``batch_ring``'s reused slots."""
+
+    def __init__(self, dataset: ShardDataset, slots: int) -> None:
+        self.dataset, self.slots = dataset, slots
+
+    def __iter__(self) -> Iterator[Any]:
+        return batch_ring.batches(iter(self.dataset), self.dataset.batch_size, self.slots)
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM and SIGINT to the training process. Slurm, Ctrl-C and ``kill``
     signal every process of the job or group; a worker that died of it would take the graceful stop
@@ -391,6 +401,9 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker_stacks.register()  # the stall watchdog can ask for this worker's stacks
+
+
+PREFETCH = 4  # batches each DataLoader worker prepares ahead
 
 
 class ShardLoader:
@@ -443,17 +456,26 @@ class ShardLoader:
             self.consumed = 0  # evaluation always reads the whole split
         ds.epoch, ds.skip_batches = self.epoch, self.consumed
         if self._loader is None:
-            self._loader = DataLoader(ds, batch_size=ds.batch_size, num_workers=self.num_workers, drop_last=False,
-                                      pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                                      worker_init_fn=ignore_stop_signals, prefetch_factor=4 if self.num_workers else None)
+            workers = self.num_workers
+            self._loader = DataLoader(_Batches(ds, PREFETCH + 1), batch_size=None, collate_fn=batch_ring.as_is,
+                                      num_workers=workers,
+                                      pin_memory=self.pin_memory, persistent_workers=workers > 0,
+                                      worker_init_fn=ignore_stop_signals, prefetch_factor=PREFETCH if workers else None)
         for batch in self._loader:
+            batch = batch_ring.received(batch)
             self.consumed += 1
             if self.progress is not None:
                 self.progress()
             yield batch if self.on_batch is None else self.on_batch(batch)
+        batch_ring.forget(self._worker_pids())
+
+    def _worker_pids(self) -> list[int]:
+        iterator = getattr(self._loader, "_iterator", None)
+        return [w.pid for w in getattr(iterator, "_workers", [])]
 
     def close(self) -> None:
         """End the persistent workers (they also end with this loader, or with the process)."""
+        batch_ring.forget(self._worker_pids())
         if self._loader is not None and getattr(self._loader, "_iterator", None) is not None:
             self._loader._iterator._shutdown_workers()  # torch's own shutdown of a persistent iterator
         self._loader = None

@@ -1,7 +1,8 @@
 """What must stay true on a GPU; skipped without CUDA (the test machines have none: run it where one is lent).
 
 The device step under ``torch.cuda.set_sync_debug_mode("error")``, a damaged JPEG on nvJPEG, the decode
-stream-ordering race (pytorch/vision #9606), and a short InceptionNeXt-T run in bf16 with channels_last.
+stream-ordering race (pytorch/vision #9606), a short InceptionNeXt-T run in bf16 with channels_last, and worker
+batches copied out of their shared-memory slots straight into pinned memory.
 """
 
 from __future__ import annotations
@@ -76,3 +77,23 @@ def test_a_short_tiny_run_in_bf16_with_channels_last_learns(tmp_path, synth_dir)
                            "run.name=t"))
     losses = [r["train_loss"] for r in RunDir(str(tmp_path / "runs" / "t")).records() if r["kind"] == "train"]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_pinned_worker_batches_are_copied_out_of_their_slots_into_pinned_memory(synth_dir) -> None:
+    from orchestrator.data import manifest as mf
+    from orchestrator.data.reader import ShardDataset, ShardLoader, WithLabel
+    from orchestrator.data.transforms import TrainCrop
+
+    def loader(workers: int, pin: bool) -> ShardLoader:
+        ds = ShardDataset(mf.load(str(synth_dir / "train")), WithLabel(TrainCrop(32, None, "random")), train=True,
+                          global_batch=16)
+        return ShardLoader(ds, 8, workers, pin_memory=pin)
+
+    pinned = loader(2, True)
+    try:
+        got, want = list(pinned), list(loader(0, False))
+    finally:
+        pinned.close()
+    assert len(got) == len(want) == 40
+    for g, w in zip(got, want, strict=True):
+        assert all(t.is_pinned() and torch.equal(t, u) for t, u in zip(g, w, strict=True))
