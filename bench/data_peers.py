@@ -16,7 +16,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline import POLICY, RE_PROB, Seeds, cpu_of, parallel_cpu, reseed  # noqa: E402
 
 from orchestrator.data.transforms import open_rgb, timm_train_transform  # noqa: E402
+from tests.services import scratch  # noqa: E402
 
 
 def images_of(folder: Path) -> list[tuple[bytes, int]]:
@@ -127,7 +127,7 @@ def main() -> None:
     options = {"endpoint_url": args.endpoint, "aws_access_key_id": args.key, "aws_secret_access_key": args.secret}
     items = images_of(args.folder)
     transform = Decoded(timm_train_transform(args.size, POLICY, RE_PROB, "random", use_prefetcher=True))
-    cache = Path(tempfile.mkdtemp(prefix="bench-peers-"))
+    cache = scratch("bench-peers-")
     streaming_convert, streaming = streaming_side(items, f"{args.bucket}/mds", cache / "mds", transform, args)
     litdata_convert, litdata = litdata_side(items, f"{args.bucket}/litdata", cache / "litdata", transform, args, options)
     sides = {"streaming": streaming, "litdata": litdata}

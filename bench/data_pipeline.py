@@ -50,7 +50,6 @@ import random
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -76,7 +75,7 @@ from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader  #
 from orchestrator.data.shard_writer import WriteOptions, reencode, write_dataset  # noqa: E402
 from orchestrator.data.sources import open_source  # noqa: E402
 from orchestrator.data.transforms import TrainCrop, open_rgb, resize_hwc, timm_train_transform  # noqa: E402
-from tests.services import S3Store  # noqa: E402
+from tests.services import S3Store, scratch  # noqa: E402
 
 POLICY, RE_PROB = "rand-m9-mstd0.5-inc1", 0.25
 
@@ -348,7 +347,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    tmp = scratch("bench-data-")
     folder = tmp / "imagefolder"
     seeds, jpegs = Seeds(), []
     for i in range(args.images):

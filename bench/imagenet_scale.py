@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from orchestrator.data.ilsvrc_tars import DEVKIT, TRAIN, VAL  # noqa: E402
 from orchestrator.train import components  # noqa: E402
 from tests.imagenet_layout import WNIDS, add, devkit  # noqa: E402
 from tests.s3_proxy import S3Proxy  # noqa: E402
-from tests.services import S3Store  # noqa: E402
+from tests.services import S3Store, scratch  # noqa: E402
 from tests.thread_group import ThreadWorld  # noqa: E402
 
 TRAIN_IMAGES, VAL_IMAGES = 1_281_167, 50_000
@@ -258,7 +257,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--keep", type=Path, help="folder for the downloads, kept between runs (default: a temporary one)")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-imagenet-"))
+    tmp = scratch("bench-imagenet-")
     src = args.keep or tmp / "downloads"
     src.mkdir(parents=True, exist_ok=True)
     logs = tmp / "logs"

@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from orchestrator.data.shard_writer import WriteOptions, write_dataset  # noqa: E402
 from orchestrator.data.synth import SynthSource  # noqa: E402
+from tests.services import scratch  # noqa: E402
 
 
 def settings(data: Path, runs: Path, args: argparse.Namespace, name: str) -> list[str]:
@@ -103,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     if args.empty_fn:
         return run_empty(args.empty_fn[0], args.empty_fn[1:])
-    tmp = Path(tempfile.mkdtemp(prefix="bench-orch-"))
+    tmp = scratch("bench-orch-")
     data = tmp / "data"
     write_dataset(SynthSource(classes=10, train=args.batch * (args.steps + 2), val=0, size=args.size), str(data),
                   WriteOptions(seed=0))

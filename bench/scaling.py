@@ -17,14 +17,13 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from orchestrator.data.shard_writer import WriteOptions, write_dataset  # noqa: E402
 from orchestrator.data.synth import SynthSource  # noqa: E402
-from tests.services import RayCluster, RayWorkerNode  # noqa: E402  (the loopback clusters the tests use)
+from tests.services import RayCluster, RayWorkerNode, scratch  # noqa: E402  (the loopback clusters the tests use)
 
 
 def seconds_per_step(nodes: int, data: Path, tmp: Path, args: argparse.Namespace) -> float:
@@ -59,7 +58,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32, help="global batch: 2 micro-batches (1 node) or 1 per node (2)")
     args = p.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-", dir="/tmp"))
+    tmp = scratch("bench-scaling-", "/tmp")
     data = tmp / "data"
     write_dataset(SynthSource(classes=10, train=args.batch * (args.steps + 2), val=0, size=args.size), str(data),
                   WriteOptions(seed=0))

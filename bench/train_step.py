@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from orchestrator.rundir import RunDir  # noqa: E402
 from orchestrator.train import components, loop, tasks  # noqa: E402
 from orchestrator.train.context import Rank, TrainContext  # noqa: E402
 from orchestrator.train.loop import train_step  # noqa: E402
-from tests.services import S3Store  # noqa: E402
+from tests.services import S3Store, scratch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +123,7 @@ def main() -> None:
 
 def epoch_gap(epochs: int) -> float:
     """Epoch ends of the real loop, in steps (see the module's docstring)."""
-    root = Path(tempfile.mkdtemp(prefix="bench-gap-"))
+    root = scratch("bench-gap-")
     write_dataset(SynthSource(classes=10, train=512, val=32, size=32), str(root / "data"),
                   WriteOptions(shard_size_mb=0.2, rows_per_group=32, seed=0))
     store = S3Store.started("bench-gap-store-", niceness=19)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
@@ -64,6 +65,14 @@ def stop_group(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
         proc.wait()
 
 
+def scratch(prefix: str, parent: str | None = None) -> Path:
+    """A new temporary folder, removed when this process exits: the benchmarks write gigabytes (stores,
+    shards, checkpoints) that were left behind in the system's temporary folder."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
 @dataclass
 class S3Store:
     """A ``weed mini`` process: S3 on ``endpoint``, restartable on the same ports and data folder."""
@@ -76,8 +85,8 @@ class S3Store:
 
     @classmethod
     def started(cls, prefix: str, niceness: int = 0) -> S3Store:
-        """A store in a new temporary folder, running (the benchmarks' own; stop it when done)."""
-        root = Path(tempfile.mkdtemp(prefix=prefix))
+        """A store in a new temporary folder (``scratch``), running (the benchmarks' own; stop it when done)."""
+        root = scratch(prefix)
         store = cls(data_dir=root / "data", log_path=root / "weed.log", niceness=niceness)
         store.data_dir.mkdir()
         store.start()
