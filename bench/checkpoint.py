@@ -19,12 +19,17 @@ old writer (s3fs's file writer, one part at a time), s3fs's ``pipe_file`` (waves
 ``TransferConfig`` (10 threads) and obstore (12 parts in a sliding window: ``orchestrator.transfer``, the one
 training uses). Then epochs of ``--epoch-s`` seconds (the host waits on the device, as in GPU training) with a
 checkpoint at each end, under both ``run.checkpoint_overlap`` policies: the share of each epoch the training thread
-lost (staging, and waiting for the previous upload). Last line: ``upload_speedup=<obstore / old writer>``.
+lost (staging, and waiting for the previous upload). On this machine the store shares the client's cores and sets the
+upload speed, so each client also uploads to a sink (``tests/s3_proxy.py`` with ``sink``: writes answered and
+dropped), as to a store elsewhere on a cluster: ``client_upload_speedup=<obstore / old writer>`` there. Last line:
+``upload_speedup=<obstore / old writer>`` on the local store.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import statistics
 import sys
 import time
@@ -43,6 +48,7 @@ from orchestrator.train import checkpoint, components, tasks  # noqa: E402
 from orchestrator.train.components import Components  # noqa: E402
 from orchestrator.train.context import TrainContext  # noqa: E402
 from orchestrator.train.loop import save, train_step  # noqa: E402
+from tests.s3_proxy import S3Proxy  # noqa: E402
 from tests.services import S3Store  # noqa: E402
 
 
@@ -158,27 +164,39 @@ def b_sized(bucket: str, store: S3Store) -> None:
 
 def clients_and_epochs(epoch_s: float, epochs: int) -> None:
     store = S3Store.started("bench-ckpt-", niceness=19)
+    sink = S3Proxy(store.endpoint, sink=True)
     try:
-        bucket = store.bucket("bench")
+        bucket = store.bucket("bench").removeprefix("s3://")
         state = b_state()
         data = checkpoint.encode(state)["state.pt"]
         mb = len(data) / 2**20
-        print(f"B-sized state.pt: {mb:.0f} MB, to {store.endpoint} (SeaweedFS on loopback, niced)")
-        speeds = {}
+        print(f"B-sized state.pt: {mb:.0f} MB, to {store.endpoint} (SeaweedFS on loopback, niced), and to a sink "
+              "(tests/s3_proxy.py: writes answered and dropped, a store that costs this machine nothing)")
+        speeds: dict[str, tuple[float, float, float, float]] = {}
         for name in CLIENTS:
             try:
-                speeds[name] = transfer_speeds(name, bucket.removeprefix("s3://"), store, data)
+                os.sync()  # the last upload's pages written out: what is timed is the client and the store, not this disk
+                before = store_cpu(store)
+                up = upload_s(name, bucket, store.options, data)
+                spent = store_cpu(store) - before
+                speeds[name] = (up, download_s(name, bucket, store.options, len(data)), spent,
+                                upload_s(name, bucket, sink.options(store.options), data))
             except ImportError as exc:
                 print(f"  {name:<34} not measured: {exc} (pip install -e '.[bench]')")
-        for name, (up, down) in speeds.items():
-            print(f"  {name:<34} upload {mb / up:7.1f} MB/s ({up:5.1f} s)   download {mb / down:7.1f} MB/s ({down:5.1f} s)")
+        for name, (up, down, spent, to_sink) in speeds.items():
+            print(f"  {name:<34} upload {mb / up:7.1f} MB/s ({up:5.1f} s; the store's CPU {spent:4.1f} s)   "
+                  f"download {mb / down:7.1f} MB/s ({down:5.1f} s)   upload to the sink {mb / to_sink:7.1f} MB/s")
         for policy in ("wait", "skip"):
-            lost, skipped = epochs_lost(bucket, store, state, epoch_s, epochs, policy)
+            os.sync()
+            lost, skipped = epochs_lost(f"s3://{bucket}", store, state, epoch_s, epochs, policy)
             print(f"  {epochs} epochs of {epoch_s:.0f} s, run.checkpoint_overlap={policy}: training lost "
                   f"{statistics.median(lost):.2f} s per epoch (median; {100 * statistics.median(lost) / epoch_s:.1f}%), "
                   f"{skipped} checkpoints skipped")
-        print(f"upload_speedup={speeds['old writer (s3fs file, serial)'][0] / speeds['obstore (orchestrator.transfer)'][0]:.2f}")
+        old, new = speeds[CLIENTS[0]], speeds[CLIENTS[-1]]
+        print(f"client_upload_speedup={old[3] / new[3]:.2f} (to the sink: the clients alone)")
+        print(f"upload_speedup={old[0] / new[0]:.2f}")
     finally:
+        sink.close()
         store.stop()
 
 
@@ -186,49 +204,60 @@ CLIENTS = ("old writer (s3fs file, serial)", "s3fs pipe_file (waves of 10)", "bo
            "obstore (orchestrator.transfer)")
 
 
-def transfer_speeds(name: str, bucket: str, store: S3Store, data: bytes) -> tuple[float, float]:
-    """Seconds to upload and to download ``data`` with one client."""
+def store_cpu(store: S3Store) -> float:
+    """CPU-seconds the store's process has used (all its threads)."""
+    assert store.proc is not None
+    fields = Path(f"/proc/{store.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _boto3(options: dict[str, Any]) -> tuple[Any, Any]:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id=options["key"],
+                          aws_secret_access_key=options["secret"], region_name="us-east-1")
+    return client, TransferConfig(multipart_chunksize=16 * 2**20, max_concurrency=10)
+
+
+def upload_s(name: str, bucket: str, options: dict[str, Any], data: bytes) -> float:
+    """Seconds to upload ``data`` with one client (to ``clients/<its index>``)."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(**store.options, skip_instance_cache=True)
     key = f"clients/{CLIENTS.index(name)}"
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
     start = time.perf_counter()
     if name.startswith("old writer"):
         with fs.open(f"{bucket}/{key}", "wb") as f:
             for at in range(0, len(data), 64 * 2**20):
                 f.write(data[at:at + 64 * 2**20])
-        up = time.perf_counter() - start
-        start = time.perf_counter()
-        got = fs.cat_file(f"{bucket}/{key}")
     elif name.startswith("s3fs"):
         fs.pipe_file(f"{bucket}/{key}", data)
-        up = time.perf_counter() - start
-        start = time.perf_counter()
-        got = fs.cat_file(f"{bucket}/{key}")
     elif name.startswith("boto3"):
-        import io
-
-        import boto3
-        from boto3.s3.transfer import TransferConfig
-
-        client = boto3.client("s3", endpoint_url=store.endpoint, aws_access_key_id=store.options["key"],
-                              aws_secret_access_key=store.options["secret"], region_name="us-east-1")
-        config = TransferConfig(multipart_chunksize=16 * 2**20, max_concurrency=10)
+        client, config = _boto3(options)
         client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
-        up = time.perf_counter() - start
-        start = time.perf_counter()
+    else:
+        transfer.put(f"s3://{bucket}/{key}", data, options)
+    return time.perf_counter() - start
+
+
+def download_s(name: str, bucket: str, options: dict[str, Any], size: int) -> float:
+    """Seconds to download what ``upload_s`` put there with the same client."""
+    import s3fs
+
+    key = f"clients/{CLIENTS.index(name)}"
+    start = time.perf_counter()
+    if name.startswith(("old writer", "s3fs")):
+        got = s3fs.S3FileSystem(**options, skip_instance_cache=True).cat_file(f"{bucket}/{key}")
+    elif name.startswith("boto3"):
+        client, config = _boto3(options)
         buffer = io.BytesIO()
         client.download_fileobj(bucket, key, buffer, Config=config)
         got = buffer.getvalue()
     else:
-        url = f"s3://{bucket}/{key}"
-        transfer.put(url, data, store.options)
-        up = time.perf_counter() - start
-        start = time.perf_counter()
-        got = transfer.get(url, store.options)
-    down = time.perf_counter() - start
-    assert len(got) == len(data)
-    return up, down
+        got = transfer.get(f"s3://{bucket}/{key}", options)
+    assert len(got) == size
+    return time.perf_counter() - start
 
 
 def epochs_lost(bucket: str, store: S3Store, state: dict[str, Any], epoch_s: float, epochs: int,

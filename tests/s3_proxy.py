@@ -2,7 +2,9 @@
 serves, and can answer ``503 SlowDown`` (what S3 says to a burst) to a share of the requests or above a rate.
 
 Each ``endpoint(tag)`` is a port of its own, so a simulated node (or rank) is told apart by the port it talks to.
-Requests are relayed verbatim (the Host header too, so SigV4 signatures still match at the store).
+Requests are relayed verbatim (the Host header too, so SigV4 signatures still match at the store). With ``sink``,
+writes are answered by the proxy itself and their bodies dropped: a store that costs this machine nothing, to measure
+what an upload client alone can do where the store is not on the client's cores (as on a cluster).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import http.client
 import random
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,13 +42,15 @@ class S3Proxy:
     """``slowdown_share``: the share of requests answered 503 SlowDown (drawn with ``seed``); ``max_rate``: requests
     per second above which every request is answered so (a one-second window, over all ports); ``slowdown_next``:
     that many requests from now on are answered so, whatever the others say. ``deny``: a write (PUT or POST) whose
-    path holds it is answered ``403 AccessDenied``, which no client retries (one upload that fails for good)."""
+    path holds it is answered ``403 AccessDenied``, which no client retries (one upload that fails for good).
+    ``sink``: writes (single PUTs and multipart uploads) succeed here, their bodies read and dropped."""
 
     upstream: str
     slowdown_share: float = 0.0
     max_rate: float | None = None
     slowdown_next: int = 0
     deny: str | None = None
+    sink: bool = False
     seed: int = 0
     requests: list[Request] = field(default_factory=list)
     _servers: dict[str, ThreadingHTTPServer] = field(default_factory=dict)
@@ -149,6 +154,9 @@ def _handler(proxy: S3Proxy, tag: str) -> type[BaseHTTPRequestHandler]:
             if proxy.throttled():
                 self._refuse(503, SLOWDOWN, path, body)
                 return
+            if proxy.sink and self.command in ("PUT", "POST"):
+                self._sink(path, parse_qs(query, keep_blank_values=True), len(body))
+                return
             self.upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
             for name, value in self.headers.items():
                 if name.lower() not in _HOP and name.lower() != "content-length":
@@ -174,6 +182,25 @@ def _handler(proxy: S3Proxy, tag: str) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(chunk)
                     sent += len(chunk)
             proxy.record(Request(tag, self.command, path, response.status, len(body), sent))
+
+        def _sink(self, path: str, query: dict[str, list[str]], size: int) -> None:
+            """Answer a write as S3 does (an ETag; the multipart start and end documents) without storing it."""
+            bucket, _, key = path.lstrip("/").partition("/")
+            if "uploads" in query:
+                answer = (f'<?xml version="1.0" encoding="UTF-8"?>\n<InitiateMultipartUploadResult><Bucket>{bucket}'
+                          f"</Bucket><Key>{key}</Key><UploadId>sink-{uuid.uuid4().hex}</UploadId>"
+                          "</InitiateMultipartUploadResult>").encode()
+            elif "uploadId" in query and self.command == "POST":
+                answer = (f'<?xml version="1.0" encoding="UTF-8"?>\n<CompleteMultipartUploadResult><Bucket>{bucket}'
+                          f'</Bucket><Key>{key}</Key><ETag>"sink-{size}"</ETag></CompleteMultipartUploadResult>').encode()
+            else:
+                answer = b""
+            self.send_response(200)
+            self.send_header("ETag", f'"{uuid.uuid4().hex}"')
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+            proxy.record(Request(tag, self.command, path, 200, size, len(answer)))
 
         def _refuse(self, status: int, answer: bytes, path: str, body: bytes) -> None:
             self.send_response(status)

@@ -458,8 +458,7 @@ class ShardLoader:
         if self._loader is None:
             workers = self.num_workers
             self._loader = DataLoader(_Batches(ds, PREFETCH + 1), batch_size=None, collate_fn=batch_ring.as_is,
-                                      num_workers=workers,
-                                      pin_memory=self.pin_memory, persistent_workers=workers > 0,
+                                      num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
                                       worker_init_fn=ignore_stop_signals, prefetch_factor=PREFETCH if workers else None)
         for batch in self._loader:
             batch = batch_ring.received(batch)

@@ -162,6 +162,28 @@ def test_a_process_forked_after_obstore_was_used_still_reads_the_store(s3_store:
     assert child.exitcode == 0 and out.get(timeout=5) == 5000
 
 
+def test_the_sink_takes_multipart_uploads_from_obstore_and_s3fs_and_stores_nothing(s3_store: S3Store) -> None:
+    """The checkpoint bench's store that costs nothing: both clients' uploads succeed part by part, every byte
+    reaches the proxy, none the store."""
+    sink = S3Proxy(s3_store.endpoint, sink=True)
+    bucket = s3_store.bucket("sink")
+    data = os.urandom(40 * 2**20)  # three of transfer's 16 MB parts
+    try:
+        transfer.put(f"{bucket}/obstore", data, sink.options(s3_store.options))
+        with s3fs.S3FileSystem(**sink.options(s3_store.options), skip_instance_cache=True).open(
+                f"{bucket}/s3fs", "wb", block_size=16 * 2**20) as f:
+            f.write(data)
+    finally:
+        sink.close()
+    for key in ("obstore", "s3fs"):  # a multipart upload: start, parts, end
+        writes = [r for r in sink.requests if r.path.endswith(f"/{key}")]
+        methods = [r.method for r in writes]
+        assert methods[0] == methods[-1] == "POST" and set(methods[1:-1]) == {"PUT"}
+        assert sum(r.bytes_in for r in writes if r.method == "PUT") == len(data)
+    assert sum(r.path.endswith("/obstore") and r.method == "PUT" for r in sink.requests) == 3  # transfer's parts
+    assert s3fs.S3FileSystem(**s3_store.options, skip_instance_cache=True).ls(bucket.removeprefix("s3://")) == []
+
+
 def test_validation_from_s3_is_read_exactly_once_across_ranks(s3_store: S3Store, s3_synth: str) -> None:
     options = ReaderOptions(storage_options=s3_store.options)
     manifest = mf.load(f"{s3_synth}/val", s3_store.options)
