@@ -3,14 +3,14 @@
 torch's own path (``default_collate`` in a worker) puts every tensor of every batch in a new shared-memory
 segment: the worker creates it (``posix_fallocate``), faults in its pages while filling it, hands its file
 descriptor over a socket handshake, one per tensor (images, labels, ids, flags: four per batch), and both
-processes tear it down once the batch is freed. For 224 px images that is 0.25 CPU-ms per image, a tenth of
-decoding and augmenting it (``bench/data_pipeline.py``; timm's loader pays it alike).
+processes tear it down once the batch is freed. For 224 px images that is 0.27 CPU-ms per image, a tenth of
+decoding and augmenting it (``bench/data_pipeline.py``'s hand-over line; timm's loader pays it alike).
 
 Here a worker stacks a batch's tensors into a slot that it keeps for the pass over its data and sends to
 the training process once, with the first batch that uses it; the batch's integers (labels, sample ids,
 corrupt flags) travel inline with the slot's number. The training process copies the tensors out (into
 pinned memory when the loader pins) and marks the slot free in a shared flag, so the worker fills it
-again: 0.06 CPU-ms per image. A worker makes slots as it needs them, up to ``slots`` (what the DataLoader
+again: 0.09-0.11 CPU-ms per image. A worker makes slots as it needs them, up to ``slots`` (what the DataLoader
 lets it prepare ahead, plus the batch being copied out); with none free (a consumer that holds batches
 back) a batch takes torch's own path. Each pass makes new slots and ``forget`` drops the last pass's, so
 between epochs, as during validation, a loader holds no slots.
