@@ -71,7 +71,7 @@ from orchestrator.data import batch_ring, device  # noqa: E402
 from orchestrator.data import manifest as mf  # noqa: E402
 from orchestrator.data.gpu_decode import DeviceCrop, TrainDraws  # noqa: E402
 from orchestrator.data.randaugment import apply  # noqa: E402
-from orchestrator.data.reader import ReaderOptions, ShardDataset, ShardLoader  # noqa: E402
+from orchestrator.data.reader import PREFETCH, ReaderOptions, ShardDataset, ShardLoader  # noqa: E402
 from orchestrator.data.shard_writer import WriteOptions, reencode, write_dataset  # noqa: E402
 from orchestrator.data.sources import open_source  # noqa: E402
 from orchestrator.data.transforms import TrainCrop, open_rgb, resize_hwc, timm_train_transform  # noqa: E402
@@ -207,12 +207,12 @@ def handover_us(size: int, batch: int, workers: int, passes: int = 3) -> dict[st
     n = 100 * batch
     def run(slots: int, workers: int) -> None:
         for b in DataLoader(ReadyImages(n, size, batch, slots), batch_size=None, collate_fn=batch_ring.as_is,
-                            num_workers=workers, prefetch_factor=4 if workers else None):
+                            num_workers=workers, prefetch_factor=PREFETCH if workers else None):
             batch_ring.received(b)
 
     best = {"slots": float("inf"), "torch": float("inf"), "in_process": float("inf")}
     for _ in range(passes):
-        for name, slots, w in (("slots", 5, workers), ("torch", 0, workers), ("in_process", 0, 0)):
+        for name, slots, w in (("slots", PREFETCH + 1, workers), ("torch", 0, workers), ("in_process", 0, 0)):
             best[name] = min(best[name], cpu_of(lambda slots=slots, w=w: run(slots, w)))
     return {k: 1e6 * (best[k] - best["in_process"]) / n for k in ("slots", "torch")}
 

@@ -475,6 +475,6 @@ class ShardLoader:
     def close(self) -> None:
         """End the persistent workers (they also end with this loader, or with the process)."""
         batch_ring.forget(self._worker_pids())
-        if self._loader is not None and getattr(self._loader, "_iterator", None) is not None:
-            self._loader._iterator._shutdown_workers()  # torch's own shutdown of a persistent iterator
+        if (iterator := getattr(self._loader, "_iterator", None)) is not None:
+            iterator._shutdown_workers()  # torch's own shutdown of a persistent iterator
         self._loader = None
