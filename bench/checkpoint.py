@@ -22,7 +22,9 @@ checkpoint at each end, under both ``run.checkpoint_overlap`` policies: the shar
 lost (staging, and waiting for the previous upload). On this machine the store shares the client's cores and sets the
 upload speed, so each client also uploads to a sink (``tests/s3_proxy.py`` with ``sink``: writes answered and
 dropped), as to a store elsewhere on a cluster: ``client_upload_speedup=<obstore / old writer>`` there. Last line:
-``upload_speedup=<obstore / old writer>`` on the local store.
+``upload_speedup=<obstore / old writer>`` on the local store. The line before it bounds that figure: the store's
+CPU per MB (the least any client cost it) over this machine's cores is the most any client could upload at here,
+``upload_speedup_ceiling=`` that over the old writer's speed.
 """
 
 from __future__ import annotations
@@ -193,6 +195,11 @@ def clients_and_epochs(epoch_s: float, epochs: int) -> None:
                   f"{statistics.median(lost):.2f} s per epoch (median; {100 * statistics.median(lost) / epoch_s:.1f}%), "
                   f"{skipped} checkpoints skipped")
         old, new = speeds[CLIENTS[0]], speeds[CLIENTS[-1]]
+        cores = len(os.sched_getaffinity(0))
+        per_mb = min(spent for _, _, spent, _ in speeds.values()) / mb  # the least any client cost the store
+        print(f"the store's ceiling here: {cores / per_mb:.0f} MB/s for a client that cost nothing ({cores} cores / "
+              f"{1000 * per_mb:.1f} store CPU-ms per MB), {old[0] * cores / per_mb / mb:.2f}x the old writer's "
+              f"upload: upload_speedup_ceiling={old[0] * cores / per_mb / mb:.2f}")
         print(f"client_upload_speedup={old[3] / new[3]:.2f} (to the sink: the clients alone)")
         print(f"upload_speedup={old[0] / new[0]:.2f}")
     finally:
