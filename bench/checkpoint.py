@@ -197,9 +197,10 @@ def clients_and_epochs(epoch_s: float, epochs: int) -> None:
         old, new = speeds[CLIENTS[0]], speeds[CLIENTS[-1]]
         cores = len(os.sched_getaffinity(0))
         per_mb = min(spent for _, _, spent, _ in speeds.values()) / mb  # the least any client cost the store
-        print(f"the store's ceiling here: {cores / per_mb:.0f} MB/s for a client that cost nothing ({cores} cores / "
-              f"{1000 * per_mb:.1f} store CPU-ms per MB), {old[0] * cores / per_mb / mb:.2f}x the old writer's "
-              f"upload: upload_speedup_ceiling={old[0] * cores / per_mb / mb:.2f}")
+        ceiling = cores / per_mb  # MB/s
+        print(f"the store's ceiling here: {ceiling:.0f} MB/s for a client that cost nothing ({cores} cores / "
+              f"{1000 * per_mb:.1f} store CPU-ms per MB): upload_speedup_ceiling={ceiling / (mb / old[0]):.2f} "
+              "(over the old writer's upload)")
         print(f"client_upload_speedup={old[3] / new[3]:.2f} (to the sink: the clients alone)")
         print(f"upload_speedup={old[0] / new[0]:.2f}")
     finally:
