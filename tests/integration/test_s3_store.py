@@ -123,16 +123,18 @@ def test_persistent_workers_read_only_row_groups_after_their_first_epoch(s3_stor
     try:
         opts = ReaderOptions(storage_options=proxy.options(s3_store.options))
         loader = ShardLoader(ShardDataset(manifest, to_tensor, train=True, options=opts, global_batch=16), 8, 2)
-        for e in (0, 1):
-            proxy.reset()
-            loader.set_epoch(e)
-            got = [int(i) for b in loader for i in b[2]]
-        requests = list(proxy.select())
-        loader.close()
         fresh = ShardLoader(ShardDataset(manifest, to_tensor, train=True, options=opts, global_batch=16), 8, 2)
-        fresh.set_epoch(1)
-        assert got == [int(i) for b in fresh for i in b[2]]
-        fresh.close()
+        try:
+            for e in (0, 1):
+                proxy.reset()
+                loader.set_epoch(e)
+                got = [int(i) for b in loader for i in b[2]]
+            requests = list(proxy.select())
+            fresh.set_epoch(1)
+            assert got == [int(i) for b in fresh for i in b[2]]
+        finally:
+            loader.close()
+            fresh.close()
     finally:
         proxy.close()
     groups = sum(len(s.row_groups) for s in manifest.shards)
